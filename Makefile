@@ -1,0 +1,47 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTO_OUT := services/proto_gen
+PROTO_SRC := $(wildcard proto/pdserve/v1/*.proto)
+PROTO_GEN := $(patsubst proto/%.proto,$(PROTO_OUT)/%_pb2.py,$(PROTO_SRC))
+
+.PHONY: setup proto serve test test-fast bench lint clean
+
+setup: $(VENV)/.installed $(PROTO_GEN) .tools/promtool
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+proto: $(VENV)/.installed
+	rm -rf $(PROTO_OUT)/pdserve
+	$(MAKE) $(PROTO_GEN)
+
+$(PROTO_OUT)/%_pb2.py: proto/%.proto $(VENV)/.installed
+	mkdir -p $(dir $@)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) $<
+
+.tools/promtool:
+	bash scripts/install_promtool.sh .tools
+
+serve: setup
+	$(BIN)/pdserve serve
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra tests/unit
+
+bench: setup
+	$(BIN)/python -m services.bench_suite
+
+lint: setup
+	$(BIN)/ruff check services kernels tests
+	$(BIN)/mypy services
+
+clean:
+	rm -rf $(VENV) $(PROTO_OUT)/pdserve .tools

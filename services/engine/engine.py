@@ -1,0 +1,102 @@
+"""The engine: one step is schedule, execute, update."""
+
+from __future__ import annotations
+
+from services.engine.block_manager import BlockManager
+from services.engine.config import EngineConfig
+from services.engine.errors import InvalidRequest
+from services.engine.model_config import ModelConfig, load_model_config
+from services.engine.model_runner import ModelRunner, num_kv_blocks
+from services.engine.models.llama import LayerKVHook
+from services.engine.request import Request, RequestStatus
+from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import RequestOutput, Scheduler, SchedulerOutput
+from services.engine.stats import WorkerStats
+
+
+def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_model_len: int) -> None:
+    """Raises InvalidRequest with a message a client can act on."""
+    if not prompt_token_ids:
+        raise InvalidRequest("the prompt is empty")
+    bad = next((t for t in prompt_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+    n = len(prompt_token_ids)
+    wanted = params.max_tokens or 1
+    if n + wanted > max_model_len:
+        raise InvalidRequest(
+            f"the prompt ({n} tokens) plus max_tokens ({wanted}) exceeds the model's context of {max_model_len} tokens"
+        )
+    bad_stop = next((t for t in params.stop_token_ids if t >= vocab_size), None)
+    if bad_stop is not None:
+        raise InvalidRequest(f"stop token id {bad_stop} is outside the vocabulary [0, {vocab_size})")
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        model_config = load_model_config(config.model)
+        self.max_model_len = min(model_config.max_model_len, config.max_model_len or model_config.max_model_len)
+        self.model_config: ModelConfig = model_config
+        num_blocks = num_kv_blocks(config, model_config)
+        block_size = config.cache.block_size
+        if num_blocks * block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * block_size} tokens, fewer than max_model_len "
+                f"{self.max_model_len}: give it more blocks or lower max_model_len"
+            )
+        self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.runner = ModelRunner(config, model_config, num_blocks)
+        self._last_preemptions = 0
+
+    def make_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> Request:
+        validate_prompt(prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len)
+        request = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids, priority)
+        if params.max_tokens is None:
+            request.max_tokens = self.max_model_len - len(prompt_token_ids)
+        return request
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> Request:
+        if request_id in self.scheduler.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        request = self.make_request(request_id, prompt_token_ids, params, priority)
+        self.scheduler.add_request(request)
+        return request
+
+    def abort(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        self.scheduler.finish_requests(request_ids, status)
+
+    def step(self, on_layer_kv: LayerKVHook | None = None) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        result = self.runner.execute(sched, on_layer_kv)
+        return self.scheduler.update_from_output(sched, result)
+
+    def schedule(self) -> SchedulerOutput:
+        """The first third of a step, for workers that act between scheduling and execution."""
+        return self.scheduler.schedule()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def stats(self, worker: str, role: str) -> WorkerStats:
+        queries, hits = self.block_manager.take_stats()
+        preemptions = self.scheduler.num_preemptions - self._last_preemptions
+        self._last_preemptions = self.scheduler.num_preemptions
+        return WorkerStats(
+            worker=worker,
+            role=role,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_waiting_for_remote_kv=len(self.scheduler.remote),
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_total_blocks=self.block_manager.num_blocks,
+            queued_prefill_tokens=self.scheduler.queued_prefill_tokens,
+            prefix_cache_queries_delta=queries,
+            prefix_cache_hits_delta=hits,
+            num_preemptions_delta=preemptions,
+        )

@@ -1,0 +1,151 @@
+"""The offline batch API: `LLM(model_dir).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from services.engine.engine import LLMEngine
+from services.engine.errors import InvalidRequest
+from services.engine.request import RequestStatus
+from services.engine.sampling_params import SamplingParams
+from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class GenerationResult:
+    index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    error: str | None = None  # set when the request was refused; the rest of the batch still runs
+
+
+def prefix_groups(prompts: list[list[int]], block_size: int) -> list[list[int]]:
+    """Indices grouped so that prompts sharing at least one full block of prefix run together.
+
+    Sorting the token lists puts shared prefixes side by side (BatchLLM's global prefix
+    sharing); each group's first member is its leader, whose prefill fills the prefix cache
+    before the followers start.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            lead = prompts[groups[-1][0]]
+            if len(lead) >= block_size and prompts[i][:block_size] == lead[:block_size]:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_bytes: int = 512 * 2**20,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 128,
+        max_num_batched_tokens: int = 2048,
+        enable_chunked_prefill: bool = True,
+        max_model_len: int | None = None,
+        device: str = "cpu",
+        dtype: str | None = None,
+    ) -> None:
+        if model is None:
+            from services.engine.make_model import default_model_dir
+
+            model = str(default_model_dir())
+        self.engine = LLMEngine(
+            EngineConfig(
+                model=model,
+                device=device,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                cache=CacheConfig(block_size, num_blocks, kv_cache_bytes, enable_prefix_caching),
+                scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
+            )
+        )
+        self.tokenizer = Tokenizer(model)
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[GenerationResult]:
+        """Runs every prompt to completion; results come back in input order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompt_list = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+        if len(params_list) != len(prompt_list):
+            raise ValueError(f"{len(params_list)} sampling params for {len(prompt_list)} prompts")
+        token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt_list]
+        results = [GenerationResult(i, ids) for i, ids in enumerate(token_lists)]
+        valid = []
+        for r, params in zip(results, params_list, strict=True):
+            try:
+                self.engine.make_request("probe", r.prompt_token_ids, params)
+                valid.append(r.index)
+            except InvalidRequest as e:
+                r.error, r.finish_reason = str(e), "error"
+        self._run(results, params_list, valid, use_tqdm)
+        return results
+
+    def _run(self, results: list[GenerationResult], params: list[SamplingParams], valid: list[int], bar: bool) -> None:
+        groups = prefix_groups([results[i].prompt_token_ids for i in valid], self.engine.config.cache.block_size)
+        followers: dict[str, list[int]] = {}
+        detoks: dict[str, IncrementalDetokenizer] = {}
+
+        def submit(index: int) -> str:
+            rid = str(index)
+            self.engine.add_request(rid, results[index].prompt_token_ids, params[index])
+            detoks[rid] = IncrementalDetokenizer(self.tokenizer, params[index].stop)
+            return rid
+
+        for group in groups:
+            members = [valid[i] for i in group]
+            followers[submit(members[0])] = members[1:]
+        progress = tqdm(total=len(valid), disable=not bar, file=sys.stderr, desc="generate", unit="req")
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                result = results[int(out.request_id)]
+                for index in followers.pop(out.request_id, []):
+                    submit(index)
+                result.token_ids.extend(out.new_token_ids)
+                detok = detoks[out.request_id]
+                detok.add(out.new_token_ids)
+                finish_reason = out.finish_reason
+                if detok.stopped:
+                    if not out.finished:
+                        self.engine.abort([out.request_id], RequestStatus.FINISHED_STOPPED)
+                    finish_reason = "stop"
+                if out.finished or detok.stopped:
+                    result.text = detok.text
+                    result.finish_reason = finish_reason
+                    result.usage = Usage(out.num_prompt_tokens, len(result.token_ids), out.num_cached_tokens)
+                    progress.update(1)
+        progress.close()

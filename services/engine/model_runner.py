@@ -1,0 +1,88 @@
+"""Runs a scheduled batch through the model: builds the flattened inputs, runs the forward pass, samples."""
+
+from __future__ import annotations
+
+import torch
+
+from services.engine.config import EngineConfig
+from services.engine.model_config import ModelConfig
+from services.engine.model_loader import load_model
+from services.engine.models.llama import AttentionBatch, LayerKVHook
+from services.engine.sampler import sample
+from services.engine.scheduler import RunnerOutput, SchedulerOutput
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def num_kv_blocks(config: EngineConfig, model: ModelConfig) -> int:
+    if config.cache.num_blocks is not None:
+        return config.cache.num_blocks
+    itemsize = _DTYPES[config.torch_dtype_name].itemsize
+    per_block = 2 * model.num_layers * model.num_kv_heads * model.head_dim * config.cache.block_size * itemsize
+    return max(config.cache.kv_cache_bytes // per_block, 1)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, num_blocks: int) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.torch_dtype_name]
+        self.block_size = config.cache.block_size
+        self.model = load_model(model_config, config.device, config.torch_dtype_name)
+        self.kv_cache = torch.zeros(
+            model_config.num_layers,
+            2,
+            num_blocks,
+            self.block_size,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, AttentionBatch]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        starts = [0]
+        max_blocks = max(len(s.block_ids) for s in sched.scheduled)
+        tables = torch.zeros(len(sched.scheduled), max_blocks, dtype=torch.int64)
+        for i, s in enumerate(sched.scheduled):
+            n = len(s.token_ids)
+            input_ids.extend(s.token_ids)
+            pos = range(s.start_pos, s.start_pos + n)
+            positions.extend(pos)
+            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in pos)
+            context_lens.append(s.start_pos + n)
+            starts.append(starts[-1] + n)
+            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+        batch = AttentionBatch(
+            positions=as_tensor(positions),
+            slot_mapping=as_tensor(slots),
+            block_tables=tables.to(self.device),
+            context_lens=as_tensor(context_lens),
+            query_start_loc=as_tensor(starts),
+        )
+        return as_tensor(input_ids), batch
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput, on_layer_kv: LayerKVHook | None = None) -> RunnerOutput:
+        if not sched.scheduled:
+            return RunnerOutput()
+        input_ids, batch = self._prepare(sched)
+        hidden = self.model(input_ids, batch, self.kv_cache, on_layer_kv)
+        sampling = [s for s in sched.scheduled if s.sample]
+        if not sampling:
+            return RunnerOutput()
+        ends = batch.query_start_loc[1:] - 1
+        rows = torch.tensor([i for i, s in enumerate(sched.scheduled) if s.sample], device=self.device)
+        logits = self.model.compute_logits(hidden[ends[rows]])
+        tokens = sample(logits, [s.sampling_params for s in sampling], [s.num_generated for s in sampling])
+        return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampling, tokens, strict=True)})

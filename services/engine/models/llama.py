@@ -1,0 +1,135 @@
+"""Llama-architecture decoder (Llama 2/3, Mistral, Qwen2) over a paged KV cache.
+
+Tokens of the whole batch are flattened to one [T] axis; `AttentionBatch` says which rows
+belong to which sequence. q/k/v and gate/up projections are fused into single matmuls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.attention import paged_attention
+from kernels.kv_store import store_kv
+from kernels.rmsnorm import rms_norm
+from kernels.rotary import apply_rotary, build_cos_sin_cache
+from services.engine.model_config import ModelConfig
+
+# Called after each layer's K/V for the batch is written: (layer, k [T, Hk, D], v [T, Hk, D]).
+LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class AttentionBatch:
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int64
+    context_lens: torch.Tensor  # [B] int64
+    query_start_loc: torch.Tensor  # [B + 1] int64
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(
+        self, x: torch.Tensor, batch: AttentionBatch, kv_layer: torch.Tensor, cos_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, k, batch.positions, cos_sin)
+        store_kv(k, v, kv_layer, batch.slot_mapping)
+        out = paged_attention(q, kv_layer, batch.block_tables, batch.context_lens, batch.query_start_loc, self.scale)
+        return self.o_proj(out.reshape(tokens, self.q_size)), k, v
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: AttentionBatch,
+        kv_layer: torch.Tensor,
+        cos_sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, residual = self.input_layernorm(x, residual)
+        x, k, v = self.self_attn(x, batch, kv_layer, cos_sin)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual, k, v
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer(
+            "cos_sin",
+            build_cos_sin_cache(cfg.head_dim, cfg.max_model_len, cfg.rope_theta, cfg.rope_scaling, torch.float32),
+            persistent=False,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        batch: AttentionBatch,
+        kv_cache: torch.Tensor,
+        on_layer_kv: LayerKVHook | None = None,
+    ) -> torch.Tensor:
+        """Returns the final hidden states [T, hidden]; kv_cache is [layers, 2, blocks, block_size, Hk, D]."""
+        x = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        cos_sin = self.cos_sin.to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x, residual, k, v = layer(x, residual, batch, kv_cache[i], cos_sin)
+            if on_layer_kv is not None:
+                on_layer_kv(i, k, v)
+        x, _ = self.norm(x, residual)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

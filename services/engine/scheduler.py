@@ -1,0 +1,229 @@
+"""Continuous batching with stall-free chunked prefill (Sarathi-Serve style). Pure Python.
+
+Each step gets a token budget. Running requests go first (their decodes, and the next chunk
+of any prefill in progress), then waiting requests fill what is left, a prompt possibly split
+across steps. When blocks run out, the newest lowest-priority running request is preempted
+and later recomputed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from services.engine.block_manager import BlockManager
+from services.engine.config import SchedulerConfig
+from services.engine.request import Request, RequestStatus
+from services.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """What the runner needs for one request in one step.
+
+    The runner computes token_ids at positions [start_pos, start_pos + len(token_ids)) and
+    samples a token after the last of them when `sample` is set.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sample: bool
+    sampling_params: SamplingParams
+    num_generated: int  # tokens generated so far (for per-request seeded sampling)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)  # since the last step; the runner drops their state
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.scheduled)
+
+
+@dataclass
+class RunnerOutput:
+    """Sampled token per request that had `sample` set."""
+
+    sampled: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = block_manager
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []  # sorted by Request.sort_key
+        self.running: list[Request] = []  # in admission order
+        self.remote: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
+        self.finished_ids: list[str] = []
+        self.num_preemptions = 0
+
+    # ---- admission -------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
+
+    def reserve_remote(self, request: Request, computed_tokens: int = 0) -> int:
+        """Decode side of a hand-off: allocate the prompt's blocks now; KV arrives later.
+
+        Returns how many leading prompt tokens the local prefix cache already holds
+        (the prefill side need not send them). False from the block manager means no room.
+        """
+        computed = self.kv.get_computed_blocks(request)
+        if not self.kv.allocate_slots(request, request.num_prompt_tokens - computed.num_tokens, computed):
+            return -1
+        request.num_cached_tokens = computed.num_tokens
+        request.transition(RequestStatus.WAITING_FOR_REMOTE_KV)
+        self.requests[request.request_id] = request
+        self.remote[request.request_id] = request
+        return computed.num_tokens
+
+    def finish_remote(self, request_id: str, first_token: int) -> list[RequestOutput]:
+        """The request's prompt KV has arrived with the first sampled token: it joins the running batch."""
+        request = self.remote.pop(request_id)
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.kv.cache_full_blocks(request, request.num_computed_tokens)
+        request.transition(RequestStatus.RUNNING)
+        self.running.append(request)
+        return [self._append_token(request, first_token)]
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is None or request.is_finished:
+                continue
+            if request in self.running:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            self.remote.pop(rid, None)
+            self._finish(request, status)
+
+    # ---- one step ----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_ids=self.finished_ids)
+        self.finished_ids = []
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+        scheduled_ids: set[str] = set()
+
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            num_new = request.num_tokens - request.num_computed_tokens
+            if num_new > budget and not chunked:
+                continue
+            num_new = min(num_new, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = max((r for r in self.running if r.request_id not in scheduled_ids), key=lambda r: r.sort_key)
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue
+            out.scheduled.append(self._scheduled(request, num_new))
+            scheduled_ids.add(request.request_id)
+            budget -= num_new
+
+        while self.waiting and budget > 0 and not out.preempted_ids and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            computed = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - computed.num_tokens
+            if num_new > budget and not chunked:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv.allocate_slots(request, num_new, computed):
+                break
+            self.waiting.pop(0)
+            request.num_computed_tokens = computed.num_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = computed.num_tokens
+            request.transition(RequestStatus.RUNNING)
+            self.running.append(request)
+            out.scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+        return out
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start : start + num_new],
+            start_pos=start,
+            block_ids=list(self.kv.block_ids(request.request_id)),
+            sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            num_generated=len(request.output_token_ids),
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request.request_id)
+        request.transition(RequestStatus.PREEMPTED)
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
+
+    def update_from_output(self, sched: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        for s in sched.scheduled:
+            request = self.requests.get(s.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += len(s.token_ids)
+            self.kv.cache_full_blocks(request, request.num_computed_tokens)
+            token = result.sampled.get(s.request_id)
+            if token is not None:
+                outputs.append(self._append_token(request, token))
+        return outputs
+
+    def _append_token(self, request: Request, token: int) -> RequestOutput:
+        request.output_token_ids.append(token)
+        stop = request.check_stop(self.max_model_len)
+        if stop is not None:
+            self.running.remove(request)
+            self._finish(request, stop)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=[token],
+            finished=request.is_finished,
+            finish_reason=request.status.finish_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+            num_output_tokens=len(request.output_token_ids),
+        )
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.transition(status)
+        self.kv.free(request.request_id)
+        self.requests.pop(request.request_id, None)
+        self.finished_ids.append(request.request_id)
+
+    # ---- introspection ------------------------------------------------------------------
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    @property
+    def queued_prefill_tokens(self) -> int:
+        waiting = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        return waiting + sum(r.num_tokens - r.num_computed_tokens - 1 for r in self.running)

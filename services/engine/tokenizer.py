@@ -1,0 +1,100 @@
+"""The model's tokenizer (tokenizer.json through the `tokenizers` library) and its chat template."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str | Path) -> None:
+        path = Path(model_dir)
+        self._tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        config_file = path / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        self.chat_template: str | None = self.config.get("chat_template")
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _token_text(self, key: str) -> str | None:
+        value = self.config.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._token_text("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._token_text("eos_token")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Renders messages with the model's Jinja chat template, as transformers does."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        template = env.from_string(self.chat_template)
+        return template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas and applies stop strings.
+
+    Decodes only a window of recent tokens per step (prefix_offset..), and holds back text
+    while it might be the start of a stop string or an incomplete UTF-8 sequence, so a client
+    never sees a partial stop string or a replacement character.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.text = ""
+        self.sent = 0  # characters of self.text already returned
+        self.stopped = False
+
+    def add(self, new_ids: list[int]) -> str:
+        """Appends tokens; returns the text now safe to send. Sets `stopped` when a stop string appears."""
+        if self.stopped:
+            return ""
+        self.ids.extend(new_ids)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if full.endswith("\ufffd"):
+            return ""
+        before = len(self.text)
+        self.text += full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if self.stop:
+            start = max(0, before - self.hold)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                return self.flush()
+        end = max(self.sent, len(self.text) - self.hold)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta
+
+    def flush(self) -> str:
+        """The held-back rest of the text, once the request has finished."""
+        delta, self.sent = self.text[self.sent :], len(self.text)
+        return delta
