@@ -33,6 +33,10 @@ def _decode_batch(
     max_len = int(context_lens.max())
     k, v = _gather(kv_layer, block_tables, max_len)  # [B, L, Hk, D]
     mask = torch.arange(max_len, device=q.device)[None, :] < context_lens[:, None]
+    # Shorter sequences gather pages past their context (stale or never-written memory): zero them,
+    # since a masked-out NaN or inf would still poison the softmax sum (0 * nan).
+    outside = ~mask[:, :, None, None]
+    k, v = k.masked_fill(outside, 0.0), v.masked_fill(outside, 0.0)
     out = F.scaled_dot_product_attention(
         q[:, :, None, :],
         k.transpose(1, 2),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
 from services.engine.errors import InvalidRequest
@@ -71,22 +73,24 @@ class LLMEngine:
     def abort(self, request_ids: list[str], status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         self.scheduler.finish_requests(request_ids, status)
 
-    def step(self, on_layer_kv: LayerKVHook | None = None) -> list[RequestOutput]:
+    def step(self, layer_hook: Callable[[SchedulerOutput], LayerKVHook | None] | None = None) -> list[RequestOutput]:
+        """One engine step. `layer_hook`, given the step's schedule, may return a per-layer KV callback
+        (the prefill worker streams each layer's KV out while the next layer computes)."""
         sched = self.scheduler.schedule()
-        result = self.runner.execute(sched, on_layer_kv)
+        result = self.runner.execute(sched, layer_hook(sched) if layer_hook else None)
         return self.scheduler.update_from_output(sched, result)
 
-    def schedule(self) -> SchedulerOutput:
-        """The first third of a step, for workers that act between scheduling and execution."""
-        return self.scheduler.schedule()
-
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Whether a step has anything to do (reservations awaiting remote KV do not count)."""
+        return bool(self.scheduler.running or self.scheduler.waiting)
 
-    def stats(self, worker: str, role: str) -> WorkerStats:
-        queries, hits = self.block_manager.take_stats()
-        preemptions = self.scheduler.num_preemptions - self._last_preemptions
-        self._last_preemptions = self.scheduler.num_preemptions
+    def stats(self, worker: str, role: str, take_deltas: bool = True) -> WorkerStats:
+        """Current gauges, and (with take_deltas) the counters' increase since the last such call."""
+        queries, hits, preemptions = 0, 0, 0
+        if take_deltas:
+            queries, hits = self.block_manager.take_stats()
+            preemptions = self.scheduler.num_preemptions - self._last_preemptions
+            self._last_preemptions = self.scheduler.num_preemptions
         return WorkerStats(
             worker=worker,
             role=role,

@@ -106,8 +106,10 @@ class LLM:
         token_lists = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt_list]
         results = [GenerationResult(i, ids) for i, ids in enumerate(token_lists)]
         valid = []
-        for r, params in zip(results, params_list, strict=True):
+        for r, params, prompt in zip(results, params_list, prompt_list, strict=True):
             try:
+                if isinstance(prompt, str) and not prompt:
+                    raise InvalidRequest("the prompt is empty")  # encode("") is not empty: it holds the BOS token
                 self.engine.make_request("probe", r.prompt_token_ids, params)
                 valid.append(r.index)
             except InvalidRequest as e:

@@ -77,8 +77,7 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     if window and uses_window and int(window) < max_len:
         # Inside the window, sliding-window attention equals full attention.
         max_len = int(window)
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+    eos_ids = _eos_token_ids(cfg, path / "generation_config.json")
     rope_scaling = cfg.get("rope_scaling")
     if rope_scaling is not None:
         kind = rope_scaling.get("rope_type", rope_scaling.get("type"))
@@ -106,3 +105,17 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         eos_token_ids=eos_ids,
         dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
     )
+
+
+def _eos_token_ids(cfg: dict[str, Any], generation_config: Path) -> tuple[int, ...]:
+    """EOS ids from config.json and generation_config.json together, as transformers' generate stops on both
+    (Llama 3 instruct models list their end-of-turn token only in generation_config.json)."""
+    ids: list[int] = []
+    sources = [cfg.get("eos_token_id")]
+    if generation_config.is_file():
+        sources.append(json.loads(generation_config.read_text()).get("eos_token_id"))
+    for eos in sources:
+        for token in eos if isinstance(eos, list) else ([] if eos is None else [eos]):
+            if int(token) not in ids:
+                ids.append(int(token))
+    return tuple(ids)

@@ -36,7 +36,7 @@ _FINISH_REASONS = {
 }
 
 _ALLOWED = {
-    RequestStatus.WAITING: {RequestStatus.RUNNING},
+    RequestStatus.WAITING: {RequestStatus.RUNNING, RequestStatus.WAITING_FOR_REMOTE_KV},
     RequestStatus.WAITING_FOR_REMOTE_KV: {RequestStatus.RUNNING},
     RequestStatus.RUNNING: {RequestStatus.PREEMPTED},
     RequestStatus.PREEMPTED: {RequestStatus.RUNNING},

@@ -14,10 +14,14 @@ The BPE is trained to ``vocab_size - 256`` tokens, so ``B == vocab_size - 256`` 
 enough distinct merges (true for the tiny and small presets); when it does not (the 128256-token llama3-8b
 shape), the gap is filled with more reserved special tokens, as Llama 3 does for its unused ids.
 
-Behaviour to rely on (Llama 3 behaviour): encoding with special tokens *prepends* ``<|begin_of_text|>`` via
-the post-processor and never appends an eos. The chat template starts with ``bos_token`` itself, so text
-rendered from it must be encoded with ``add_special_tokens=False``. Training is deterministic: the same
-``vocab_size`` always yields byte-identical ``tokenizer.json``.
+Qwen2 variants (``qwen2=True``) differ only in pre-tokenization: NFC, then Qwen2's split pattern (digits one
+by one) before the byte-level mapping, because transformers rebuilds a ``qwen2`` tokenizer that way from
+vocab and merges; training with the same split keeps ``tokenizer.json`` and ``AutoTokenizer`` in agreement.
+
+Behaviour to rely on (Llama 3 behaviour, for both variants): encoding with special tokens *prepends*
+``<|begin_of_text|>`` via the post-processor and never appends an eos. The chat template starts with
+``bos_token`` itself, so text rendered from it must be encoded with ``add_special_tokens=False``. Training is
+deterministic: the same ``vocab_size`` always yields byte-identical ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 CORPUS_DIR = Path(__file__).with_name("corpus")
 
@@ -38,6 +42,12 @@ END_HEADER_TOKEN = "<|end_header_id|>"
 EOT_TOKEN = "<|eot_id|>"
 NUM_RESERVED_FOR_SPECIALS = 256
 MIN_VOCAB_SIZE = 1024
+
+# Qwen2's pre-tokenizer split: contractions, letter runs with one leading non-letter, single digits,
+# punctuation runs, newlines, other whitespace.
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # Positions of the named tokens inside the special block, as in Llama 3; every other slot is reserved.
 _NAMED_SPECIALS: dict[int, str] = {
@@ -100,12 +110,21 @@ def corpus_files() -> list[Path]:
     return files
 
 
-@functools.lru_cache(maxsize=4)
-def _trained_json(vocab_size: int) -> str:
+@functools.lru_cache(maxsize=8)
+def _trained_json(vocab_size: int, qwen2: bool) -> str:
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE}, got {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if qwen2:
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - NUM_RESERVED_FOR_SPECIALS,
@@ -134,9 +153,9 @@ def _trained_json(vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
+def train_tokenizer(vocab_size: int, qwen2: bool = False) -> Tokenizer:
     """Train (or fetch from the per-process cache) the tokenizer with exactly ``vocab_size`` tokens."""
-    return Tokenizer.from_str(_trained_json(vocab_size))
+    return Tokenizer.from_str(_trained_json(vocab_size, qwen2))
 
 
 def special_token_ids(tokenizer: Tokenizer) -> SpecialTokenIds:
@@ -147,14 +166,20 @@ def special_token_ids(tokenizer: Tokenizer) -> SpecialTokenIds:
     return SpecialTokenIds(*[int(i) for i in ids if i is not None])
 
 
-def write_tokenizer_files(out_dir: Path, vocab_size: int, model_max_length: int) -> SpecialTokenIds:
+def write_tokenizer_files(
+    out_dir: Path, vocab_size: int, model_max_length: int, qwen2: bool = False
+) -> SpecialTokenIds:
     """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into ``out_dir``."""
-    tokenizer = train_tokenizer(vocab_size)
-    (out_dir / "tokenizer.json").write_text(_trained_json(vocab_size), encoding="utf-8")
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
+    tokenizer = train_tokenizer(vocab_size, qwen2)
+    (out_dir / "tokenizer.json").write_text(_trained_json(vocab_size, qwen2), encoding="utf-8")
+    tokenizer_config: dict[str, object] = {
+        # transformers 5 always builds Qwen2Tokenizer for model_type qwen2; null unk/pad keep it from adding
+        # its <|endoftext|> default, so len(tokenizer) stays vocab_size.
+        "tokenizer_class": "Qwen2Tokenizer" if qwen2 else "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
+        "unk_token": None,
+        "pad_token": None,
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,

@@ -1,0 +1,59 @@
+{{/*
+Pod template shared by the Ray head and the worker groups.
+Args: (dict "root" $ "component" "ray-head"|"prefill"|"decode" "container" NAME "spec" GROUP-VALUES "ports" LIST)
+*/}}
+{{- define "pdserve.rayPodTemplate" -}}
+{{- $root := .root }}
+{{- $spec := .spec -}}
+metadata:
+  labels:
+    {{- include "pdserve.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  enableServiceLinks: false
+  securityContext:
+    {{- toYaml $root.Values.securityContext.pod | nindent 4 }}
+  {{- with $root.Values.images.pullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .container }}
+      image: {{ include "pdserve.image" (dict "root" $root "flavor" $spec.image) | quote }}
+      imagePullPolicy: {{ $root.Values.images.pullPolicy }}
+      ports:
+        {{- toYaml .ports | nindent 8 }}
+      env:
+        - name: HOME
+          value: /tmp
+        {{- with $spec.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- $resources := deepCopy (default dict $spec.resources) }}
+      {{- if gt (int (default 0 $spec.gpus)) 0 }}
+      {{- $limits := merge (dict "nvidia.com/gpu" (int $spec.gpus)) (default dict $resources.limits) }}
+      {{- $_ := set $resources "limits" $limits }}
+      {{- end }}
+      resources:
+        {{- toYaml $resources | nindent 8 }}
+      securityContext:
+        {{- toYaml $root.Values.securityContext.container | nindent 8 }}
+      volumeMounts:
+        {{- include "pdserve.scratchMounts" (dict "shm" $spec.shmSizeLimit) | nindent 8 }}
+        {{- with include "pdserve.modelVolumeMount" $root }}{{ . | nindent 8 }}{{ end }}
+  volumes:
+    {{- include "pdserve.scratchVolumes" (dict "tmp" $spec.tmpSizeLimit "shm" $spec.shmSizeLimit) | nindent 4 }}
+    {{- with include "pdserve.modelVolume" $root }}{{ . | nindent 4 }}{{ end }}
+  {{- with $spec.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $spec.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}

@@ -1,0 +1,61 @@
+"""Messages that cross the process boundary between the router and the worker actors.
+
+They carry token ids and small metadata only; KV never travels in them (it goes over UCX).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.engine.stats import WorkerStats
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    name: str
+    role: str  # "prefill" | "decode" | "colocated"
+    kv_address: str | None  # decode side: where its KV receiver listens
+    block_size: int
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Blocks a decode worker holds for a request until its KV arrives or the lease runs out."""
+
+    request_id: str
+    cached_tokens: int  # leading prompt tokens the decode worker's prefix cache already has
+    lease_s: float
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    request_id: str
+    first_token: int
+    finish_reason: str | None  # set when the first token already ends the request
+    cached_tokens: int  # prefill-side prefix-cache hit
+    queue_s: float  # waiting in the prefill worker before the first chunk ran
+    compute_s: float  # first chunk start to first token
+    transfer_wait_s: float  # after the first token, waiting for the last KV bytes to be sent
+    bytes_sent: int
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Tokens a worker produced for one request since its last batch."""
+
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int
+    # decode side: when the request joined the running batch (time.time()); set on the first batch only
+    decode_start: float | None = None
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    stats: WorkerStats
+    num_used_blocks: int
+    num_reservations: int
+    integrity_error: str | None  # None when the check passed or was not asked for
+    pid: int

@@ -1,0 +1,101 @@
+"""The gRPC front end: a thin servicer over the Router, plus health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.engine.errors import InvalidRequest, ResourceExhausted
+from services.proto_gen import generation_pb2 as pb
+from services.proto_gen import generation_pb2_grpc as pb_grpc
+from services.router import convert
+from services.router.errors import Unavailable
+from services.router.router import Router
+
+SERVICE_NAME = "pdserve.v1.Generation"
+# gRPC itself refuses messages over this; the servicer refuses those over max_request_bytes with a clearer error.
+TRANSPORT_LIMIT = 64 * 2**20
+
+_CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+]
+
+
+def status_for(error: BaseException) -> grpc.StatusCode:
+    return next((code for kind, code in _CODES if isinstance(error, kind)), grpc.StatusCode.INTERNAL)
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, router: Router, model_name: str, dtype: str, eos_token_id: int) -> None:
+        self.router = router
+        self.model_name = model_name
+        self.dtype = dtype
+        self.eos_token_id = eos_token_id
+
+    async def Generate(  # noqa: N802 - gRPC method name
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        size = request.ByteSize()
+        limit = self.router.config.max_request_bytes
+        try:
+            if size > limit:
+                raise InvalidRequest(f"the request is {size} bytes, over the limit of {limit} bytes")
+            inp = convert.input_from_proto(request, self.router.config.default_max_tokens)
+            async for event in self.router.generate(inp):
+                yield convert.event_to_proto(event)
+        except (InvalidRequest, ResourceExhausted, Unavailable, TimeoutError) as e:
+            await context.abort(status_for(e), str(e))
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:  # noqa: N802
+        return pb.AbortResponse(found=self.router.abort(request.request_id))
+
+    async def GetModelInfo(  # noqa: N802
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        r = self.router
+        return pb.ModelInfo(
+            model=self.model_name,
+            vocab_size=r.vocab_size,
+            max_model_len=r.max_model_len,
+            dtype=self.dtype,
+            mode=r.config.mode,
+            block_size=r.block_size,
+            eos_token_id=self.eos_token_id,
+        )
+
+    async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:  # noqa: N802
+        workers = self.router.pools.all
+
+        async def one(w):  # type: ignore[no-untyped-def]
+            try:
+                info = await asyncio.wait_for(w.actor.load.remote(request.check_integrity, False), 10)
+                return convert.load_to_proto(w.name, w.role, True, info)
+            except Exception:  # noqa: BLE001 - an unreachable worker is reported, not raised
+                return convert.load_to_proto(w.name, w.role, False, None)
+
+        loads = await asyncio.gather(*(one(w) for w in workers))
+        return pb.LoadReport(workers=loads, num_inflight_requests=len(self.router.active))
+
+
+def build_server(servicer: GenerationServicer, host: str, port: int) -> tuple[grpc.aio.Server, health.HealthServicer, int]:
+    """A server with Generation, grpc.health.v1 and reflection; health starts NOT_SERVING."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", TRANSPORT_LIMIT),
+            ("grpc.max_send_message_length", TRANSPORT_LIMIT),
+        ]
+    )
+    pb_grpc.add_GenerationServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    return server, health_servicer, bound

@@ -1,0 +1,317 @@
+"""The router's request path, shared by the gRPC and HTTP front ends.
+
+disagg:    reserve on a decode worker ─► prefill worker computes and streams KV over UCX
+           ─► first token to the client ─► decode worker claims the reservation and streams the rest
+local:     colocated mode, or an uncached prompt part under the threshold: the decode worker does both
+The router detokenizes incrementally and applies stop strings; abort, client cancellation and
+deadlines release the request's KV on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ray.exceptions import RayError
+
+from services.engine.engine import validate_prompt
+from services.engine.errors import InvalidRequest, ResourceExhausted
+from services.engine.sampling_params import SamplingParams
+from services.engine.stats import FinishedRequestStats, RequestTimes, TransferStats
+from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from services.engine.worker_messages import PrefillResult, TokenBatch
+from services.router.config import RouterConfig
+from services.router.errors import Unavailable
+from services.router.metrics import Metrics
+from services.router.policies import RoutingRequest, make_policy
+from services.router.pool import WorkerHandle, WorkerPools
+from services.transfer.errors import TransferError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateInput:
+    request_id: str = ""
+    text: str | None = None
+    token_ids: list[int] | None = None
+    params: SamplingParams | None = None
+    priority: int = 0
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class Completion:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+Event = Chunk | Completion
+
+
+class Router:
+    def __init__(self, config: RouterConfig, pools: WorkerPools, tokenizer: Tokenizer, metrics: Metrics,
+                 vocab_size: int, max_model_len: int, block_size: int) -> None:
+        self.config = config
+        self.pools = pools
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.prefill_policy = make_policy(config.prefill_policy)
+        self.decode_policy = make_policy(config.decode_policy)
+        self.active: dict[str, asyncio.Task[None]] = {}
+        self.draining = False
+
+    # ---- input ----------------------------------------------------------------------------
+    def prepare(self, inp: GenerateInput) -> tuple[str, list[int], SamplingParams]:
+        """Validates and tokenizes; raises InvalidRequest with a clear message."""
+        if inp.text is None and inp.token_ids is None:
+            raise InvalidRequest("the request has no input: give text or token_ids")
+        if inp.text is not None and not inp.text:
+            raise InvalidRequest("the prompt text is empty")
+        ids = self.tokenizer.encode(inp.text) if inp.text is not None else list(inp.token_ids or [])
+        params = inp.params or SamplingParams(max_tokens=self.config.default_max_tokens)
+        validate_prompt(ids, params, self.vocab_size, self.max_model_len)
+        rid = inp.request_id or uuid.uuid4().hex
+        if rid in self.active:
+            raise InvalidRequest(f"request id {rid!r} is already in use")
+        return rid, ids, params
+
+    # ---- the request path ---------------------------------------------------------------------
+    async def generate(self, inp: GenerateInput) -> AsyncIterator[Event]:
+        """Streams Chunks, then one Completion. Raises InvalidRequest, ResourceExhausted, Unavailable."""
+        if self.draining:
+            raise Unavailable("the server is draining")
+        rid, ids, params = self.prepare(inp)
+        queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        task = asyncio.create_task(self._run(rid, ids, params, inp.priority, queue))
+        self.active[rid] = task
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Completion):
+                    return
+        finally:
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self.active.pop(rid, None)
+
+    def abort(self, request_id: str) -> bool:
+        task = self.active.get(request_id)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        return True
+
+    async def _run(self, rid: str, ids: list[int], params: SamplingParams, priority: int,
+                   queue: asyncio.Queue[Event | BaseException]) -> None:
+        st = _RequestState(rid, ids, params, IncrementalDetokenizer(self.tokenizer, params.stop))
+        try:
+            await self._dispatch(st, priority, queue)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._release(st))
+            self._finish(st, "abort", queue)
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure reaches the client as a clear error
+            await asyncio.shield(self._release(st))
+            queue.put_nowait(_client_error(e, rid))
+        finally:
+            if st.decode is not None:
+                st.decode.inflight -= 1
+
+    async def _dispatch(self, st: _RequestState, priority: int, queue: asyncio.Queue[Event | BaseException]) -> None:
+        routing = RoutingRequest(st.ids, self.block_size)
+        decode = self._choose(self.pools.decode, self.decode_policy, routing, "decode")
+        st.decode = decode
+        decode.inflight += 1
+        local = self.config.mode == "colocated"
+        first: PrefillResult | None = None
+        if not local:
+            reservation = await decode.actor.reserve.remote(st.rid, st.ids, st.params, self.config.lease_s)
+            st.reserved = True
+            st.cached_tokens = reservation.cached_tokens
+            st.times.dispatched = time.monotonic()
+            local = len(st.ids) - reservation.cached_tokens < self.config.local_prefill_threshold
+            self.metrics.record_disagg_decision("local_prefill" if local else "remote_prefill")
+            if not local:
+                first = await self._prefill(st, routing, reservation.cached_tokens)
+                if first is not None:
+                    self._emit(st, [first.first_token], queue)
+                    if first.finish_reason is not None:
+                        await self._release(st)
+                        self._finish(st, first.finish_reason, queue)
+                        return
+                    if st.detok.stopped:
+                        await self._release(st)
+                        self._finish(st, "stop", queue)
+                        return
+        else:
+            st.times.dispatched = time.monotonic()
+        st.reserved = False  # from here the decode worker's generate owns the blocks
+        stream = decode.actor.generate.options(num_returns="streaming").remote(
+            st.rid, st.ids, st.params, first.first_token if first else None, local, priority
+        )
+        st.decoding = True
+        async for ref in stream:
+            batch: TokenBatch = await ref
+            if batch.decode_start is not None:
+                st.times.decode_start = time.monotonic()
+                if st.times.kv_ready is None and first is not None:
+                    st.times.kv_ready = st.times.decode_start
+            if not first and st.cached_tokens == 0:
+                st.cached_tokens = batch.num_cached_tokens
+            if batch.token_ids:
+                self._emit(st, batch.token_ids, queue)
+            if st.detok.stopped:
+                await self._release(st)
+                self._finish(st, "stop", queue)
+                return
+            if batch.finished:
+                st.decoding = False
+                if batch.finish_reason == "error":
+                    raise Unavailable("the decode worker failed while running the request")
+                self._finish(st, batch.finish_reason or "stop", queue)
+                return
+
+    async def _prefill(self, st: _RequestState, routing: RoutingRequest, token_start: int) -> PrefillResult | None:
+        """Runs the remote prefill. None means it failed and the decode worker recomputes."""
+        alive = [w for w in self.pools.prefill if w.alive]
+        decode = st.decode
+        assert decode is not None
+        if not alive:
+            return self._prefill_failed(st, "peer_gone", "no prefill worker is alive")
+        prefill = self.prefill_policy.choose(alive, routing)  # type: ignore[arg-type]
+        self.prefill_policy.record(prefill, routing)
+        st.prefill = prefill
+        prefill.inflight += 1
+        started = time.monotonic()
+        try:
+            result: PrefillResult = await prefill.actor.prefill.remote(
+                st.rid, st.ids, st.params, decode.kv_address, token_start
+            )
+        except Exception as e:  # noqa: BLE001 - sorted below
+            cause = _unwrap(e)
+            if isinstance(cause, (InvalidRequest, ResourceExhausted)):
+                raise cause from None
+            if isinstance(cause, TransferError):
+                return self._prefill_failed(st, cause.reason, str(cause))
+            return self._prefill_failed(st, "peer_gone", f"prefill worker {prefill.name} failed: {type(e).__name__}")
+        finally:
+            prefill.inflight -= 1
+            st.prefill = None
+        st.times.prefill_done = time.monotonic()
+        st.prefill_result = result
+        self.metrics.observe_transfer(TransferStats(seconds=time.monotonic() - started, num_bytes=result.bytes_sent))
+        return result
+
+    def _prefill_failed(self, st: _RequestState, reason: str, message: str) -> None:
+        self.metrics.observe_transfer(TransferStats(seconds=0.0, num_bytes=0, failure_reason=_failure(reason)))
+        log.warning("request %s: KV hand-off failed (%s): %s", st.rid, reason, message)
+        if self.config.failure_policy == "fail":
+            raise Unavailable(f"KV hand-off failed ({reason}): {message}")
+        return None
+
+    def _choose(self, workers: list[WorkerHandle], policy, routing: RoutingRequest, role: str) -> WorkerHandle:  # type: ignore[no-untyped-def]
+        alive = [w for w in workers if w.alive]
+        if not alive:
+            raise Unavailable(f"no {role} worker is alive")
+        choice = policy.choose(alive, routing)
+        policy.record(choice, routing)
+        return choice
+
+    # ---- output ---------------------------------------------------------------------------------
+    def _emit(self, st: _RequestState, token_ids: list[int], queue: asyncio.Queue[Event | BaseException]) -> None:
+        now = time.monotonic()
+        if st.times.first_token is None:
+            st.times.first_token = now
+            self.metrics.observe_first_token(now - st.times.arrival)
+        elif st.last_emit is not None:
+            gap = (now - st.last_emit) / len(token_ids)
+            for _ in token_ids:
+                self.metrics.observe_token_gap(gap)
+        st.last_emit = now
+        st.completion_tokens += len(token_ids)
+        text = st.detok.add(token_ids)
+        queue.put_nowait(Chunk(token_ids, text))
+
+    def _finish(self, st: _RequestState, reason: str, queue: asyncio.Queue[Event | BaseException]) -> None:
+        if st.finished:
+            return
+        st.finished = True
+        rest = st.detok.flush()
+        if rest:
+            queue.put_nowait(Chunk([], rest))
+        st.times.finished = time.monotonic()
+        queue.put_nowait(Completion(reason, len(st.ids), st.completion_tokens, st.cached_tokens))
+        self.metrics.observe_finished(FinishedRequestStats(
+            finish_reason=reason, prompt_tokens=len(st.ids), generation_tokens=st.completion_tokens,
+            cached_tokens=st.cached_tokens, times=st.times))
+
+    async def _release(self, st: _RequestState) -> None:
+        """Frees the request's KV on both sides (reservation or running request)."""
+        calls = []
+        if st.prefill is not None:
+            calls.append(st.prefill.actor.abort.remote(st.rid))
+        if st.decode is not None and (st.reserved or st.decoding):
+            calls.append(st.decode.actor.abort.remote(st.rid))
+        st.reserved = st.decoding = False
+        if calls:
+            await asyncio.gather(*calls, return_exceptions=True)
+
+
+@dataclass
+class _RequestState:
+    rid: str
+    ids: list[int]
+    params: SamplingParams
+    detok: IncrementalDetokenizer
+    times: RequestTimes = dataclasses.field(default_factory=lambda: RequestTimes(arrival=time.monotonic()))
+    decode: WorkerHandle | None = None
+    prefill: WorkerHandle | None = None
+    prefill_result: PrefillResult | None = None
+    reserved: bool = False
+    decoding: bool = False
+    finished: bool = False
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    last_emit: float | None = None
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The exception raised inside a worker, when Ray wrapped it."""
+    cause = getattr(e, "cause", None) if isinstance(e, RayError) else None
+    return cause if isinstance(cause, BaseException) else e
+
+
+def _client_error(e: BaseException, rid: str) -> BaseException:
+    cause = _unwrap(e)
+    if isinstance(cause, (InvalidRequest, ResourceExhausted, Unavailable)):
+        return type(cause)(str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
+    if isinstance(cause, TransferError):
+        return Unavailable(f"KV hand-off failed: {cause}")
+    if isinstance(cause, RayError):
+        return Unavailable(f"a worker failed: {type(cause).__name__}")
+    log.error("request %s failed", rid, exc_info=cause)
+    return Unavailable(f"internal error: {type(cause).__name__}: {cause}")
+
+
+def _failure(reason: str) -> str:
+    return reason if reason in ("timeout", "peer_gone", "bad_header", "incompatible") else "peer_gone"
