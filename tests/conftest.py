@@ -9,7 +9,7 @@ and kept under $PDSERVE_HOME), so the many tests that use it share one copy.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +56,18 @@ def tiny_model(make_test_model: ModelFactory) -> Path:
 def small_model(make_test_model: ModelFactory) -> Path:
     """A 2-layer, hidden-128, GQA, untied Llama: fast enough for exhaustive engine tests."""
     return make_test_model(**SMALL_MODEL)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Runs a module's torch work on one intra-op thread, then restores the setting.
+
+    The CI box has two cores shared by every test process; with two threads, small ops spend
+    most of their time waiting at the thread-pool barrier for a descheduled peer.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

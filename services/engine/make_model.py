@@ -37,7 +37,9 @@ from services.engine.tokenizer_train import MIN_VOCAB_SIZE, write_tokenizer_file
 
 LOGIT_STD = 4.0
 NORM_WEIGHT_SPREAD = 0.25  # RMSNorm weights ~ U(1 - spread, 1 + spread)
-QKV_BIAS_STD = 0.5
+# q/k biases shape attention; a v bias passes through softmax unchanged and becomes a constant push toward a
+# few tokens at every position, so it stays small.
+QKV_BIAS_STD = {"q_proj": 0.5, "k_proj": 0.5, "v_proj": 0.1}
 # With tied embeddings the input embedding leaks into the logits (a token votes for itself) and greedy output
 # repeats one token; larger attention/MLP outputs drown that self-vote. Measured: 24-36 distinct of 48 tokens.
 TIED_RESIDUAL_GAIN = 8.0
@@ -55,7 +57,7 @@ _POSITIVE_INT_FIELDS = (
     "shard_size_bytes",
 )
 # Bump when the bytes written for a given preset and seed change, so cached default models are rebuilt.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 PROVENANCE_FILE = "pdserve_model.json"
 _REQUIRED_FILES = (
     PROVENANCE_FILE,
@@ -215,7 +217,7 @@ def tensor_plan(spec: ModelPreset, special_start: int | None = None) -> list[Ten
         for proj, out in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)):
             plan.append(TensorSpec(f"{p}.self_attn.{proj}.weight", (out, h), "normal", 1 / math.sqrt(h)))
             if spec.qwen2:
-                plan.append(TensorSpec(f"{p}.self_attn.{proj}.bias", (out,), "bias", QKV_BIAS_STD))
+                plan.append(TensorSpec(f"{p}.self_attn.{proj}.bias", (out,), "bias", QKV_BIAS_STD[proj]))
         plan.append(TensorSpec(f"{p}.self_attn.o_proj.weight", (h, q_out), "normal", gain / math.sqrt(q_out)))
         plan.append(TensorSpec(f"{p}.post_attention_layernorm.weight", (h,), "norm"))
         inter = spec.intermediate_size
@@ -276,7 +278,7 @@ def _write_safetensors(f: BinaryIO, tensors: list[TensorSpec], spec: ModelPreset
     f.write(raw)
     for t in tensors:
         for chunk in _tensor_chunks(t, seed, dtype):
-            f.write(chunk.view(torch.uint8).numpy().tobytes())
+            f.write(chunk.view(torch.uint8).numpy().data)
     return offset
 
 

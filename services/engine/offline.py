@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,14 +74,20 @@ def result_record(item: OfflineItem, result: GenerationResult | None) -> dict[st
         "token_ids": result.token_ids,
         "text": result.text,
         "finish_reason": result.finish_reason,
-        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "cached_tokens": u.cached_tokens},
+        "usage": {
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "cached_tokens": u.cached_tokens,
+        },
     }
 
 
 def run_offline(llm: LLM, lines: list[str], use_tqdm: bool = True) -> list[dict[str, Any]]:
     items = [parse_line(line, n) for n, line in enumerate(lines, 1) if line.strip()]
-    good = [i for i in items if i.error is None]
-    results = llm.generate([i.prompt for i in good], [i.params for i in good], use_tqdm=use_tqdm)  # type: ignore[misc]
+    good = [i for i in items if i.error is None and i.prompt is not None and i.params is not None]
+    prompts: list[str | list[int]] = [i.prompt for i in good if i.prompt is not None]
+    params = [i.params for i in good if i.params is not None]
+    results = llm.generate(prompts, params, use_tqdm=use_tqdm)
     by_item = {id(i): r for i, r in zip(good, results, strict=True)}
     return [result_record(i, by_item.get(id(i))) for i in items]
 
@@ -95,16 +102,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with open(args.input) as f:
-        lines = f.readlines()
-    llm = LLM(
-        args.model,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-    )
-    records = run_offline(llm, lines)
-    with open(args.output, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    """Body of `pdserve offline`: 0 when the batch ran (bad lines get error records), 2 when it could not start."""
+    try:
+        with open(args.input) as f:
+            lines = f.readlines()
+        output = open(args.output, "w")  # opened before the run, so a bad path fails fast
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"pdserve offline: error: {e}", file=sys.stderr)
+        return 2
+    with output:
+        try:
+            llm = LLM(
+                args.model,
+                block_size=args.block_size,
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+            )
+        except (OSError, ValueError) as e:  # ValueError covers UnsupportedModel and bad engine configs
+            print(f"pdserve offline: error: {e}", file=sys.stderr)
+            return 2
+        for record in run_offline(llm, lines):
+            output.write(json.dumps(record) + "\n")
     return 0

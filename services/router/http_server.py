@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Generator
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
@@ -100,24 +101,32 @@ def validation_error(e: ValidationError | RequestValidationError) -> HttpError:
     return HttpError(400, "; ".join(described) or "invalid request", code="invalid_parameter", param=param or None)
 
 
-def _sse(item: BaseModel | dict[str, Any]) -> bytes:
-    data = item.model_dump_json() if isinstance(item, BaseModel) else json.dumps(item)
-    return f"data: {data}\n\n".encode()
+def _sse(item: BaseModel) -> bytes:
+    return f"data: {item.model_dump_json()}\n\n".encode()
 
 
 class _EventStream(StreamingResponse):
-    """An SSE response that always closes its body iterator, so the router request ends with the response."""
+    """An SSE response that stops, and closes its body iterator (so the router request ends), when the client
+    disconnects. StreamingResponse's own __call__ is replaced: its anyio cancel scope cancels again at every
+    await in the router's cleanup, while one plain asyncio cancellation lets that cleanup run to the end."""
 
     def __init__(self, body: AsyncIterator[bytes]) -> None:
         super().__init__(body, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._body = body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def pump() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
         try:
-            await super().__call__(scope, receive, send)
+            await _until_disconnect(receive, pump())
+        except _ClientGone:
+            pass
         finally:
-            await _close(self._body)
+            await _close(self.body_iterator)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -253,7 +262,7 @@ class HttpServer:
             raise too_large
         body = bytearray()
         size = 0
-        async for part in request.stream():
+        async for part in _body_parts(request):
             size += len(part)
             if size > DRAIN_LIMIT:
                 raise too_large
@@ -284,11 +293,11 @@ class HttpServer:
         events = self.router.generate(inp)
         try:
             if not stream:
-                text, done = await _until_disconnect(request, _collect(events))
+                text, done = await _until_disconnect(request.receive, _collect(events))
                 usage = Usage.of(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
                 return JSONResponse(fmt.response(text, done.finish_reason, usage).model_dump())
             # The first event is awaited before the 200 goes out, so bad input and overload get their status.
-            first = await _until_disconnect(request, anext(events))
+            first = await _until_disconnect(request.receive, anext(events))
         except _ClientGone:
             await _close(events)
             return Response(status_code=499)
@@ -296,6 +305,14 @@ class HttpServer:
             await _close(events)
             raise
         return _EventStream(_stream(events, first, fmt, include_usage))
+
+
+async def _body_parts(request: Request) -> AsyncIterator[bytes]:
+    try:
+        async for part in request.stream():
+            yield part
+    except ClientDisconnect:
+        raise HttpError(400, "the client disconnected while sending the body", code="client_disconnected") from None
 
 
 async def _collect(events: AsyncIterator[Event]) -> tuple[str, Completion]:
@@ -333,10 +350,10 @@ async def _stream(events: AsyncIterator[Event], first: Event, fmt: CompletionFor
     yield b"data: [DONE]\n\n"
 
 
-async def _until_disconnect(request: Request, work: Awaitable[_T]) -> _T:
+async def _until_disconnect(receive: Receive, work: Awaitable[_T]) -> _T:
     """Awaits `work`, cancelling it (which closes the router iterator) if the client disconnects first."""
     task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(request))
+    watch = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -349,12 +366,12 @@ async def _until_disconnect(request: Request, work: Awaitable[_T]) -> _T:
     return task.result()
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
-async def _close(iterator: AsyncIterator[Any]) -> None:
+async def _close(iterator: object) -> None:
     """Closes an async generator (a no-op once it has finished), which runs its cleanup now, not at GC."""
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:

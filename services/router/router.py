@@ -174,8 +174,8 @@ class Router:
             batch: TokenBatch = await ref
             if batch.decode_start is not None:
                 st.times.decode_start = time.monotonic()
-                if st.times.kv_ready is None and first is not None:
-                    st.times.kv_ready = st.times.decode_start
+                if first is None:  # prefilled on the decode worker: its first batch ends the prefill
+                    st.times.prefill_done = st.times.decode_start
             if not first and st.cached_tokens == 0:
                 st.cached_tokens = batch.num_cached_tokens
             if batch.token_ids:
@@ -217,7 +217,10 @@ class Router:
         finally:
             prefill.inflight -= 1
             st.prefill = None
-        st.times.prefill_done = time.monotonic()
+        now = time.monotonic()
+        dispatched = st.times.dispatched or now
+        st.times.prefill_done = max(now - result.transfer_wait_s, dispatched)
+        st.times.kv_ready = now
         st.prefill_result = result
         self.metrics.observe_transfer(TransferStats(seconds=time.monotonic() - started, num_bytes=result.bytes_sent))
         return result
@@ -261,9 +264,12 @@ class Router:
             queue.put_nowait(Chunk([], rest))
         st.times.finished = time.monotonic()
         queue.put_nowait(Completion(reason, len(st.ids), st.completion_tokens, st.cached_tokens))
-        self.metrics.observe_finished(FinishedRequestStats(
-            finish_reason=reason, prompt_tokens=len(st.ids), generation_tokens=st.completion_tokens,
-            cached_tokens=st.cached_tokens, times=st.times))
+        try:
+            self.metrics.observe_finished(FinishedRequestStats(
+                finish_reason=reason, prompt_tokens=len(st.ids), generation_tokens=st.completion_tokens,
+                cached_tokens=st.cached_tokens, times=st.times))
+        except ValueError:
+            log.exception("request %s: inconsistent stage times %s", st.rid, st.times)
 
     async def _release(self, st: _RequestState) -> None:
         """Frees the request's KV on both sides (reservation or running request)."""

@@ -19,7 +19,8 @@ from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from services.engine.engine import LLMEngine
 from services.engine.llm import LLM, GenerationResult
 from services.engine.sampling_params import SamplingParams
-from tests.conftest import SMALL_MODEL
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 NUM_OUT = 32
 GREEDY = SamplingParams(temperature=0, max_tokens=NUM_OUT, ignore_eos=True)
@@ -61,6 +62,13 @@ def transformers_greedy(model_dir: Path, prompts: list[list[int]], num_tokens: i
     return out[:, width:].tolist()
 
 
+SMALL_MODEL: dict[str, Any] = {  # the `small_model` fixture's shape: 2 layers, hidden 128, GQA 4/2, untied
+    "num_hidden_layers": 2,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 MODELS: dict[str, dict[str, Any]] = {
     "gqa-untied": SMALL_MODEL,
     "mha-tied": {**SMALL_MODEL, "num_key_value_heads": 4, "tie_word_embeddings": True},
@@ -152,6 +160,14 @@ def test_preemption_with_chunking_and_prefix_cache(gqa: Case) -> None:
 
 def test_block_size_other_than_16(gqa: Case) -> None:
     run_llm(gqa, block_size=8, max_num_batched_tokens=100)
+
+
+def test_decode_attention_in_many_small_groups(gqa: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU decode path splits the batch into groups by K/V bytes; force one or two sequences per group."""
+    import kernels.attention
+
+    monkeypatch.setattr(kernels.attention, "DECODE_GROUP_BYTES", 64 * 1024)
+    run_llm(gqa, max_num_batched_tokens=512)
 
 
 def test_engine_directly_with_late_arrivals_priorities_and_an_abort(gqa: Case) -> None:
