@@ -63,8 +63,8 @@ MODES = (
 
 # Rates, counts and SLOs measured for the tiny model on this 2-core machine (see bench/README.md).
 WORKLOADS = (
-    Workload("prefill-heavy", "800:1500", "8:16", 24, (0.5, 1.0, 2.0), Slo(ttft_ms=1500, tpot_ms=150)),
-    Workload("decode-heavy", "32:64", "128:256", 24, (1.0, 2.0, 4.0), Slo(ttft_ms=1000, tpot_ms=100)),
+    Workload("prefill-heavy", "800:1500", "8:16", 16, (0.75, 1.5, 3.0), Slo(ttft_ms=1500, tpot_ms=100)),
+    Workload("decode-heavy", "32:64", "128:256", 32, (2.0, 4.0, 8.0), Slo(ttft_ms=1000, tpot_ms=50)),
 )
 
 

@@ -118,8 +118,9 @@ class Service:
         eos = model.eos_token_ids[0] if model.eos_token_ids else 0
         servicer = GenerationServicer(self.router, model.name, engine.torch_dtype_name, eos)
         self.grpc_server, self.health, self.grpc_port = build_server(servicer, a.host, a.grpc_port)
-        await self.grpc_server.start()
         self.http = None
+        await self._set_health(False)
+        await self.grpc_server.start()
         if a.http_port:
             from services.router.http_server import HttpServer
 
@@ -160,10 +161,11 @@ class Service:
 async def serve(args: argparse.Namespace) -> None:
     service = Service(args)
     stop = asyncio.Event()
+    await service.start()
+    # After ray.init, which installs handlers of its own that would skip the drain.
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
     await stop.wait()
     log.info("draining")
     await service.stop(args.drain_timeout_s)

@@ -111,17 +111,20 @@ class DecodeWorker(EngineWorker):
         lease = self.leases.pop(request_id, None)
         if lease is not None:
             lease.cancel()
+        generated: list[int] = []
         if not local:
             if lease is None:
                 self.async_engine.close_stream(request_id)
                 raise TransferError("cancelled", f"no live reservation for {request_id} (lease expired or aborted)")
             local = not await self._await_kv(request_id, first_token)
+            # The client already has the first token: a recompute continues after it.
+            generated = [first_token] if local and first_token is not None else []
         if local:
 
             def add(engine: LLMEngine) -> None:
                 if request_id in engine.scheduler.requests:  # a reservation that falls back to recompute
                     engine.abort([request_id], RequestStatus.FINISHED_ABORTED)
-                engine.add_request(request_id, prompt_token_ids, params, priority)
+                engine.add_request(request_id, prompt_token_ids, params, priority, generated)
 
             try:
                 await self.async_engine.call(add)

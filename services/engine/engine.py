@@ -62,11 +62,19 @@ class LLMEngine:
         return request
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        generated: list[int] | None = None,
     ) -> Request:
+        """Queues a request. `generated` resumes one whose first tokens were already produced elsewhere
+        (a failed hand-off): they are recomputed with the prompt, as after a preemption, not sampled again."""
         if request_id in self.scheduler.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         request = self.make_request(request_id, prompt_token_ids, params, priority)
+        request.output_token_ids = list(generated or [])
         self.scheduler.add_request(request)
         return request
 

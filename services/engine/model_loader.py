@@ -51,7 +51,7 @@ def load_model(cfg: ModelConfig, device: str, dtype_name: str) -> LlamaForCausal
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device)
-    model.cos_sin.copy_(_cos_sin(cfg))
+    model.get_buffer("cos_sin").copy_(_cos_sin(cfg))
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for hf_name, tensor in _iter_tensors(Path(cfg.path)):
@@ -78,7 +78,7 @@ def load_model(cfg: ModelConfig, device: str, dtype_name: str) -> LlamaForCausal
             raise UnsupportedModel(f"{cfg.path} has no lm_head.weight and does not tie its embeddings")
         model.lm_head.weight = model.embed_tokens.weight
         loaded.add("lm_head.weight")
-    expected = set()
+    expected: set[str] = set()
     for name in params:
         fused = next((ours for ours, _ in _FUSED.values() if name.startswith("layers.") and ours in name), None)
         if fused is not None:

@@ -97,8 +97,9 @@ def http_error_for(e: BaseException) -> HttpError:
 def validation_error(e: ValidationError | RequestValidationError) -> HttpError:
     errors = e.errors()
     described = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errors[:3]]
-    param = ".".join(str(p) for p in errors[0]["loc"] if p != "body") if errors else None
-    return HttpError(400, "; ".join(described) or "invalid request", code="invalid_parameter", param=param or None)
+    fields = [str(p) for p in errors[0]["loc"] if p != "body"] if errors else []
+    return HttpError(400, "; ".join(described) or "invalid request", code="invalid_parameter",
+                     param=fields[0] if fields else None)
 
 
 def _sse(item: BaseModel) -> bytes:

@@ -6,7 +6,7 @@ import itertools
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from services.engine.block_manager import prefix_block_hashes
 
@@ -14,10 +14,17 @@ from services.engine.block_manager import prefix_block_hashes
 class Candidate(Protocol):
     """What a policy may read of a worker."""
 
-    name: str
-    free_blocks: int
-    queued_prefill_tokens: int
-    inflight: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def free_blocks(self) -> int: ...
+    @property
+    def queued_prefill_tokens(self) -> int: ...
+    @property
+    def inflight(self) -> int: ...
+
+
+W = TypeVar("W", bound=Candidate)
 
 
 @dataclass
@@ -35,7 +42,7 @@ class RoutingRequest:
 
 class Policy(ABC):
     @abstractmethod
-    def choose(self, workers: list[Candidate], request: RoutingRequest) -> Candidate:
+    def choose(self, workers: list[W], request: RoutingRequest) -> W:
         """Picks one of `workers` (never empty) for the request."""
 
     def record(self, worker: Candidate, request: RoutingRequest) -> None:  # noqa: B027 - optional hook
@@ -46,14 +53,14 @@ class RoundRobin(Policy):
     def __init__(self) -> None:
         self._counter = itertools.count()
 
-    def choose(self, workers: list[Candidate], request: RoutingRequest) -> Candidate:
+    def choose(self, workers: list[W], request: RoutingRequest) -> W:
         return workers[next(self._counter) % len(workers)]
 
 
 class LeastLoaded(Policy):
     """Fewest queued prefill tokens and requests in flight; most free KV blocks breaks ties."""
 
-    def choose(self, workers: list[Candidate], request: RoutingRequest) -> Candidate:
+    def choose(self, workers: list[W], request: RoutingRequest) -> W:
         return min(workers, key=lambda w: (w.queued_prefill_tokens + 64 * w.inflight, -w.free_blocks))
 
 
@@ -81,7 +88,7 @@ class PrefixAffinity(Policy):
             n += 1
         return n
 
-    def choose(self, workers: list[Candidate], request: RoutingRequest) -> Candidate:
+    def choose(self, workers: list[W], request: RoutingRequest) -> W:
         least = self.fallback.choose(workers, request)
         hashes = request.block_hashes
         best = max(workers, key=lambda w: self._match(w, hashes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -87,32 +88,20 @@ class WorkerPools:
         return self.prefill + self.decode
 
     def start(self) -> None:
-        import dataclasses
-
         config = dataclasses.replace(self.engine_config, num_threads=_threads(self.spec))
         suffix = os.urandom(3).hex()
+
+        def spawn(cls: type, role: str, resource: str, index: int, *extra: str) -> WorkerHandle:
+            name = f"{role}-{index}"
+            options = _options(f"pdserve-{name}-{suffix}", self.spec, resource)
+            actor: Any = ray.remote(cls).options(**options).remote(config, self.transfer_config, name, *extra)
+            return WorkerHandle(name, role, actor)
+
         if self.spec.colocated:
-            actor_cls = ray.remote(DecodeWorker)
-            for i in range(self.spec.num_decode):
-                name = f"colocated-{i}"
-                actor = actor_cls.options(**_options(f"pdserve-{name}-{suffix}", self.spec, "decode")).remote(
-                    config, self.transfer_config, name, "colocated"
-                )
-                self.decode.append(WorkerHandle(name, "colocated", actor))
+            self.decode = [spawn(DecodeWorker, "colocated", "decode", i, "colocated") for i in range(self.spec.num_decode)]
             return
-        prefill_cls, decode_cls = ray.remote(PrefillWorker), ray.remote(DecodeWorker)
-        for i in range(self.spec.num_prefill):
-            name = f"prefill-{i}"
-            actor = prefill_cls.options(**_options(f"pdserve-{name}-{suffix}", self.spec, "prefill")).remote(
-                config, self.transfer_config, name
-            )
-            self.prefill.append(WorkerHandle(name, "prefill", actor))
-        for i in range(self.spec.num_decode):
-            name = f"decode-{i}"
-            actor = decode_cls.options(**_options(f"pdserve-{name}-{suffix}", self.spec, "decode")).remote(
-                config, self.transfer_config, name, "decode"
-            )
-            self.decode.append(WorkerHandle(name, "decode", actor))
+        self.prefill = [spawn(PrefillWorker, "prefill", "prefill", i) for i in range(self.spec.num_prefill)]
+        self.decode = [spawn(DecodeWorker, "decode", "decode", i, "decode") for i in range(self.spec.num_decode)]
 
     async def wait_ready(self, timeout_s: float = 300.0) -> None:
         """Returns once every worker answered ready(); raises TimeoutError otherwise."""
@@ -141,7 +130,7 @@ class WorkerPools:
             if not w.alive:
                 log.info("worker %s is back", w.name)
             w.alive = True
-            self.metrics.update_worker(w.last_load.stats)
+            self.metrics.update_worker(w.last_load.stats)  # type: ignore[union-attr]
         except Exception as e:  # noqa: BLE001 - any failure means the worker is unreachable now
             if w.alive:
                 log.warning("worker %s is unreachable: %s", w.name, e)

@@ -28,7 +28,7 @@ from services.engine.worker_messages import PrefillResult, TokenBatch
 from services.router.config import RouterConfig
 from services.router.errors import Unavailable
 from services.router.metrics import Metrics
-from services.router.policies import RoutingRequest, make_policy
+from services.router.policies import Policy, RoutingRequest, make_policy
 from services.router.pool import WorkerHandle, WorkerPools
 from services.transfer.errors import TransferError
 
@@ -109,10 +109,10 @@ class Router:
                 if isinstance(event, Completion):
                     return
         finally:
+            self.active.pop(rid, None)
             if not task.done():
                 task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            self.active.pop(rid, None)
 
     def abort(self, request_id: str) -> bool:
         task = self.active.get(request_id)
@@ -197,8 +197,9 @@ class Router:
         decode = st.decode
         assert decode is not None
         if not alive:
-            return self._prefill_failed(st, "peer_gone", "no prefill worker is alive")
-        prefill = self.prefill_policy.choose(alive, routing)  # type: ignore[arg-type]
+            self._prefill_failed(st, "peer_gone", "no prefill worker is alive")
+            return None
+        prefill = self.prefill_policy.choose(alive, routing)
         self.prefill_policy.record(prefill, routing)
         st.prefill = prefill
         prefill.inflight += 1
@@ -212,8 +213,10 @@ class Router:
             if isinstance(cause, (InvalidRequest, ResourceExhausted)):
                 raise cause from None
             if isinstance(cause, TransferError):
-                return self._prefill_failed(st, cause.reason, str(cause))
-            return self._prefill_failed(st, "peer_gone", f"prefill worker {prefill.name} failed: {type(e).__name__}")
+                self._prefill_failed(st, cause.reason, str(cause))
+                return None
+            self._prefill_failed(st, "peer_gone", f"prefill worker {prefill.name} failed: {type(e).__name__}")
+            return None
         finally:
             prefill.inflight -= 1
             st.prefill = None
@@ -226,13 +229,13 @@ class Router:
         return result
 
     def _prefill_failed(self, st: _RequestState, reason: str, message: str) -> None:
+        """Counts the failure; raises Unavailable under the fail policy."""
         self.metrics.observe_transfer(TransferStats(seconds=0.0, num_bytes=0, failure_reason=_failure(reason)))
         log.warning("request %s: KV hand-off failed (%s): %s", st.rid, reason, message)
         if self.config.failure_policy == "fail":
             raise Unavailable(f"KV hand-off failed ({reason}): {message}")
-        return None
 
-    def _choose(self, workers: list[WorkerHandle], policy, routing: RoutingRequest, role: str) -> WorkerHandle:  # type: ignore[no-untyped-def]
+    def _choose(self, workers: list[WorkerHandle], policy: Policy, routing: RoutingRequest, role: str) -> WorkerHandle:
         alive = [w for w in workers if w.alive]
         if not alive:
             raise Unavailable(f"no {role} worker is alive")

@@ -22,7 +22,8 @@ from services.router.router import Router
 from services.transfer.config import TransferConfig
 from tests.service.conftest import RunningServer
 
-PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+PROMPT = ("The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by the sea, there "
+          "lived an old fisherman who told stories")  # a few KV blocks long, so a repeat hits the prefix cache
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
 MESSAGES: list[dict[str, Any]] = [{"role": "system", "content": "You are terse."},
                                   {"role": "user", "content": "Name three colours."}]
@@ -30,7 +31,13 @@ MESSAGES: list[dict[str, Any]] = [{"role": "system", "content": "You are terse."
 
 @pytest.fixture(scope="module")
 def server(disagg_server: RunningServer) -> RunningServer:
-    return disagg_server
+    """The shared server once HTTP /health says ready (its workers are up)."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if httpx.get(f"{disagg_server.http_base}/health", timeout=10).status_code == 200:
+            return disagg_server
+        time.sleep(0.2)
+    raise TimeoutError(f"/health never became 200:\n{disagg_server.log()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -122,10 +129,11 @@ def test_completion_matches_grpc_for_the_same_greedy_request(server: RunningServ
     assert out.usage is not None
     assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (complete.usage.prompt_tokens, 8)
     assert out.usage.total_tokens == out.usage.prompt_tokens + 8
-    assert out.usage.prompt_tokens_details is not None and out.usage.prompt_tokens_details.cached_tokens >= 0
-    # A token-id prompt (BOS included, as the text prompt is encoded) gives the same tokens.
+    # A token-id prompt (BOS included, as the text prompt is encoded) gives the same tokens, from the prefix cache.
     by_ids = client.completions.create(model=model_name, prompt=tokenizer.encode(PROMPT), **GREEDY)
     assert by_ids.choices[0].text == grpc_text
+    assert by_ids.usage is not None and by_ids.usage.prompt_tokens_details is not None
+    assert by_ids.usage.prompt_tokens_details.cached_tokens > 0
 
 
 async def test_async_streaming_completion_with_usage(client: openai.OpenAI, aclient: openai.AsyncOpenAI,

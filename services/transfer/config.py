@@ -1,0 +1,76 @@
+"""Configuration of the KV hand-off, and the one place that sets UCX's environment.
+
+UCX reads its `UCX_*` variables when the ucxx context is created, and ucxx sets a few defaults of
+its own when it is imported, so `apply_ucx_env` must run before the first `import ucxx` in the
+process. `services.transfer.ucx_runtime` is the only module that imports ucxx, and it calls
+`apply_ucx_env` first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+
+FAILURE_POLICIES = ("recompute", "fail")
+RNDV_SCHEMES = ("auto", "put_zcopy", "get_zcopy")
+# Shared memory (posix/sysv), cross-memory attach (cma), loopback (self) and tcp. tcp is needed
+# even on one host: UCX's sockaddr connection manager rides on it.
+DEFAULT_UCX_TLS = "posix,sysv,cma,self,tcp"
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Settings shared by KVSender and KVReceiver.
+
+    timeout_s: limit on every single network operation (connect, handshake, one header+payload)
+        and the default for `KVReceiver.wait`.
+    failure_policy: what the decode worker does when a transfer fails: "recompute" the prompt
+        locally, or "fail" the request. The transfer layer only carries it.
+    host: the address the receiver advertises in `start()` (its listener accepts on every interface).
+    port: the receiver's listening port; 0 picks a free one.
+    ucx_tls: UCX transports (UCX_TLS); must include tcp, which the connection manager needs.
+    rndv_scheme: UCX rendezvous protocol for large messages (UCX_RNDV_SCHEME).
+    """
+
+    timeout_s: float = 30.0
+    failure_policy: str = "recompute"
+    host: str = "127.0.0.1"
+    port: int = 0
+    ucx_tls: str = DEFAULT_UCX_TLS
+    rndv_scheme: str = "put_zcopy"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
+            raise ValueError(f"TransferConfig.timeout_s must be > 0, got {self.timeout_s!r}")
+        if self.failure_policy not in FAILURE_POLICIES:
+            raise ValueError(
+                f"TransferConfig.failure_policy must be one of {FAILURE_POLICIES}, got {self.failure_policy!r}"
+            )
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(f"TransferConfig.host must be an IP address, got {self.host!r}") from None
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"TransferConfig.port must be in [0, 65535], got {self.port!r}")
+        tls = [t.strip() for t in self.ucx_tls.split(",") if t.strip()]
+        if not tls:
+            raise ValueError("TransferConfig.ucx_tls must name at least one UCX transport")
+        if "tcp" not in tls and "all" not in tls:
+            raise ValueError(
+                f"TransferConfig.ucx_tls must include 'tcp' (UCX's connection manager needs it), got {self.ucx_tls!r}"
+            )
+        if self.rndv_scheme not in RNDV_SCHEMES:
+            raise ValueError(f"TransferConfig.rndv_scheme must be one of {RNDV_SCHEMES}, got {self.rndv_scheme!r}")
+
+    def ucx_env(self) -> dict[str, str]:
+        """The UCX environment variables this configuration implies."""
+        return {
+            "UCX_TLS": self.ucx_tls,
+            "UCX_RNDV_SCHEME": self.rndv_scheme,
+            "UCX_WARN_UNUSED_ENV_VARS": "n",
+        }
+
+    def apply_ucx_env(self) -> None:
+        """Write `ucx_env()` into os.environ (must happen before ucxx is first imported)."""
+        os.environ.update(self.ucx_env())
