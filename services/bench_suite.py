@@ -64,7 +64,7 @@ MODES = (
 # Rates, counts and SLOs measured for the tiny model on this 2-core machine (see bench/README.md).
 WORKLOADS = (
     Workload("prefill-heavy", "800:1500", "8:16", 16, (0.75, 1.5, 3.0), Slo(ttft_ms=1500, tpot_ms=100)),
-    Workload("decode-heavy", "32:64", "128:256", 32, (2.0, 4.0, 8.0), Slo(ttft_ms=1000, tpot_ms=50)),
+    Workload("decode-heavy", "32:64", "128:256", 32, (2.0, 4.0, 8.0, 16.0), Slo(ttft_ms=1000, tpot_ms=50)),
 )
 
 
@@ -178,8 +178,8 @@ def run_subbench(name: str, args: list[str], timeout_s: float) -> list[str]:
 
 
 SUBBENCHES: dict[str, list[str]] = {
-    "offline": ["--num-prompts", "32", "--input-len", "128", "--output-len", "32"],
-    "transfer": [],
+    "offline": ["--num-prompts", "32", "--input-len", "64:256", "--output-len", "16:64"],
+    "transfer": ["--sizes-mib", "1,4,16", "--repeats", "3"],
 }
 
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     sub: dict[str, list[str]] = {}
     if not args.skip_subbenches:
         for name, sub_args in SUBBENCHES.items():
-            sub[name] = run_subbench(name, sub_args, timeout_s=240)
+            sub[name] = run_subbench(name, sub_args, timeout_s=300)
     lines = [f"\n{'=' * 30} pdserve bench suite {'=' * 30}",
              f"model {args.model}; {CORES} CPU cores per mode; goodput = requests/s meeting the SLO"]
     lines += _goodput_table(results, modes, workloads)

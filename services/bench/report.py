@@ -94,6 +94,7 @@ def result_json(config: dict[str, Any], runs: list[tuple[RunResult, Summary]]) -
             {
                 "request_rate": run.config.request_rate,
                 "max_concurrency": run.config.max_concurrency,
+                "seed": run.config.seed,
                 "summary": s.to_json(),
                 "requests": [r.to_json() for r in run.records],
             }

@@ -33,6 +33,7 @@ from services.bench.report import print_summary, print_sweep, rate_label, result
 from services.bench.target import Target, TargetInfo, make_target
 
 DATASETS = ("random", "shared-prefix", "multi-turn", "sharegpt")
+CHECK_SEED = 1_000_003
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--goodput", nargs="+", default=None, metavar="KEY:MS",
                    help="SLO targets for goodput, e.g. ttft:500 tpot:50 (keys: ttft, tpot, e2e)")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="dataset and arrival seed; the i-th rate of a sweep uses seed+i")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
     p.add_argument("--result-json", default=None, help="write every figure and per-request record here")
     p.add_argument("--plot", default=None, help="write latency CDFs (and attainment against rate) to this PNG")
@@ -104,21 +105,21 @@ def _token_space(info: TargetInfo, codec_dir: Path | None, codec: Any) -> TokenS
     return TokenSpace(vocab, excluded)
 
 
-def build_dataset(args: argparse.Namespace, info: TargetInfo, codec: TextCodec | None,
-                  space: TokenSpace | None, max_model_len: int) -> list[Conversation]:
+def build_dataset(args: argparse.Namespace, codec: TextCodec | None, space: TokenSpace | None,
+                  max_model_len: int, seed: int) -> list[Conversation]:
     output = LengthRange.parse(args.output_len)
     if args.dataset == "sharegpt":
         if not args.dataset_path:
             raise ValueError("--dataset sharegpt needs --dataset-path FILE")
         assert codec is not None
-        return load_sharegpt(args.dataset_path, args.num_requests, codec, max_model_len, args.seed,
+        return load_sharegpt(args.dataset_path, args.num_requests, codec, max_model_len, seed,
                              args.sharegpt_output_len)
     assert space is not None
     if args.dataset == "shared-prefix":
         if args.system_prompt_len + args.question_len + output.high > max_model_len:
             raise ValueError(f"shared-prefix prompts plus output exceed the context of {max_model_len} tokens")
         return shared_prefix_dataset(args.num_groups, args.prompts_per_group, args.system_prompt_len,
-                                     args.question_len, output, space, args.seed, codec)
+                                     args.question_len, output, space, seed, codec)
     inputs = LengthRange.parse(args.input_len)
     if args.dataset == "multi-turn":
         turns = args.turns
@@ -126,11 +127,11 @@ def build_dataset(args: argparse.Namespace, info: TargetInfo, codec: TextCodec |
             raise ValueError(f"{turns} turns of up to {inputs.high}+{output.high} tokens exceed the context of "
                              f"{max_model_len} tokens")
         conversations = args.num_conversations or max(1, args.num_requests // max(turns, 1))
-        return multi_turn_dataset(conversations, turns, inputs, output, space, args.seed, codec)
+        return multi_turn_dataset(conversations, turns, inputs, output, space, seed, codec)
     if inputs.high + output.high > max_model_len:
         raise ValueError(f"--input-len {args.input_len} plus --output-len {args.output_len} exceed the context of "
                          f"{max_model_len} tokens")
-    return random_dataset(args.num_requests, inputs, output, space, args.seed, codec)
+    return random_dataset(args.num_requests, inputs, output, space, seed, codec)
 
 
 async def _check(target: Target, conversations: list[Conversation], temperature: float) -> None:
@@ -169,11 +170,14 @@ async def bench(args: argparse.Namespace) -> list[tuple[RunResult, Summary]]:
             codec = Tokenizer(codec_dir)
         max_len = args.max_model_len or info.max_model_len or 2048
         space = None if args.dataset == "sharegpt" else _token_space(info, codec_dir, codec)
-        conversations = build_dataset(args, info, codec if _needs_text(args) else None, space, max_len)
-        await _check(target, conversations, args.temperature)
+        text_codec = codec if _needs_text(args) else None
+        # The check request and each rate of a sweep get prompts of their own (seed + offset), so the server's
+        # prefix cache cannot carry one run's prompts into the next.
+        await _check(target, build_dataset(args, text_codec, space, max_len, args.seed + CHECK_SEED), args.temperature)
         runs: list[tuple[RunResult, Summary]] = []
-        for rate in rates:
-            config = LoadConfig(rate, args.max_concurrency, args.seed, args.temperature)
+        for i, rate in enumerate(rates):
+            conversations = build_dataset(args, text_codec, space, max_len, args.seed + i)
+            config = LoadConfig(rate, args.max_concurrency, args.seed + i, args.temperature)
             run = await run_load(target, conversations, config, not args.disable_tqdm,
                                  f"rate {rate_label(rate)}")
             summary = summarize(run.records, run.duration_s, slo)

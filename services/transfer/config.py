@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 FAILURE_POLICIES = ("recompute", "fail")
 RNDV_SCHEMES = ("auto", "put_zcopy", "get_zcopy")
+PROGRESS_MODES = ("blocking", "thread", "thread-polling")
 # Shared memory (posix/sysv), cross-memory attach (cma), loopback (self) and tcp. tcp is needed
 # even on one host: UCX's sockaddr connection manager rides on it.
 DEFAULT_UCX_TLS = "posix,sysv,cma,self,tcp"
@@ -31,6 +32,8 @@ class TransferConfig:
     port: the receiver's listening port; 0 picks a free one.
     ucx_tls: UCX transports (UCX_TLS); must include tcp, which the connection manager needs.
     rndv_scheme: UCX rendezvous protocol for large messages (UCX_RNDV_SCHEME).
+    progress_mode: ucxx progress thread that sleeps in epoll ("thread") or spins ("thread-polling",
+        lowest latency, costs one core per process). Both keep the event loop free; see ucx_runtime.
     """
 
     timeout_s: float = 30.0
@@ -39,6 +42,7 @@ class TransferConfig:
     port: int = 0
     ucx_tls: str = DEFAULT_UCX_TLS
     rndv_scheme: str = "put_zcopy"
+    progress_mode: str = "blocking"
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
@@ -62,6 +66,10 @@ class TransferConfig:
             )
         if self.rndv_scheme not in RNDV_SCHEMES:
             raise ValueError(f"TransferConfig.rndv_scheme must be one of {RNDV_SCHEMES}, got {self.rndv_scheme!r}")
+        if self.progress_mode not in PROGRESS_MODES:
+            raise ValueError(
+                f"TransferConfig.progress_mode must be one of {PROGRESS_MODES}, got {self.progress_mode!r}"
+            )
 
     def ucx_env(self) -> dict[str, str]:
         """The UCX environment variables this configuration implies."""

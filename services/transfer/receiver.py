@@ -148,17 +148,18 @@ class KVReceiver:
         self._closed = True
         for rid in list(self._expected):
             self.cancel(rid)
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+        tasks = [t for _, t in self._conns.values() if t is not None and t is not asyncio.current_task()]
         for ep, task in list(self._conns.values()):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
             ep.abort()
-        tasks = [t for _, t in self._conns.values() if t is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._conns.clear()
+        if self._listener is not None:
+            await asyncio.sleep(0)  # let ucxx retire its handler bookkeeping first
+            self._listener.close()
+            self._listener = None
         if self._ucxx is not None:
             self._ucxx = None
             ucx_runtime.release()

@@ -8,14 +8,13 @@ while it computes the next layer (the send then overlaps the compute). The other
 spin the loop with `asyncio.sleep(0)` ("polling", and ucxx's default without futures, which
 starves other threads of the GIL) or progress only on epoll events ("blocking", several times slower when measured here).
 
-All users must therefore run on one event loop per process. `acquire()` checks that; `release()`
-tears UCX down when the last user leaves, so a later user may start over on another loop.
+All users must therefore run on one event loop at a time. `acquire()` checks that, and moves the
+notifier to a new loop once every earlier user has released (e.g. two `asyncio.run` in a row).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import threading
 from types import ModuleType
@@ -47,31 +46,29 @@ def acquire(config: TransferConfig) -> ModuleType:
             log.warning("UCX already configured with %s; ignoring %s", _env, config.ucx_env())
         import ucxx
 
-        if _users == 0:
-            try:
-                ucxx.init(progress_mode="thread", enable_python_future=True)
-            except RuntimeError:  # a previous reset() failed: reuse that context, notify on this loop
-                ucxx.core._get_ctx().start_notifier_thread()
-            _loop = loop
+        if _loop is None:
+            ucxx.init(progress_mode=config.progress_mode, enable_python_future=config.progress_mode != "blocking")
+            _stop_at_exit(ucxx)
+        elif _loop is not loop:
+            # The notifier thread completes futures on the loop it was started with: move it.
+            ucxx.stop_notifier_thread()
+            ucxx.core._get_ctx().start_notifier_thread()
+            ucxx.core._get_ctx().continuous_ucx_progress()
+        _loop = loop
         _users += 1
         return ucxx
 
 
 def release() -> None:
-    """Drop one user; the last one shuts UCX down (its threads would otherwise keep the process alive)."""
-    global _users, _loop
+    """Drop one user. UCX itself stays up for the life of the process (resetting it costs about 1 s)."""
+    global _users
     with _lock:
-        if _users == 0:
-            return
-        _users -= 1
-        if _users > 0:
-            return
-        _loop = None
-        import ucxx
+        _users = max(0, _users - 1)
 
-        gc.collect()
-        try:
-            ucxx.reset()
-        except Exception as exc:  # objects still referenced somewhere: at least stop the notifier thread
-            log.debug("ucxx.reset() failed (%s); stopping the notifier thread only", exc)
-            ucxx.stop_notifier_thread()
+
+def _stop_at_exit(ucxx: ModuleType) -> None:
+    # The notifier thread is not a daemon: stop it before the interpreter joins threads at exit,
+    # which plain atexit handlers would be too late for.
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(ucxx.stop_notifier_thread)

@@ -124,6 +124,7 @@ def test_sweep_writes_png(disagg_server: RunningServer, tmp_path: Path, capsys: 
                                 "--num-requests", "4", "--input-len", "16", "--output-len", "4",
                                 "--request-rate", "5,inf", "--goodput", "ttft:5000", "--plot", str(png))
     assert [run["request_rate"] for run in result["runs"]] == [5, "inf"]
+    assert [run["seed"] for run in result["runs"]] == [0, 1]  # fresh prompts per rate: no prefix-cache carry-over
     for run in result["runs"]:
         _check_run(run, 4)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -1,0 +1,102 @@
+"""Ray actor bodies for the two ends of a KV hand-off, used by `pdserve bench transfer` and the tests.
+
+They are plain classes: wrap them with `ray.remote(...)`. Data is generated inside the actors
+from a seed, so no KV tensor ever travels through Ray. Timestamps are `time.monotonic()`, which
+is one clock for every process of a host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+from services.transfer.config import TransferConfig
+from services.transfer.fingerprint import KVFingerprint
+from services.transfer.receiver import KVReceiver
+from services.transfer.sender import KVSender
+
+
+def make_kv(fp: KVFingerprint, num_tokens: int, seed: int) -> torch.Tensor:
+    """Deterministic KV of one request: [num_layers, 2, num_tokens, num_kv_heads, head_dim]."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (fp.num_layers, 2, num_tokens, fp.num_kv_heads, fp.head_dim)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(fp.torch_dtype)
+
+
+class DecodeSide:
+    """Holds a real kv_cache and a KVReceiver."""
+
+    def __init__(self, fp: KVFingerprint, config: TransferConfig, num_blocks: int) -> None:
+        self.fp = fp
+        shape = (fp.num_layers, 2, num_blocks, fp.block_size, fp.num_kv_heads, fp.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=fp.torch_dtype)
+        self.receiver = KVReceiver(self.kv_cache, fp, config)
+        self.slots: dict[str, torch.Tensor] = {}
+
+    async def start(self) -> str:
+        return await self.receiver.start()
+
+    async def expect(self, request_id: str, block_ids: list[int], token_start: int, token_end: int) -> None:
+        self.receiver.expect(request_id, block_ids, token_start, token_end)
+        bs = self.fp.block_size
+        pos = torch.arange(token_start, token_end)
+        self.slots[request_id] = torch.as_tensor(block_ids)[pos // bs] * bs + pos % bs
+
+    async def wait(self, request_id: str, timeout: float | None = None) -> float:
+        """Waits for the request; returns the monotonic time at which it completed."""
+        await self.receiver.wait(request_id, timeout)
+        return time.monotonic()
+
+    async def read(self, request_id: str) -> torch.Tensor:
+        """The request's KV as stored in the cache: [num_layers, 2, num_tokens, heads, dim]."""
+        fp = self.fp
+        flat = self.kv_cache.view(fp.num_layers, 2, -1, fp.num_kv_heads, fp.head_dim)
+        return flat[:, :, self.slots.pop(request_id)].clone()
+
+    async def close(self) -> None:
+        await self.receiver.close()
+
+
+class PrefillSide:
+    """Holds a KVSender and sends requests layer by layer, as a prefill worker's compute thread would."""
+
+    def __init__(self, fp: KVFingerprint, config: TransferConfig) -> None:
+        self.fp = fp
+        self.sender = KVSender(fp, config)
+        self.data: dict[tuple[int, int], torch.Tensor] = {}
+
+    async def prepare(self, num_tokens: int, seed: int) -> None:
+        self.data[(num_tokens, seed)] = make_kv(self.fp, num_tokens, seed)
+
+    async def send_request(self, peer: str, request_id: str, token_start: int, num_tokens: int, seed: int) -> float:
+        """Send all layers; returns the monotonic time just before the first layer was submitted.
+
+        A separate thread submits one `sender.send` per layer with run_coroutine_threadsafe and
+        does not wait between layers, which is how the prefill worker overlaps transfer with compute.
+        """
+        kv = self.data.get((num_tokens, seed))
+        if kv is None:
+            kv = make_kv(self.fp, num_tokens, seed)
+        loop = asyncio.get_running_loop()
+
+        def compute_thread() -> float:
+            t0 = time.monotonic()
+            futures = [
+                asyncio.run_coroutine_threadsafe(
+                    self.sender.send(peer, request_id, layer, token_start, kv[layer, 0], kv[layer, 1]), loop
+                )
+                for layer in range(self.fp.num_layers)
+            ]
+            for f in futures:
+                f.result()
+            return t0
+
+        return await loop.run_in_executor(None, compute_thread)
+
+    async def connects(self) -> int:
+        return self.sender.connects
+
+    async def close(self) -> None:
+        await self.sender.close()

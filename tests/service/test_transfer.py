@@ -1,0 +1,246 @@
+"""KV hand-off over real UCX on loopback (and between two real Ray actors)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+import torch
+
+from services.proto_gen import kv_pb2
+from services.transfer import KVFingerprint, KVIncompatible, KVReceiver, KVSender, TransferConfig, TransferError
+from services.transfer.bench_actors import make_kv
+
+FP = KVFingerprint(model="tiny", dtype="float32", block_size=4, num_layers=3, num_kv_heads=2, head_dim=8)
+CFG = TransferConfig(timeout_s=5.0)
+NUM_BLOCKS = 64
+
+
+def slots_of(block_ids: list[int], start: int, end: int) -> torch.Tensor:
+    pos = torch.arange(start, end)
+    return torch.as_tensor(block_ids)[pos // FP.block_size] * FP.block_size + pos % FP.block_size
+
+
+def stored(cache: torch.Tensor, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+    flat = cache.view(FP.num_layers, 2, -1, FP.num_kv_heads, FP.head_dim)
+    return flat[:, :, slots_of(block_ids, start, end)]
+
+
+async def send_all(sender: KVSender, peer: str, rid: str, start: int, kv: torch.Tensor, chunk: int) -> int:
+    """Send every layer of kv ([layers, 2, n, heads, dim], tokens from `start`) in chunks of `chunk` tokens."""
+    sent = 0
+    for lo in range(0, kv.shape[2], chunk):
+        hi = min(lo + chunk, kv.shape[2])
+        for layer in range(FP.num_layers):
+            sent += await sender.send(peer, rid, layer, start + lo, kv[layer, 0, lo:hi], kv[layer, 1, lo:hi])
+    return sent
+
+
+class Pair:
+    def __init__(self) -> None:
+        self.cache = torch.zeros(FP.num_layers, 2, NUM_BLOCKS, FP.block_size, FP.num_kv_heads, FP.head_dim)
+        self.receiver = KVReceiver(self.cache, FP, CFG)
+        self.sender = KVSender(FP, CFG)
+        self.addr = ""
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[Pair]:
+    p = Pair()
+    p.addr = await p.receiver.start()
+    yield p
+    await p.sender.close()
+    await p.receiver.close()
+
+
+async def test_round_trip_several_requests_partial_ranges(pair: Pair) -> None:
+    rng = random.Random(0)
+    free = list(range(NUM_BLOCKS))
+    rng.shuffle(free)
+    requests = []
+    for i, (start, end) in enumerate([(0, 9), (5, 23), (13, 14), (2, 31)]):
+        nblocks = (end + FP.block_size - 1) // FP.block_size
+        blocks, free = free[:nblocks], free[nblocks:]
+        pair.receiver.expect(f"r{i}", blocks, start, end)
+        requests.append((f"r{i}", blocks, start, end, make_kv(FP, end - start, seed=i)))
+    assert sorted(pair.receiver.pending()) == ["r0", "r1", "r2", "r3"]
+
+    sent = await asyncio.gather(
+        *(send_all(pair.sender, pair.addr, rid, s, kv, chunk=5 + i) for i, (rid, _, s, _, kv) in enumerate(requests))
+    )
+    for (rid, blocks, start, end, kv), nbytes in zip(requests, sent, strict=True):
+        await pair.receiver.wait(rid)
+        assert nbytes == FP.num_layers * FP.payload_bytes(end - start)
+        assert torch.equal(stored(pair.cache, blocks, start, end), kv)
+    assert pair.receiver.pending() == []
+    # One endpoint carried every request.
+    assert pair.sender.connects == 1 and pair.receiver.num_connections == 1
+    # Nothing outside the reserved blocks was touched.
+    used = {b for _, blocks, *_ in requests for b in blocks}
+    untouched = [b for b in range(NUM_BLOCKS) if b not in used]
+    assert pair.cache[:, :, untouched].abs().sum() == 0
+
+
+async def test_handshake_mismatch_is_refused(pair: Pair) -> None:
+    other = KVFingerprint(model="tiny", dtype="float32", block_size=4, num_layers=3, num_kv_heads=4, head_dim=16)
+    sender = KVSender(other, CFG)
+    try:
+        k = torch.zeros(2, 4, 16)
+        with pytest.raises(KVIncompatible) as info:
+            await sender.send(pair.addr, "x", 0, 0, k, k)
+        msg = str(info.value)
+        assert info.value.reason == "incompatible"
+        assert "num_kv_heads: local=2 remote=4" in msg and "head_dim: local=8 remote=16" in msg
+        assert "block_size" not in msg
+    finally:
+        await sender.close()
+
+
+async def test_wait_times_out_when_nothing_is_sent(pair: Pair) -> None:
+    pair.receiver.expect("idle", [1, 2], 0, 8)
+    with pytest.raises(TransferError) as info:
+        await pair.receiver.wait("idle", timeout=0.2)
+    assert info.value.reason == "timeout"
+    assert pair.receiver.pending() == []
+    with pytest.raises(KeyError, match="idle"):
+        await pair.receiver.wait("idle")
+
+
+async def test_cancel_drains_late_payload_and_next_request_works(pair: Pair) -> None:
+    pair.receiver.expect("gone", [3, 4], 0, 8)
+    waiter = asyncio.ensure_future(pair.receiver.wait("gone"))
+    await asyncio.sleep(0)
+    pair.receiver.cancel("gone")
+    with pytest.raises(TransferError) as info:
+        await waiter
+    assert info.value.reason == "cancelled"
+    # The payload for the cancelled request still arrives: it must be drained, not written.
+    await send_all(pair.sender, pair.addr, "gone", 0, make_kv(FP, 8, seed=1), chunk=8)
+    pair.receiver.expect("next", [5, 6, 7], 1, 11)
+    kv = make_kv(FP, 10, seed=2)
+    await send_all(pair.sender, pair.addr, "next", 1, kv, chunk=3)
+    await pair.receiver.wait("next")
+    assert torch.equal(stored(pair.cache, [5, 6, 7], 1, 11), kv)
+    assert pair.cache[:, :, [3, 4]].abs().sum() == 0
+
+
+async def test_range_outside_expectation_is_bad_header(pair: Pair) -> None:
+    pair.receiver.expect("narrow", [8, 9], 2, 6)
+    kv = make_kv(FP, 6, seed=3)
+    await send_all(pair.sender, pair.addr, "narrow", 0, kv, chunk=6)  # tokens [0, 6) but [2, 6) expected
+    with pytest.raises(TransferError) as info:
+        await pair.receiver.wait("narrow")
+    assert info.value.reason == "bad_header" and "outside the expected [2, 6)" in str(info.value)
+    # The stream stayed in sync: the same connection still delivers the next request.
+    pair.receiver.expect("after", [10], 0, 4)
+    kv = make_kv(FP, 4, seed=4)
+    await send_all(pair.sender, pair.addr, "after", 0, kv, chunk=4)
+    await pair.receiver.wait("after")
+    assert torch.equal(stored(pair.cache, [10], 0, 4), kv)
+    assert pair.sender.connects == 1
+
+
+async def test_malformed_header_fails_request_and_closes_connection(pair: Pair) -> None:
+    from services.transfer.ucx_ops import post_send
+    from services.transfer.wire import encode_frame
+
+    pair.receiver.expect("bad", [11], 0, 4)
+    kv = make_kv(FP, 1, seed=5)
+    await pair.sender.send(pair.addr, "bad", 0, 0, kv[0, 0], kv[0, 1])  # opens the connection
+    ep = pair.sender._conns[pair.addr].ep
+    header = kv_pb2.KVHeader(request_id="bad", layer=1, token_start=1, num_tokens=2, payload_bytes=12345)
+    await post_send(ep, encode_frame(header))
+    with pytest.raises(TransferError) as info:
+        await pair.receiver.wait("bad")
+    assert info.value.reason == "bad_header" and "payload_bytes=12345" in str(info.value)
+    for _ in range(100):
+        if pair.receiver.num_connections == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert pair.receiver.num_connections == 0
+
+
+async def test_send_to_closed_receiver_is_peer_gone_and_endpoint_dropped() -> None:
+    cache = torch.zeros(FP.num_layers, 2, NUM_BLOCKS, FP.block_size, FP.num_kv_heads, FP.head_dim)
+    receiver = KVReceiver(cache, FP, CFG)
+    addr = await receiver.start()
+    sender = KVSender(FP, TransferConfig(timeout_s=2.0))
+    kv = make_kv(FP, 4, seed=6)
+    try:
+        receiver.expect("a", [0], 0, 4)
+        await send_all(sender, addr, "a", 0, kv, chunk=4)
+        await receiver.wait("a")
+        await receiver.close()
+        with pytest.raises(TransferError) as info:
+            for _ in range(50):  # the sender learns of the disconnect asynchronously
+                await sender.send(addr, "b", 0, 0, kv[0, 0], kv[0, 1])
+                await asyncio.sleep(0.02)
+        assert info.value.reason == "peer_gone"
+        assert addr not in sender.peers  # dropped: the next send reconnects
+    finally:
+        await sender.close()
+
+
+async def test_sender_disconnect_fails_receiving_request_with_peer_gone(pair: Pair) -> None:
+    pair.receiver.expect("half", [12, 13], 0, 8)
+    kv = make_kv(FP, 8, seed=7)
+    await pair.sender.send(pair.addr, "half", 0, 0, kv[0, 0], kv[0, 1])  # one layer of three
+    await pair.sender.close()
+    with pytest.raises(TransferError) as info:
+        await pair.receiver.wait("half")
+    assert info.value.reason == "peer_gone"
+
+
+async def test_nothing_listening_is_peer_gone() -> None:
+    sender = KVSender(FP, TransferConfig(timeout_s=2.0))
+    kv = torch.zeros(1, FP.num_kv_heads, FP.head_dim)
+    try:
+        with pytest.raises(TransferError) as info:
+            await sender.send("127.0.0.1:1", "x", 0, 0, kv, kv)
+        assert info.value.reason in ("peer_gone", "timeout")
+    finally:
+        await sender.close()
+
+
+async def test_bad_arguments_are_clear_errors(pair: Pair) -> None:
+    k = torch.zeros(2, FP.num_kv_heads, FP.head_dim)
+    with pytest.raises(ValueError, match="layer 3 out of range"):
+        await pair.sender.send(pair.addr, "r", 3, 0, k, k)
+    with pytest.raises(ValueError, match="dtype"):
+        await pair.sender.send(pair.addr, "r", 0, 0, k.double(), k.double())
+    with pytest.raises(ValueError, match="host:port"):
+        await pair.sender.send("nowhere", "r", 0, 0, k, k)
+    with pytest.raises(ValueError, match="blocks"):
+        pair.receiver.expect("r", [1], 0, 9)
+    with pytest.raises(ValueError, match="block ids"):
+        pair.receiver.expect("r", [NUM_BLOCKS], 0, 4)
+    pair.receiver.expect("r", [1], 0, 4)
+    with pytest.raises(ValueError, match="already expected"):
+        pair.receiver.expect("r", [1], 0, 4)
+    with pytest.raises(ValueError, match="does not match the fingerprint"):
+        KVReceiver(torch.zeros(3, 2, 4, 4, 2, 4), FP, CFG)
+
+
+def test_two_ray_actors_move_kv() -> None:
+    ray = pytest.importorskip("ray")
+    from services.transfer.bench_actors import DecodeSide, PrefillSide
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        decode = ray.remote(num_cpus=0)(DecodeSide).remote(FP, CFG, NUM_BLOCKS)
+        prefill = ray.remote(num_cpus=0)(PrefillSide).remote(FP, CFG)
+        addr = ray.get(decode.start.remote())
+        for i, (start, end) in enumerate([(0, 13), (3, 40)]):
+            blocks = random.Random(i).sample(range(NUM_BLOCKS), (end + 3) // 4)
+            ray.get(decode.expect.remote(f"q{i}", blocks, start, end))
+            done = decode.wait.remote(f"q{i}")
+            ray.get(prefill.send_request.remote(addr, f"q{i}", start, end - start, i))
+            ray.get(done)
+            got = ray.get(decode.read.remote(f"q{i}"))
+            assert torch.equal(got, make_kv(FP, end - start, seed=i))
+        assert ray.get(prefill.connects.remote()) == 1
+        ray.get([prefill.close.remote(), decode.close.remote()])
+    finally:
+        ray.shutdown()
