@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--ucx-tls", default=DEFAULT_UCX_TLS)
     parser.add_argument("--rndv-scheme", default="put_zcopy", choices=RNDV_SCHEMES)
-    parser.add_argument("--progress-mode", default="blocking", choices=PROGRESS_MODES)
+    parser.add_argument("--progress-mode", default="thread", choices=PROGRESS_MODES)
     parser.add_argument("--perftest-test", default="tag_bw", help="ucx_perftest test (tag_bw, ucp_put_bw, ...)")
     parser.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest reference")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
@@ -47,8 +47,8 @@ def _pdserve_bandwidth(args: argparse.Namespace, fp: KVFingerprint, sizes: list[
     num_blocks = 2 * (max_tokens // fp.block_size + 1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        decode = ray.remote(num_cpus=1)(DecodeSide).remote(fp, config, num_blocks)
-        prefill = ray.remote(num_cpus=1)(PrefillSide).remote(fp, config)
+        decode: Any = ray.remote(num_cpus=1)(DecodeSide).remote(fp, config, num_blocks)
+        prefill: Any = ray.remote(num_cpus=1)(PrefillSide).remote(fp, config)
         peer = ray.get(decode.start.remote())
         rng = random.Random(0)
         results: dict[int, float] = {}

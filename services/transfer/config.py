@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 FAILURE_POLICIES = ("recompute", "fail")
 RNDV_SCHEMES = ("auto", "put_zcopy", "get_zcopy")
-PROGRESS_MODES = ("blocking", "thread", "thread-polling")
+PROGRESS_MODES = ("thread", "thread-polling")
 # Shared memory (posix/sysv), cross-memory attach (cma), loopback (self) and tcp. tcp is needed
 # even on one host: UCX's sockaddr connection manager rides on it.
 DEFAULT_UCX_TLS = "posix,sysv,cma,self,tcp"
@@ -42,7 +42,7 @@ class TransferConfig:
     port: int = 0
     ucx_tls: str = DEFAULT_UCX_TLS
     rndv_scheme: str = "put_zcopy"
-    progress_mode: str = "blocking"
+    progress_mode: str = "thread"
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:

@@ -9,7 +9,6 @@ pinned to ucxx 0.52 (the only module that does so); import it only after `ucx_ru
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
@@ -26,28 +25,9 @@ def _check_open(ep: Any) -> None:
         raise UCXCloseError("Endpoint closed")
 
 
-# Waiting: progress the worker and yield to the loop for up to SPIN_S (a busy stream completes
-# its next message well within that), then poll with growing sleeps up to MAX_SLEEP_S so an idle
-# connection costs next to no CPU. ucxx's own blocking progress (epoll on the loop) runs as well.
-SPIN_S = 0.002
-MAX_SLEEP_S = 0.001
-
-
-async def _completion(req: Any, buf: Array, worker: Any) -> None:
+async def _completion(req: Any, buf: Array) -> None:
     # UCX reads/writes `buf` until the request completes; holding it here keeps it alive that long.
-    loop = asyncio.get_running_loop()
-    spin_until = loop.time() + SPIN_S
-    sleep = 0.0
-    while not req.completed:
-        worker.progress()
-        if req.completed:
-            break
-        if sleep == 0.0 and loop.time() > spin_until:
-            sleep = 0.00005
-        await asyncio.sleep(sleep)
-        if sleep:
-            sleep = min(2 * sleep, MAX_SLEEP_S)
-    req.check_error()
+    await req.wait()
     del buf
 
 
@@ -56,7 +36,7 @@ def post_send(ep: Any, buf: object) -> Coroutine[Any, Any, None]:
     _check_open(ep)
     arr = Array(buf)
     req = ep._ep.tag_send(arr, Tag(ep._tags["msg_send"]))
-    return _completion(req, arr, ep._ctx.worker)
+    return _completion(req, arr)
 
 
 def post_recv(ep: Any, buf: object) -> Coroutine[Any, Any, None]:
@@ -64,4 +44,4 @@ def post_recv(ep: Any, buf: object) -> Coroutine[Any, Any, None]:
     _check_open(ep)
     arr = Array(buf)
     req = ep._ep.tag_recv(arr, Tag(ep._tags["msg_recv"]), TagMaskFull)
-    return _completion(req, arr, ep._ctx.worker)
+    return _completion(req, arr)

@@ -6,7 +6,8 @@ was initialised. Nothing busy-polls the loop, so the loop stays free for other w
 thread can hand it coroutines with `asyncio.run_coroutine_threadsafe(sender.send(...), loop)`
 while it computes the next layer (the send then overlaps the compute). The other modes either
 spin the loop with `asyncio.sleep(0)` ("polling", and ucxx's default without futures, which
-starves other threads of the GIL) or progress only on epoll events ("blocking", several times slower when measured here).
+starves other threads of the GIL and, on an oversubscribed host, the peer process too) or progress
+only on epoll events ("blocking", several times slower when measured here).
 
 All users must therefore run on one event loop at a time. `acquire()` checks that, and moves the
 notifier to a new loop once every earlier user has released (e.g. two `asyncio.run` in a row).
@@ -47,7 +48,7 @@ def acquire(config: TransferConfig) -> ModuleType:
         import ucxx
 
         if _loop is None:
-            ucxx.init(progress_mode=config.progress_mode, enable_python_future=config.progress_mode != "blocking")
+            ucxx.init(progress_mode=config.progress_mode, enable_python_future=True)
             _stop_at_exit(ucxx)
         elif _loop is not loop:
             # The notifier thread completes futures on the loop it was started with: move it.

@@ -194,7 +194,7 @@ async def test_sender_disconnect_fails_receiving_request_with_peer_gone(pair: Pa
 
 
 async def test_nothing_listening_is_peer_gone() -> None:
-    sender = KVSender(FP, TransferConfig(timeout_s=2.0))
+    sender = KVSender(FP, TransferConfig(timeout_s=1.0))
     kv = torch.zeros(1, FP.num_kv_heads, FP.head_dim)
     try:
         with pytest.raises(TransferError) as info:
