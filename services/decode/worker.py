@@ -69,7 +69,9 @@ class DecodeWorker(EngineWorker):
 
         cached, block_ids = await self.async_engine.call(reserve)
         if cached < 0:
-            raise ResourceExhausted(f"decode worker {self.name} has no free KV blocks for {len(prompt_token_ids)} tokens")
+            raise ResourceExhausted(
+                f"decode worker {self.name} has no free KV blocks for {len(prompt_token_ids)} tokens"
+            )
         self.receiver.expect(request_id, block_ids, cached, len(prompt_token_ids))
         loop = asyncio.get_running_loop()
         self.leases[request_id] = loop.call_later(lease_s, lambda: asyncio.ensure_future(self._expire(request_id)))

@@ -57,7 +57,9 @@ class AsyncEngine:
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 
-    async def outputs(self, request_id: str, stream: asyncio.Queue[RequestOutput]) -> AsyncIterator[list[RequestOutput]]:
+    async def outputs(
+        self, request_id: str, stream: asyncio.Queue[RequestOutput]
+    ) -> AsyncIterator[list[RequestOutput]]:
         """Yields the request's outputs in batches (all that are ready), until it finishes.
 
         Leaving early (the consumer stops) aborts the request in the engine.

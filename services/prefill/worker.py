@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 import torch
 
 from services.engine.config import EngineConfig
-from services.env import ENV
 from services.engine.models.llama import LayerKVHook
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import SchedulerOutput
 from services.engine.worker_base import EngineWorker
 from services.engine.worker_messages import PrefillResult, WorkerInfo
+from services.env import ENV
 from services.transfer.config import TransferConfig
 from services.transfer.errors import TransferError
 from services.transfer.fingerprint import KVFingerprint

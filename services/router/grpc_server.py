@@ -84,7 +84,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return pb.LoadReport(workers=loads, num_inflight_requests=len(self.router.active))
 
 
-def build_server(servicer: GenerationServicer, host: str, port: int) -> tuple[grpc.aio.Server, health.HealthServicer, int]:
+def build_server(
+    servicer: GenerationServicer, host: str, port: int
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """A server with Generation, grpc.health.v1 and reflection; health starts NOT_SERVING."""
     server = grpc.aio.server(
         options=[
@@ -93,7 +95,7 @@ def build_server(servicer: GenerationServicer, host: str, port: int) -> tuple[gr
         ]
     )
     pb_grpc.add_GenerationServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)

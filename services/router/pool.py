@@ -98,7 +98,8 @@ class WorkerPools:
             return WorkerHandle(name, role, actor)
 
         if self.spec.colocated:
-            self.decode = [spawn(DecodeWorker, "colocated", "decode", i, "colocated") for i in range(self.spec.num_decode)]
+            n = self.spec.num_decode
+            self.decode = [spawn(DecodeWorker, "colocated", "decode", i, "colocated") for i in range(n)]
             return
         self.prefill = [spawn(PrefillWorker, "prefill", "prefill", i) for i in range(self.spec.num_prefill)]
         self.decode = [spawn(DecodeWorker, "decode", "decode", i, "decode") for i in range(self.spec.num_decode)]
@@ -124,11 +125,12 @@ class WorkerPools:
 
     async def _poll(self, w: WorkerHandle) -> None:
         try:
-            if not w.alive:  # a restarted actor has a new KV address
+            load = await asyncio.wait_for(w.actor.load.remote(False, True), 10)
+            restarted = w.last_load is not None and load.pid != w.last_load.pid
+            if restarted or not w.alive:  # a restarted actor has a new KV address
                 w.info = await asyncio.wait_for(w.actor.ready.remote(), 30)
-            w.last_load = await asyncio.wait_for(w.actor.load.remote(False, True), 10)
-            if not w.alive:
-                log.info("worker %s is back", w.name)
+                log.info("worker %s is back (pid %d)", w.name, load.pid)
+            w.last_load = load
             w.alive = True
             self.metrics.update_worker(w.last_load.stats)  # type: ignore[union-attr]
         except Exception as e:  # noqa: BLE001 - any failure means the worker is unreachable now

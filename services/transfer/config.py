@@ -34,6 +34,9 @@ class TransferConfig:
     rndv_scheme: UCX rendezvous protocol for large messages (UCX_RNDV_SCHEME).
     progress_mode: ucxx progress thread that sleeps in epoll ("thread") or spins ("thread-polling",
         lowest latency, costs one core per process). Both keep the event loop free; see ucx_runtime.
+    recv_depth: receives each receiver connection keeps posted ahead, each of wire.MAX_MESSAGE_BYTES
+        (4 MiB; pages are only touched by messages that need them). More lets a larger burst of
+        layers land without waiting for the decode side's event loop.
     """
 
     timeout_s: float = 30.0
@@ -43,6 +46,7 @@ class TransferConfig:
     ucx_tls: str = DEFAULT_UCX_TLS
     rndv_scheme: str = "put_zcopy"
     progress_mode: str = "thread"
+    recv_depth: int = 8
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
@@ -70,6 +74,9 @@ class TransferConfig:
             raise ValueError(
                 f"TransferConfig.progress_mode must be one of {PROGRESS_MODES}, got {self.progress_mode!r}"
             )
+        depth = self.recv_depth
+        if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 256:
+            raise ValueError(f"TransferConfig.recv_depth must be an int in [1, 256], got {self.recv_depth!r}")
 
     def ucx_env(self) -> dict[str, str]:
         """The UCX environment variables this configuration implies."""

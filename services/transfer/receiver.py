@@ -1,11 +1,17 @@
 """Decode side of the KV hand-off: accepts prefill connections and writes their KV into `kv_cache`.
 
-Each connection is served by one coroutine (see `wire.py` for the message order). A payload is
-received into a per-connection staging buffer and then scattered into the request's slots with
-`index_copy_`, synchronously on the event loop: a request cancelled while its payload is in flight
-is therefore never written into blocks that may already belong to someone else. The receive of
-the next header is posted before the current payload is awaited, and K and V are received
-concurrently, so a layer costs two event-loop wake-ups.
+Each connection keeps a ring of receives posted ahead (see inbound.py). A message (header, K, V;
+see wire.py) lands in a ring buffer and is scattered into the request's slots with `index_copy_`,
+synchronously on the event loop, before the buffer is re-posted: a request cancelled while its
+payload is in flight is therefore never written into blocks that may already belong to someone
+else, and payloads of unknown or forgotten requests are dropped.
+
+Why this shape (measured with `pdserve bench transfer`, see bench.py): with ucxx's "thread"
+progress mode, each time Python must act on a UCX completion costs a wake-up chain (progress
+thread → notifier thread → event loop) of a few hundred µs. The previous design received a header,
+then posted K and V, then awaited them before handling the next header: two serial wake-ups per
+layer, so a 32-layer request paid ~64 of them. Now nothing on the wire waits for Python; the
+loop wakes once per burst of completed messages and handles them all.
 """
 
 from __future__ import annotations
@@ -24,15 +30,10 @@ from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.expected import ExpectedRequest
 from services.transfer.fingerprint import KVFingerprint
-from services.transfer.wire import as_ucx_buffer, decode_frame, encode_frame, new_frame_buffer
+from services.transfer.inbound import InboundConnection
+from services.transfer.wire import FRAME_BYTES, MAX_MESSAGE_BYTES, decode_frame, encode_frame, new_frame_buffer
 
 log = logging.getLogger(__name__)
-
-
-def _quiet(fut: asyncio.Future[None]) -> asyncio.Future[None]:
-    """A receive that may be abandoned when its connection ends must not log "exception never retrieved"."""
-    fut.add_done_callback(lambda f: f.cancelled() or f.exception())
-    return fut
 
 
 class _DropConnection(Exception):
@@ -167,23 +168,15 @@ class KVReceiver:
     # ---- one connection ---------------------------------------------------------------------
 
     async def _serve(self, ep: Any) -> None:
-        from services.transfer.ucx_ops import post_recv
-
         if self._closed:
             ep.abort()
             return
         conn = next(self._conn_ids)
         self._conns[conn] = (ep, asyncio.current_task())
         try:
-            if not await self._handshake(ep):
-                return
-            frames = [new_frame_buffer(), new_frame_buffer()]
-            staging = torch.empty(0, dtype=torch.uint8, device=self._device)
-            next_header = _quiet(asyncio.ensure_future(post_recv(ep, frames[0])))
-            while True:
-                await next_header
-                frame, frames = frames[0], frames[::-1]
-                next_header, staging = await self._on_header(conn, ep, frame, frames[0], staging)
+            inbound = await self._handshake(conn, ep)
+            if inbound is not None:
+                await inbound.ended
         except _DropConnection:
             pass
         except asyncio.CancelledError:
@@ -196,66 +189,53 @@ class KVReceiver:
             self._fail_sourced(conn, TransferError("peer_gone", f"KV sender connection {conn} closed"))
             ep.abort()
 
-    async def _handshake(self, ep: Any) -> bool:
+    async def _handshake(self, conn: int, ep: Any) -> InboundConnection | None:
+        """Check the sender's fingerprint; on success post the receive ring, then say ok."""
         from services.transfer.ucx_ops import post_recv, post_send
 
         frame = new_frame_buffer()
         await asyncio.wait_for(post_recv(ep, frame), self._config.timeout_s)
+        inbound = None
         try:
             self._fp.check(KVFingerprint.from_proto(decode_frame(frame, kv_pb2.KVFingerprint)))
             reply = kv_pb2.HandshakeReply(ok=True)
+            inbound = InboundConnection(conn, ep, self._config.recv_depth, self._device, self._on_message)
+            inbound.start()
         except (KVIncompatible, ValueError) as exc:
             reply = kv_pb2.HandshakeReply(ok=False, error=str(exc))
         await asyncio.wait_for(post_send(ep, encode_frame(reply)), self._config.timeout_s)
         if not reply.ok:
             # Leave the sender time to read the refusal before the endpoint goes away.
             await asyncio.sleep(0.05)
-        return reply.ok
+        return inbound
 
-    async def _on_header(
-        self, conn: int, ep: Any, frame: np.ndarray, spare_frame: np.ndarray, staging: torch.Tensor
-    ) -> tuple[asyncio.Future[None], torch.Tensor]:
-        """Receive one layer's payload announced by `frame`; returns the next header's receive."""
-        from services.transfer.ucx_ops import post_recv
-
-        hdr, exp, problem = self._parse_header(frame)
+    def _on_message(self, inbound: InboundConnection, buf: torch.Tensor) -> None:
+        """Handle one received KV message; raises _DropConnection when the stream cannot be trusted."""
+        frame = buf[:FRAME_BYTES]
+        hdr, exp, problem = self._parse_header(frame.numpy() if frame.device.type == "cpu" else frame.cpu().numpy())
         if hdr is None:
             if exp is not None:
                 exp.fail(TransferError("bad_header", problem))
-            log.warning("dropping KV connection %d: %s", conn, problem)
+            log.warning("dropping KV connection %d: %s", inbound.conn_id, problem)
             raise _DropConnection(problem)
-        nbytes = int(hdr.payload_bytes)
-        rng = None
-        if exp is not None:
-            exp.sources.add(conn)
-            rng = exp.local_range(hdr.token_start, hdr.num_tokens)
-            if rng is None:
-                exp.fail(
-                    TransferError(
-                        "bad_header",
-                        f"request {hdr.request_id!r}: tokens [{hdr.token_start}, {hdr.token_start + hdr.num_tokens})"
-                        f" fall outside the expected [{exp.token_start}, {exp.token_end})",
-                    )
+        if exp is None or exp.done or self._expected.get(exp.request_id) is not exp:
+            return  # unknown, cancelled, failed or timed-out request: drop the payload
+        exp.sources.add(inbound.conn_id)
+        rng = exp.local_range(hdr.token_start, hdr.num_tokens)
+        if rng is None:
+            exp.fail(
+                TransferError(
+                    "bad_header",
+                    f"request {hdr.request_id!r}: tokens [{hdr.token_start}, {hdr.token_start + hdr.num_tokens})"
+                    f" fall outside the expected [{exp.token_start}, {exp.token_end})",
                 )
-        if staging.numel() < nbytes:
-            staging = torch.empty(nbytes, dtype=torch.uint8, device=self._device)
-        half = nbytes // 2
-        k_buf, v_buf = staging[:half], staging[half:nbytes]
-        k_recv = post_recv(ep, as_ucx_buffer(k_buf))
-        v_recv = post_recv(ep, as_ucx_buffer(v_buf))
-        next_header = _quiet(asyncio.ensure_future(post_recv(ep, spare_frame)))
-        try:
-            await asyncio.wait_for(asyncio.gather(k_recv, v_recv), self._config.timeout_s)
-        except TimeoutError:
-            next_header.cancel()
-            if exp is not None:
-                exp.fail(TransferError("timeout", f"request {hdr.request_id!r}: payload stalled"))
-            raise _DropConnection("payload timeout") from None
-        # The request may have been cancelled, timed out or failed while the payload was in flight.
-        if exp is not None and rng is not None and not exp.done and self._expected.get(exp.request_id) is exp:
-            self._scatter(hdr.layer, exp, rng, k_buf, v_buf)
-            exp.mark(hdr.layer, *rng)
-        return next_header, staging
+            )
+            return
+        half = int(hdr.payload_bytes) // 2
+        k_buf = buf[FRAME_BYTES : FRAME_BYTES + half]
+        v_buf = buf[FRAME_BYTES + half : FRAME_BYTES + 2 * half]
+        self._scatter(hdr.layer, exp, rng, k_buf, v_buf)
+        exp.mark(hdr.layer, *rng)
 
     def _parse_header(self, frame: np.ndarray) -> tuple[Any, ExpectedRequest | None, str]:
         """(header, its request or None, "") when usable; (None, request or None, problem) when malformed."""
@@ -270,7 +250,7 @@ class KVReceiver:
         if hdr.num_tokens == 0:
             return None, exp, "header with num_tokens=0"
         want = fp.payload_bytes(hdr.num_tokens)
-        if hdr.payload_bytes != want:
+        if hdr.payload_bytes != want or FRAME_BYTES + want > MAX_MESSAGE_BYTES:
             return None, exp, (
                 f"header payload_bytes={hdr.payload_bytes} but {hdr.num_tokens} tokens of this layout "
                 f"take {want} bytes"

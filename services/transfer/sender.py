@@ -5,16 +5,20 @@ overlaps transfer and compute by submitting one coroutine per layer and moving o
 
     fut = asyncio.run_coroutine_threadsafe(sender.send(peer, rid, layer, start, k, v), loop)
 
-Submissions run in order; each posts its header, K and V under the endpoint's lock and then waits
-for completion outside it, so several layers can be in flight at once. `k` and `v` must not be
-modified until that layer's future is done (the sender reads them in place, without a copy).
+Each send packs its header, K and V into one reusable staging buffer (see wire.py: one message per
+layer, split into several when a layer's payload exceeds MAX_PAYLOAD_BYTES), posts it and waits
+for completion through the request's future (no Task, no lock: messages are self-contained, so
+concurrent sends may interleave freely). Packing costs a memcpy but makes one message of three
+and, above all, lets the receiver pre-post its receives. `k` and `v` must not be modified until
+that layer's future is done (they are copied when the coroutine starts running, which the
+submitting thread cannot observe).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +28,17 @@ from services.transfer import ucx_runtime
 from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.fingerprint import KVFingerprint
-from services.transfer.wire import MAX_MESSAGE_BYTES, as_ucx_buffer, decode_frame, encode_frame, new_frame_buffer
+from services.transfer.staging import StagingPool
+from services.transfer.wire import (
+    FRAME_BYTES,
+    MAX_FRAME_BODY,
+    MAX_PAYLOAD_BYTES,
+    as_ucx_buffer,
+    decode_frame,
+    encode_frame,
+    new_frame_buffer,
+    write_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +47,6 @@ log = logging.getLogger(__name__)
 class _Connection:
     peer: str
     ep: Any
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def parse_peer(peer: str) -> tuple[str, int]:
@@ -50,6 +63,13 @@ class KVSender:
     def __init__(self, fingerprint: KVFingerprint, config: TransferConfig) -> None:
         self._fp = fingerprint
         self._config = config
+        self._tokens_per_message = MAX_PAYLOAD_BYTES // fingerprint.payload_bytes(1)
+        if self._tokens_per_message == 0:
+            raise ValueError(
+                f"one token of one layer takes {fingerprint.payload_bytes(1)} bytes, more than the "
+                f"{MAX_PAYLOAD_BYTES} a KV message carries"
+            )
+        self._pools: dict[torch.device, StagingPool] = {}
         self._conns: dict[str, _Connection] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
         self._ucxx: Any = None
@@ -69,21 +89,34 @@ class KVSender:
         if self._closed:
             raise RuntimeError("KVSender is closed")
         header = self._header(request_id, layer, token_start, k, v)
-        k, v = k.contiguous(), v.contiguous()
-        conn = await self._connection(peer)
+        parse_peer(peer)
+        messages = self._pack(header, k, v)
+        conn: _Connection | None = None
         try:
-            await self._send_layer(conn, header, k, v)
+            conn = await self._connection(peer)
+            from services.transfer.ucx_ops import request_error
+
+            reqs = self._post(conn, messages)
+            await asyncio.wait_for(asyncio.shield(asyncio.gather(*(r.future for r in reqs))), self._config.timeout_s)
+            for req in reqs:
+                error = request_error(req)
+                if error is not None:
+                    raise error
         except TimeoutError:
-            self._drop(conn)
+            if conn is not None:
+                self._drop(conn)
             raise TransferError(
                 "timeout", f"sending layer {layer} of {request_id!r} to {peer} took over {self._config.timeout_s}s"
             ) from None
-        except asyncio.CancelledError:
-            self._drop(conn)  # a half-sent header/payload pair would desynchronise the stream
+        except (TransferError, asyncio.CancelledError):
             raise
         except Exception as exc:
-            self._drop(conn)
+            if conn is not None:
+                self._drop(conn)
             raise TransferError("peer_gone", f"sending to {peer} failed: {exc!r}") from exc
+        finally:
+            for buf, _ in messages:  # packed but never posted
+                self._pool(buf.device).give(buf)
         return int(header.payload_bytes)
 
     async def close(self) -> None:
@@ -128,25 +161,73 @@ class KVSender:
             num_tokens=n,
             payload_bytes=fp.payload_bytes(n),
         )
-        if header.ByteSize() > MAX_MESSAGE_BYTES:
+        if header.ByteSize() > MAX_FRAME_BODY:
             raise ValueError(f"request_id is too long ({len(request_id)} chars) for a KV header")
         return header
 
-    async def _send_layer(self, conn: _Connection, header: Any, k: torch.Tensor, v: torch.Tensor) -> None:
-        from services.transfer.ucx_ops import post_send
+    def _pool(self, device: torch.device) -> StagingPool:
+        pool = self._pools.get(device)
+        if pool is None:
+            pool = self._pools[device] = StagingPool(device)
+        return pool
 
-        frame = encode_frame(header)
-        ops = []
+    def _pack(self, header: Any, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """Copy header+K+V into staging buffers, one per message of at most MAX_PAYLOAD_BYTES of payload.
+
+        Returns (buffer, message length) pairs; the buffers come from the pool and go back to it.
+        """
+        pool = self._pool(k.device)
+        n = int(header.num_tokens)
+        step = self._tokens_per_message
+        messages: list[tuple[torch.Tensor, int]] = []
         try:
-            async with conn.lock:
-                # Posting order is wire order; the lock keeps this header+payload contiguous on the endpoint.
-                for buf in (frame, as_ucx_buffer(k), as_ucx_buffer(v)):
-                    ops.append(post_send(conn.ep, buf))
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
+                part = header if (lo, hi) == (0, n) else self._sub_header(header, lo, hi)
+                half = int(part.payload_bytes) // 2
+                length = FRAME_BYTES + 2 * half
+                buf = pool.take(length)
+                messages.append((buf, length))
+                frame = buf[:FRAME_BYTES] if buf.device.type == "cpu" else torch.empty(FRAME_BYTES, dtype=torch.uint8)
+                write_frame(part, frame.numpy())
+                if frame.data_ptr() != buf.data_ptr():
+                    buf[:FRAME_BYTES].copy_(frame)
+                buf[FRAME_BYTES : FRAME_BYTES + half].copy_(k[lo:hi].reshape(-1).view(torch.uint8))
+                buf[FRAME_BYTES + half : length].copy_(v[lo:hi].reshape(-1).view(torch.uint8))
+            if k.is_cuda:
+                torch.cuda.current_stream(k.device).synchronize()  # UCX reads the buffers outside torch's streams
         except BaseException:
-            for op in ops:
-                op.close()
+            for buf, _ in messages:
+                pool.give(buf)
             raise
-        await asyncio.wait_for(asyncio.gather(*ops), self._config.timeout_s)
+        return messages
+
+    def _sub_header(self, header: Any, lo: int, hi: int) -> Any:
+        return kv_pb2.KVHeader(
+            request_id=header.request_id,
+            layer=header.layer,
+            token_start=header.token_start + lo,
+            num_tokens=hi - lo,
+            payload_bytes=self._fp.payload_bytes(hi - lo),
+        )
+
+    def _post(self, conn: _Connection, messages: list[tuple[torch.Tensor, int]]) -> list[Any]:
+        """Post messages in order, removing each from `messages` once posted.
+
+        A posted buffer returns to the pool when UCX is done with it; what is left in `messages`
+        after an error was never posted and stays the caller's.
+        """
+        from services.transfer.ucx_ops import send_request
+
+        reqs = []
+        while messages:
+            buf, length = messages[0]
+            req = send_request(conn.ep, as_ucx_buffer(buf[:length]))
+            messages.pop(0)
+            pool = self._pool(buf.device)
+            req.future.add_done_callback(lambda _f, buf=buf, pool=pool: pool.give(buf))
+            reqs.append(req)
+        return reqs
 
     async def _connection(self, peer: str) -> _Connection:
         conn = self._conns.get(peer)
@@ -172,6 +253,7 @@ class KVSender:
             return conn
 
     async def _connect(self, host: str, port: int) -> Any:
+
         from services.transfer.ucx_ops import post_recv, post_send
 
         peer = f"{host}:{port}"

@@ -263,6 +263,20 @@ def test_prefill_worker_killed_recomputes(tmp_path, serve_model_dir: str, expect
         _kill_worker(server, prefill.worker)
         prompts = _prompts()[:4]
         assert _run_concurrently(server, [_greedy(p) for p in prompts]) == expected[:4]
+        # Ray restarts the actor; the router notices it is back and uses it again.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            now = next(w for w in server.load(check_integrity=False).workers if w.worker == prefill.worker)
+            if now.alive and now.pid != prefill.pid:
+                break
+            time.sleep(0.5)
+        assert now.alive and now.pid != prefill.pid
+        time.sleep(2.5)  # a poll round picks up the new actor
+        before = _transfer_counts(server)
+        assert _run_concurrently(server, [_greedy(p) for p in prompts]) == expected[:4]
+        after = _transfer_counts(server)
+        assert after["ok"] - before["ok"] == len(prompts), (before, after)
+        assert after["failed"] == before["failed"], (before, after)
     finally:
         server.stop()
 
@@ -286,6 +300,19 @@ def _http_get(server: RunningServer, path: str) -> str:
     import httpx
 
     return httpx.get(server.http_base + path, timeout=10).text
+
+
+def _transfer_counts(server: RunningServer) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {"ok": 0.0, "failed": 0.0}
+    for family in text_string_to_metric_families(_http_get(server, "/metrics")):
+        for sample in family.samples:
+            if sample.name == "pdserve_kv_transfer_seconds_count":
+                counts["ok"] += sample.value
+            elif sample.name == "pdserve_kv_transfer_failures_total":
+                counts["failed"] += sample.value
+    return counts
 
 
 def _kill_worker(server: RunningServer, worker: str) -> None:
