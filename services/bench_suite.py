@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,11 +87,13 @@ Results = dict[tuple[str, str], list[tuple[RunResult, Summary]]]
 
 def run_serving(modes: tuple[Mode, ...], workloads: tuple[Workload, ...], model: str, out_dir: Path) -> Results:
     results: Results = {}
+    log_dir = Path(tempfile.mkdtemp(prefix="pdserve-bench-"))
+    print(f"server logs in {log_dir}", flush=True)
     for mode in modes:
         print(f"\n##### {mode.name}: pdserve serve {' '.join(mode.serve_args)}", flush=True)
         t0 = time.monotonic()
         try:
-            server = launch(out_dir / "logs", "--model", model, *mode.serve_args)
+            server = launch(log_dir, "--model", model, *mode.serve_args)
         except (RuntimeError, TimeoutError) as e:
             print(f"!! {mode.name} did not start; skipped:\n{e}", flush=True)
             continue

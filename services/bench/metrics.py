@@ -46,7 +46,13 @@ class RequestRecord:
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "tpot_s": self.tpot_s}
+        """Times rounded to microseconds: a sweep's records stay a few hundred KiB."""
+        out = {**asdict(self), "tpot_s": self.tpot_s}
+        for key in ("scheduled_s", "start_s", "ttft_s", "e2e_s", "tpot_s"):
+            if out[key] is not None:
+                out[key] = round(out[key], 6)
+        out["itl_s"] = [round(v, 6) for v in self.itl_s]
+        return out
 
 
 @dataclass(frozen=True)

@@ -106,4 +106,4 @@ def result_json(config: dict[str, Any], runs: list[tuple[RunResult, Summary]]) -
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    path.write_text(json.dumps(payload, allow_nan=False) + "\n")

@@ -73,6 +73,13 @@ MODELS: dict[str, dict[str, Any]] = {
     "gqa-untied": SMALL_MODEL,
     "mha-tied": {**SMALL_MODEL, "num_key_value_heads": 4, "tie_word_embeddings": True},
     "qwen2-bias": {**SMALL_MODEL, "qwen2": True, "tie_word_embeddings": True},
+    "sharded": {**SMALL_MODEL, "shard_size_bytes": 300_000},
+    "llama3-rope": {
+        **SMALL_MODEL,
+        "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 256},
+    },
 }
 
 
@@ -200,7 +207,7 @@ def test_engine_directly_with_late_arrivals_priorities_and_an_abort(gqa: Case) -
     assert_clean(engine)
 
 
-@pytest.mark.parametrize("name", ["mha-tied", "qwen2-bias", "tiny"])
+@pytest.mark.parametrize("name", ["mha-tied", "qwen2-bias", "sharded", "llama3-rope", "tiny"])
 def test_other_architectures(case_factory: Callable[[str], Case], name: str) -> None:
     run_llm(case_factory(name), max_num_batched_tokens=128)
 
