@@ -17,6 +17,9 @@ import pytest
 
 ModelFactory = Callable[..., Path]
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMTOOL = REPO_ROOT / ".tools" / "promtool"
+
 # A small shape that loads and runs in well under a second: 2 layers, hidden 128, GQA 4/2.
 SMALL_MODEL: dict[str, Any] = {
     "num_hidden_layers": 2,
@@ -25,6 +28,15 @@ SMALL_MODEL: dict[str, Any] = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
 }
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """Prometheus' promtool, installed by `make setup` (scripts/install_promtool.sh) without a server."""
+    if not PROMTOOL.is_file():
+        pytest.fail(f"promtool not found at {PROMTOOL}; run `make setup` or "
+                    f"`bash scripts/install_promtool.sh .tools` from {REPO_ROOT}")
+    return PROMTOOL
 
 
 @pytest.fixture(scope="session")

@@ -30,14 +30,6 @@ LABEL_VALUES = re.compile(r"label_values\((.+),\s*\w+\)")
 IDENTIFIER = re.compile(r"(?<![\w:.])([a-zA-Z_:][\w:]*)\b(?!\s*\()")
 
 
-@pytest.fixture(scope="module")
-def promtool() -> Path:
-    if not PROMTOOL.is_file():
-        pytest.fail(f"promtool not found at {PROMTOOL}; run `make setup` or "
-                    f"`bash scripts/install_promtool.sh .tools` from {REPO_ROOT}")
-    return PROMTOOL
-
-
 def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 

@@ -9,7 +9,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from services.router.metrics import HISTOGRAM_NAMES, METRIC_NAMES
@@ -21,14 +20,6 @@ ALERTS = PROM_DIR / "alerts.yml"
 REQUIRED_ALERTS = {"PdserveTTFTSLOBurnFast", "PdserveTTFTSLOBurnSlow", "PdserveKVTransferFailures",
                    "PdserveKVCacheNearFull", "PdserveWorkerDown", "PdserveRouterDown"}
 ROUTER_JOB = "pdserve-router"
-
-
-@pytest.fixture(scope="module")
-def promtool() -> Path:
-    if not PROMTOOL.is_file():
-        pytest.fail(f"promtool not found at {PROMTOOL}; run `make setup` or "
-                    f"`bash scripts/install_promtool.sh .tools` from {REPO_ROOT}")
-    return PROMTOOL
 
 
 def run(promtool: Path, *args: str, cwd: Path = PROM_DIR) -> subprocess.CompletedProcess[str]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.proto_gen import generation_pb2 as pb
-from tests.service.conftest import REPO, RunningServer
+from tests.service.conftest import RunningServer
 
 
 def _scrape(server: RunningServer) -> str:
@@ -18,7 +19,7 @@ def _scrape(server: RunningServer) -> str:
     return response.text
 
 
-def test_live_scrape_has_worker_series_and_passes_promtool(disagg_server: RunningServer) -> None:
+def test_live_scrape_has_worker_series_and_passes_promtool(disagg_server: RunningServer, promtool: Path) -> None:
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(100, 260))),
                                  sampling=pb.SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     list(disagg_server.stub().Generate(request, timeout=60))
@@ -36,6 +37,6 @@ def test_live_scrape_has_worker_series_and_passes_promtool(disagg_server: Runnin
     assert any(name == "pdserve_time_to_first_token_seconds_count" and value > 0
                for (name, _), value in samples.items())
 
-    check = subprocess.run([str(REPO / ".tools" / "promtool"), "check", "metrics"], input=text.encode(),
+    check = subprocess.run([str(promtool), "check", "metrics"], input=text.encode(),
                            capture_output=True, timeout=30)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()

@@ -23,14 +23,6 @@ PROMTOOL = REPO_ROOT / ".tools" / "promtool"
 MODEL = "tiny-llama"
 
 
-@pytest.fixture(scope="module")
-def promtool() -> Path:
-    if not PROMTOOL.is_file():
-        pytest.fail(f"promtool not found at {PROMTOOL}; run `make setup` or "
-                    f"`bash scripts/install_promtool.sh .tools` from {REPO_ROOT}")
-    return PROMTOOL
-
-
 def samples(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample of the rendered exposition, keyed by (sample name, label set)."""
     out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
