@@ -15,7 +15,6 @@ from services.router.metrics import HISTOGRAM_NAMES, METRIC_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRAFANA_DIR = REPO_ROOT / "deploy" / "grafana"
-PROMTOOL = REPO_ROOT / ".tools" / "promtool"
 DASHBOARDS = sorted(GRAFANA_DIR.glob("*.json"))
 EXPECTED = {"overview", "pools", "kv-transfer", "prefix-cache"}
 

@@ -15,7 +15,6 @@ from services.router.metrics import HISTOGRAM_NAMES, METRIC_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO_ROOT / "deploy" / "prometheus"
-PROMTOOL = REPO_ROOT / ".tools" / "promtool"
 ALERTS = PROM_DIR / "alerts.yml"
 REQUIRED_ALERTS = {"PdserveTTFTSLOBurnFast", "PdserveTTFTSLOBurnSlow", "PdserveKVTransferFailures",
                    "PdserveKVCacheNearFull", "PdserveWorkerDown", "PdserveRouterDown"}

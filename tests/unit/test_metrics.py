@@ -19,7 +19,6 @@ from services.router.metrics import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PROMTOOL = REPO_ROOT / ".tools" / "promtool"
 MODEL = "tiny-llama"
 
 
