@@ -18,7 +18,6 @@ from services.router.metrics import (
     stage_durations,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-llama"
 
 
