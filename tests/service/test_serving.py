@@ -327,3 +327,29 @@ def _worker_pid(server: RunningServer, worker: str) -> int:
         if w.worker == worker:
             return w.pid
     raise KeyError(worker)
+
+
+def test_conditional_disaggregation(tmp_path, serve_model_dir: str) -> None:
+    """A prompt whose uncached part is under the threshold is prefilled by the decode worker itself."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from services.engine import LLM, SamplingParams
+
+    short, long = list(range(300, 320)), list(range(400, 600))
+    llm = LLM(serve_model_dir)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = [r.token_ids for r in llm.generate([short, long], params, use_tqdm=False)]
+    server = start_server(tmp_path, serve_model_dir, "--local-prefill-threshold", "64")
+    try:
+        got = _run_concurrently(server, [_greedy(short, 8), _greedy(long, 8)])
+        assert got == want
+        decisions = {
+            s.labels["decision"]: s.value
+            for family in text_string_to_metric_families(_http_get(server, "/metrics"))
+            for s in family.samples
+            if s.name == "pdserve_disagg_decisions_total"
+        }
+        assert decisions == {"local_prefill": 1.0, "remote_prefill": 1.0}
+        _assert_kv_whole(server)
+    finally:
+        server.stop()
