@@ -34,9 +34,10 @@ class TransferConfig:
     rndv_scheme: UCX rendezvous protocol for large messages (UCX_RNDV_SCHEME).
     progress_mode: ucxx progress thread that sleeps in epoll ("thread") or spins ("thread-polling",
         lowest latency, costs one core per process). Both keep the event loop free; see ucx_runtime.
-    recv_depth: receives each receiver connection keeps posted ahead, each of wire.MAX_MESSAGE_BYTES
-        (4 MiB; pages are only touched by messages that need them). More lets a larger burst of
-        layers land without waiting for the decode side's event loop.
+    recv_depth: receives each receiver connection keeps posted ahead, each into its own
+        wire.MAX_MESSAGE_BYTES (4 MiB) buffer: up to depth x 4 MiB per sender connection once used.
+        Deeper lets a larger burst of layers land without waiting on the decode side's event loop
+        (measured: 64 MiB requests took ~40 ms at 16 against ~70 ms at 8).
     """
 
     timeout_s: float = 30.0
@@ -46,7 +47,7 @@ class TransferConfig:
     ucx_tls: str = DEFAULT_UCX_TLS
     rndv_scheme: str = "put_zcopy"
     progress_mode: str = "thread"
-    recv_depth: int = 8
+    recv_depth: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:

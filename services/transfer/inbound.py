@@ -8,6 +8,10 @@ than the message, so `depth` receives of that size are posted up front and each 
 soon as its message has been handled. No receive waits on Python having read a header, so a burst
 of layers lands back to back while Python sleeps, and the loop pays one wake-up per burst instead
 of two per layer. The completion is a done-callback on the request's future (no Task per message).
+UCX matches the n-th posted receive with the n-th message, so messages are handed over in that
+order (a raw K/V must follow its header) even when their completions arrive out of order. Each
+posted request is referenced until it completes: ucxx cancels a UCXRequest that is garbage
+collected while in flight (found the hard way: sends failed with "Request canceled").
 Handling is synchronous on the event loop, so what it decides (e.g. "this request was cancelled:
 drop the payload") holds until the buffer is re-posted: UCX only ever writes into these buffers.
 """
@@ -52,6 +56,12 @@ class InboundConnection:
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.ended.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.messages = 0
+        self._posted = 0  # receives posted so far: the n-th posted receive gets the n-th message
+        self._next = 0  # sequence number of the next message to hand to on_message
+        self._landed: dict[int, int] = {}  # sequence number -> ring index, completed but not yet handled
+        self.raw_pending: list[tuple[Any, Any, int]] = []  # on_message's state: raw K/V still to come
+        # The posted receive of each ring slot: a UCXRequest garbage collected in flight is cancelled.
+        self._reqs: list[Any] = [None] * depth
 
     def start(self) -> None:
         """Post every receive of the ring (call before telling the sender to go ahead)."""
@@ -72,23 +82,31 @@ class InboundConnection:
     def _post(self, i: int) -> None:
         from services.transfer.ucx_ops import recv_request
 
+        seq = self._posted
         req = recv_request(self.ep, as_ucx_buffer(self._buffers[i]))
-        req.future.add_done_callback(lambda _f: self._done(i, req))
+        self._reqs[i] = req
+        self._posted += 1
+        req.future.add_done_callback(lambda _f: self._done(seq, i, req))
 
-    def _done(self, i: int, req: Any) -> None:
+    def _done(self, seq: int, i: int, req: Any) -> None:
         from services.transfer.ucx_ops import request_error
 
+        error = request_error(req)  # always: it also marks the future's exception as retrieved
         if self.ended.done():
             return
-        error = request_error(req)
         if error is not None:
             self.end(error)
             return
-        self.messages += 1
+        self._landed[seq] = i
         try:
-            self._on_message(self, self._buffers[i])
-            if self._device.type == "cuda":
-                torch.cuda.current_stream(self._device).synchronize()
-            self._post(i)
+            # Hand messages over in wire order (a raw K/V must follow its header), re-posting as we go.
+            while self._next in self._landed:
+                j = self._landed.pop(self._next)
+                self._next += 1
+                self.messages += 1
+                self._on_message(self, self._buffers[j])
+                if self._device.type == "cuda":
+                    torch.cuda.current_stream(self._device).synchronize()
+                self._post(j)
         except Exception as exc:
             self.end(exc)

@@ -6,12 +6,20 @@ synchronously on the event loop, before the buffer is re-posted: a request cance
 payload is in flight is therefore never written into blocks that may already belong to someone
 else, and payloads of unknown or forgotten requests are dropped.
 
-Why this shape (measured with `pdserve bench transfer`, see bench.py): with ucxx's "thread"
-progress mode, each time Python must act on a UCX completion costs a wake-up chain (progress
-thread → notifier thread → event loop) of a few hundred µs. The previous design received a header,
-then posted K and V, then awaited them before handling the next header: two serial wake-ups per
-layer, so a 32-layer request paid ~64 of them. Now nothing on the wire waits for Python; the
-loop wakes once per burst of completed messages and handles them all.
+Why this shape (measured with `pdserve bench transfer` and a two-process loop on the 2-core dev
+box, see the transfer report): with ucxx's "thread" progress mode, each time Python must act on a
+UCX completion costs a wake-up chain (progress thread → notifier thread → event loop) of a few
+hundred µs. The previous design received a header, then posted K and V, then awaited them before
+the next header: two serial wake-ups per layer, ~64 per 32-layer request. Now nothing on the wire
+waits for Python; the loop wakes once per burst and handles every message that landed. Per
+request, two runs: 8 MiB 0.23-0.25 → 0.66-0.69 GB/s, 64 MiB 1.03-1.27 → 1.81-1.87 GB/s.
+
+Evaluated and not kept: one-sided RMA (ucxx 0.52's Python API has no memory registration, rkeys
+or put: endpoints offer tag, stream and active messages only); spinning progress ("thread-polling"
+was 2x slower here: the spinning threads starve the rest on 2 cores); rndv get_zcopy (slower);
+UCX_TLS without posix, or tcp only (no better). What remains is UCX itself under blocking progress:
+raw ucxx with every receive pre-posted and no Python work per message moves 8 MiB (32 messages)
+in ~4-6 ms and 64 MiB in ~21 ms here, while ucx_perftest busy-polls; that bounds this path.
 """
 
 from __future__ import annotations
@@ -31,7 +39,15 @@ from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.expected import ExpectedRequest
 from services.transfer.fingerprint import KVFingerprint
 from services.transfer.inbound import InboundConnection
-from services.transfer.wire import FRAME_BYTES, MAX_MESSAGE_BYTES, decode_frame, encode_frame, new_frame_buffer
+from services.transfer.wire import (
+    FRAME_BYTES,
+    MAX_MESSAGE_BYTES,
+    decode_frame,
+    encode_frame,
+    frame_length,
+    new_frame_buffer,
+    raw_follows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -210,17 +226,58 @@ class KVReceiver:
         return inbound
 
     def _on_message(self, inbound: InboundConnection, buf: torch.Tensor) -> None:
-        """Handle one received KV message; raises _DropConnection when the stream cannot be trusted."""
-        frame = buf[:FRAME_BYTES]
-        hdr, exp, problem = self._parse_header(frame.numpy() if frame.device.type == "cpu" else frame.cpu().numpy())
-        if hdr is None:
-            if exp is not None:
-                exp.fail(TransferError("bad_header", problem))
-            log.warning("dropping KV connection %d: %s", inbound.conn_id, problem)
-            raise _DropConnection(problem)
+        """Handle every part of one received message; raises _DropConnection if the stream can't be trusted."""
+        raw = inbound.raw_pending
+        if raw:  # K (then V) of the flagged header before: the whole message is payload
+            hdr, exp, which = raw.pop(0)
+            self._on_raw(inbound.conn_id, hdr, exp, which, buf)
+            return
+        at = 0
+        while at + FRAME_BYTES <= MAX_MESSAGE_BYTES:
+            frame = buf[at : at + FRAME_BYTES]
+            frame_np = (frame if frame.device.type == "cpu" else frame.cpu()).numpy()
+            if at > 0 and frame_length(frame_np) == 0:
+                return  # end mark
+            hdr, exp, problem = self._parse_header(frame_np)
+            if hdr is None or at + FRAME_BYTES + int(hdr.payload_bytes) > MAX_MESSAGE_BYTES:
+                problem = problem or f"KV part at offset {at} runs past the {MAX_MESSAGE_BYTES}-byte message"
+                if exp is not None:
+                    exp.fail(TransferError("bad_header", problem))
+                log.warning("dropping KV connection %d: %s", inbound.conn_id, problem)
+                raise _DropConnection(problem)
+            if raw_follows(frame_np):
+                inbound.raw_pending[:] = [(hdr, exp, 0), (hdr, exp, 1)]
+                return
+            payload = at + FRAME_BYTES
+            at = payload + int(hdr.payload_bytes)
+            self._on_part(inbound.conn_id, hdr, exp, buf, payload)
+
+    def _on_raw(self, conn: int, hdr: Any, exp: ExpectedRequest | None, which: int, buf: torch.Tensor) -> None:
+        """K (which=0) or V (which=1) of a flagged header, alone in `buf`; V completes the part."""
+        rng = self._usable_range(conn, hdr, exp)
+        if exp is None or rng is None:
+            return
+        a, b = rng
+        fp = self._fp
+        shape = (b - a, fp.num_kv_heads, fp.head_dim)
+        half = int(hdr.payload_bytes) // 2
+        self._flat[hdr.layer, which].index_copy_(0, exp.slots[a:b], buf[:half].view(fp.torch_dtype).view(shape))
+        if which == 1:
+            exp.mark(hdr.layer, a, b)
+
+    def _on_part(self, conn: int, hdr: Any, exp: ExpectedRequest | None, buf: torch.Tensor, payload: int) -> None:
+        rng = self._usable_range(conn, hdr, exp)
+        if exp is None or rng is None:
+            return
+        half = int(hdr.payload_bytes) // 2
+        self._scatter(hdr.layer, exp, rng, buf[payload : payload + half], buf[payload + half : payload + 2 * half])
+        exp.mark(hdr.layer, *rng)
+
+    def _usable_range(self, conn: int, hdr: Any, exp: ExpectedRequest | None) -> tuple[int, int] | None:
+        """Where a part's tokens go in its request, or None to drop it (and fail the request if it's wrong)."""
         if exp is None or exp.done or self._expected.get(exp.request_id) is not exp:
-            return  # unknown, cancelled, failed or timed-out request: drop the payload
-        exp.sources.add(inbound.conn_id)
+            return None  # unknown, cancelled, failed or timed-out request: drop the payload
+        exp.sources.add(conn)
         rng = exp.local_range(hdr.token_start, hdr.num_tokens)
         if rng is None:
             exp.fail(
@@ -230,12 +287,7 @@ class KVReceiver:
                     f" fall outside the expected [{exp.token_start}, {exp.token_end})",
                 )
             )
-            return
-        half = int(hdr.payload_bytes) // 2
-        k_buf = buf[FRAME_BYTES : FRAME_BYTES + half]
-        v_buf = buf[FRAME_BYTES + half : FRAME_BYTES + 2 * half]
-        self._scatter(hdr.layer, exp, rng, k_buf, v_buf)
-        exp.mark(hdr.layer, *rng)
+        return rng
 
     def _parse_header(self, frame: np.ndarray) -> tuple[Any, ExpectedRequest | None, str]:
         """(header, its request or None, "") when usable; (None, request or None, problem) when malformed."""
@@ -250,7 +302,7 @@ class KVReceiver:
         if hdr.num_tokens == 0:
             return None, exp, "header with num_tokens=0"
         want = fp.payload_bytes(hdr.num_tokens)
-        if hdr.payload_bytes != want or FRAME_BYTES + want > MAX_MESSAGE_BYTES:
+        if hdr.payload_bytes != want:
             return None, exp, (
                 f"header payload_bytes={hdr.payload_bytes} but {hdr.num_tokens} tokens of this layout "
                 f"take {want} bytes"

@@ -5,13 +5,13 @@ overlaps transfer and compute by submitting one coroutine per layer and moving o
 
     fut = asyncio.run_coroutine_threadsafe(sender.send(peer, rid, layer, start, k, v), loop)
 
-Each send packs its header, K and V into one reusable staging buffer (see wire.py: one message per
-layer, split into several when a layer's payload exceeds MAX_PAYLOAD_BYTES), posts it and waits
-for completion through the request's future (no Task, no lock: messages are self-contained, so
-concurrent sends may interleave freely). Packing costs a memcpy but makes one message of three
-and, above all, lets the receiver pre-post its receives. `k` and `v` must not be modified until
-that layer's future is done (they are copied when the coroutine starts running, which the
-submitting thread cannot observe).
+A send validates, then copies its header, K and V into the connection's open message (outbox.py;
+a layer whose payload exceeds wire.MAX_PAYLOAD_BYTES is split into several token ranges) and
+waits on that message's future. Messages are self-contained, so sends need no lock and may
+interleave. Packing costs a memcpy, but it is what lets the receiver pre-post its receives (no
+header → payload round trip through Python) and lets queued layers share one UCX message. `k`
+and `v` must not be modified until that layer's future is done (they are copied when the
+coroutine first runs, which the submitting thread cannot observe).
 """
 
 from __future__ import annotations
@@ -28,17 +28,9 @@ from services.transfer import ucx_runtime
 from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.fingerprint import KVFingerprint
+from services.transfer.outbox import Outbox
 from services.transfer.staging import StagingPool
-from services.transfer.wire import (
-    FRAME_BYTES,
-    MAX_FRAME_BODY,
-    MAX_PAYLOAD_BYTES,
-    as_ucx_buffer,
-    decode_frame,
-    encode_frame,
-    new_frame_buffer,
-    write_frame,
-)
+from services.transfer.wire import MAX_FRAME_BODY, MAX_PAYLOAD_BYTES, decode_frame, encode_frame, new_frame_buffer
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +39,7 @@ log = logging.getLogger(__name__)
 class _Connection:
     peer: str
     ep: Any
+    outbox: Outbox
 
 
 def parse_peer(peer: str) -> tuple[str, int]:
@@ -90,33 +83,22 @@ class KVSender:
             raise RuntimeError("KVSender is closed")
         header = self._header(request_id, layer, token_start, k, v)
         parse_peer(peer)
-        messages = self._pack(header, k, v)
-        conn: _Connection | None = None
+        k, v = k.contiguous(), v.contiguous()
+        conn = await self._connection(peer)
         try:
-            conn = await self._connection(peer)
-            from services.transfer.ucx_ops import request_error
-
-            reqs = self._post(conn, messages)
-            await asyncio.wait_for(asyncio.shield(asyncio.gather(*(r.future for r in reqs))), self._config.timeout_s)
-            for req in reqs:
-                error = request_error(req)
-                if error is not None:
-                    raise error
+            done = [conn.outbox.add(part, k[lo:hi], v[lo:hi]) for part, lo, hi in self._parts(header)]
+            pending = done[0] if len(done) == 1 else asyncio.gather(*done)
+            await asyncio.wait_for(asyncio.shield(pending), self._config.timeout_s)
         except TimeoutError:
-            if conn is not None:
-                self._drop(conn)
+            self._drop(conn)
             raise TransferError(
                 "timeout", f"sending layer {layer} of {request_id!r} to {peer} took over {self._config.timeout_s}s"
             ) from None
-        except (TransferError, asyncio.CancelledError):
+        except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if conn is not None:
-                self._drop(conn)
+            self._drop(conn)
             raise TransferError("peer_gone", f"sending to {peer} failed: {exc!r}") from exc
-        finally:
-            for buf, _ in messages:  # packed but never posted
-                self._pool(buf.device).give(buf)
         return int(header.payload_bytes)
 
     async def close(self) -> None:
@@ -171,36 +153,13 @@ class KVSender:
             pool = self._pools[device] = StagingPool(device)
         return pool
 
-    def _pack(self, header: Any, k: torch.Tensor, v: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-        """Copy header+K+V into staging buffers, one per message of at most MAX_PAYLOAD_BYTES of payload.
-
-        Returns (buffer, message length) pairs; the buffers come from the pool and go back to it.
-        """
-        pool = self._pool(k.device)
+    def _parts(self, header: Any) -> list[tuple[Any, int, int]]:
+        """(header, lo, hi) per message-sized token range of a layer; usually just the one."""
         n = int(header.num_tokens)
         step = self._tokens_per_message
-        messages: list[tuple[torch.Tensor, int]] = []
-        try:
-            for lo in range(0, n, step):
-                hi = min(n, lo + step)
-                part = header if (lo, hi) == (0, n) else self._sub_header(header, lo, hi)
-                half = int(part.payload_bytes) // 2
-                length = FRAME_BYTES + 2 * half
-                buf = pool.take(length)
-                messages.append((buf, length))
-                frame = buf[:FRAME_BYTES] if buf.device.type == "cpu" else torch.empty(FRAME_BYTES, dtype=torch.uint8)
-                write_frame(part, frame.numpy())
-                if frame.data_ptr() != buf.data_ptr():
-                    buf[:FRAME_BYTES].copy_(frame)
-                buf[FRAME_BYTES : FRAME_BYTES + half].copy_(k[lo:hi].reshape(-1).view(torch.uint8))
-                buf[FRAME_BYTES + half : length].copy_(v[lo:hi].reshape(-1).view(torch.uint8))
-            if k.is_cuda:
-                torch.cuda.current_stream(k.device).synchronize()  # UCX reads the buffers outside torch's streams
-        except BaseException:
-            for buf, _ in messages:
-                pool.give(buf)
-            raise
-        return messages
+        if n <= step:
+            return [(header, 0, n)]
+        return [(self._sub_header(header, lo, min(n, lo + step)), lo, min(n, lo + step)) for lo in range(0, n, step)]
 
     def _sub_header(self, header: Any, lo: int, hi: int) -> Any:
         return kv_pb2.KVHeader(
@@ -210,24 +169,6 @@ class KVSender:
             num_tokens=hi - lo,
             payload_bytes=self._fp.payload_bytes(hi - lo),
         )
-
-    def _post(self, conn: _Connection, messages: list[tuple[torch.Tensor, int]]) -> list[Any]:
-        """Post messages in order, removing each from `messages` once posted.
-
-        A posted buffer returns to the pool when UCX is done with it; what is left in `messages`
-        after an error was never posted and stays the caller's.
-        """
-        from services.transfer.ucx_ops import send_request
-
-        reqs = []
-        while messages:
-            buf, length = messages[0]
-            req = send_request(conn.ep, as_ucx_buffer(buf[:length]))
-            messages.pop(0)
-            pool = self._pool(buf.device)
-            req.future.add_done_callback(lambda _f, buf=buf, pool=pool: pool.give(buf))
-            reqs.append(req)
-        return reqs
 
     async def _connection(self, peer: str) -> _Connection:
         conn = self._conns.get(peer)
@@ -247,7 +188,7 @@ class KVSender:
                 raise TransferError(
                     "timeout", f"connecting to {peer} took over {self._config.timeout_s}s"
                 ) from None
-            conn = _Connection(peer, ep)
+            conn = _Connection(peer, ep, Outbox(ep, self._pool))
             self._conns[peer] = conn
             self.connects += 1
             return conn

@@ -3,17 +3,23 @@
     prefill (KVSender)                         decode (KVReceiver)
     frame(KVFingerprint)          ───────────►  check against its own fingerprint
                                   ◄───────────  frame(HandshakeReply)   (closes if not ok)
-    then any number of KV messages, each self-contained:
-    [ frame(KVHeader) | K [n, kv_heads, head_dim] | V [n, kv_heads, head_dim] ]   ≤ MAX_MESSAGE_BYTES
+    then any number of KV messages, each self-contained, of one or more parts:
+    [ frame(KVHeader) | K [n, kv_heads, head_dim] | V [n, kv_heads, head_dim] ] ... [ u32 0 ]
+    at most MAX_MESSAGE_BYTES; the u32 zero ends a message that is shorter than that.
 
 A frame is a fixed FRAME_BYTES block: a little-endian u32 length, the serialised protobuf, zero
-padding. A KV message packs the header and one layer's K and V for a token range (K then V, as
-kv.proto says) into ONE tag message, at most MAX_MESSAGE_BYTES long; the sender splits a layer
-whose payload is larger into several token ranges. Why (measured, see receiver.py): every UCX
-completion that Python must see costs an event-loop wake-up of a few hundred µs, far more than
-packing (a memcpy). One bounded, self-describing message per layer lets the receiver keep a ring
-of MAX_MESSAGE_BYTES receives posted ahead of time (UCX accepts a receive buffer larger than the
-message), so no receive ever waits on Python to read a header first, and messages need no order.
+padding. A part is one KVHeader frame followed by K then V (as kv.proto says) of one layer's token
+range; the sender splits a layer whose payload exceeds MAX_PAYLOAD_BYTES into several ranges, and
+packs the parts queued in one event-loop iteration into one message (outbox.py). A part of at
+least RAW_MIN_PAYLOAD_BYTES goes instead as a flagged frame alone, then K, then V as their own
+messages (zero-copy from the sender's tensors). Messages are matched in wire order, so the
+receiver handles them strictly in the order it posted its receives.
+
+Why (measured, see receiver.py): every UCX completion that Python must see costs a wake-up chain
+of a few hundred µs, far more than packing (a memcpy). Bounded, self-describing messages let the
+receiver keep a ring of MAX_MESSAGE_BYTES receives posted ahead of time (UCX accepts a receive
+buffer larger than the message; a smaller one fails with "message truncated"), so no receive
+waits on Python to read a header first.
 """
 
 from __future__ import annotations
@@ -31,26 +37,40 @@ MAX_FRAME_BODY = FRAME_BYTES - _LEN.size
 # Upper bound of one KV message (header frame + K + V); the receiver's pre-posted buffers have this size.
 MAX_MESSAGE_BYTES = 4 << 20
 MAX_PAYLOAD_BYTES = MAX_MESSAGE_BYTES - FRAME_BYTES
+# A part with at least this much payload is not packed: its frame goes alone (flagged RAW_FOLLOWS)
+# and K and V follow as the next two messages, sent from the caller's tensors without a copy.
+RAW_MIN_PAYLOAD_BYTES = 1 << 20
+_RAW_FOLLOWS = 1 << 31
 
 M = TypeVar("M", bound=Message)
 
 
-def encode_frame(msg: Message) -> np.ndarray:
+def encode_frame(msg: Message, raw_follows: bool = False) -> np.ndarray:
     """Serialise `msg` into a new FRAME_BYTES buffer; ValueError if it does not fit."""
-    body = msg.SerializeToString()
     frame = np.zeros(FRAME_BYTES, dtype=np.uint8)
-    write_frame(msg, frame)
+    write_frame(msg, frame, raw_follows)
     return frame
 
 
-def write_frame(msg: Message, out: np.ndarray) -> None:
+def write_frame(msg: Message, out: np.ndarray, raw_follows: bool = False) -> None:
     """Serialise `msg` as a frame into the first FRAME_BYTES of the uint8 array `out`."""
     body = msg.SerializeToString()
     if len(body) > MAX_FRAME_BODY:
         raise ValueError(f"{type(msg).__name__} is {len(body)} bytes serialised; a frame holds {MAX_FRAME_BODY}")
-    out[: _LEN.size] = np.frombuffer(_LEN.pack(len(body)), dtype=np.uint8)
+    word = len(body) | (_RAW_FOLLOWS if raw_follows else 0)
+    out[: _LEN.size] = np.frombuffer(_LEN.pack(word), dtype=np.uint8)
     out[_LEN.size : _LEN.size + len(body)] = np.frombuffer(body, dtype=np.uint8)
     out[_LEN.size + len(body) : FRAME_BYTES] = 0
+
+
+def frame_length(frame: np.ndarray) -> int:
+    """The body length a frame declares (0 marks the end of a KV message's parts)."""
+    return int(_LEN.unpack_from(frame[: _LEN.size].tobytes())[0]) & ~_RAW_FOLLOWS
+
+
+def raw_follows(frame: np.ndarray) -> bool:
+    """Whether this header's K and V come as the next two messages instead of after the frame."""
+    return bool(_LEN.unpack_from(frame[: _LEN.size].tobytes())[0] & _RAW_FOLLOWS)
 
 
 def decode_frame(frame: np.ndarray, msg_type: type[M]) -> M:
@@ -58,7 +78,7 @@ def decode_frame(frame: np.ndarray, msg_type: type[M]) -> M:
     raw = frame[:FRAME_BYTES].tobytes()
     if len(raw) < FRAME_BYTES:
         raise ValueError(f"frame is {len(raw)} bytes, expected {FRAME_BYTES}")
-    (length,) = _LEN.unpack_from(raw)
+    length = _LEN.unpack_from(raw)[0] & ~_RAW_FOLLOWS
     if length > MAX_FRAME_BODY:
         raise ValueError(f"frame declares {length} bytes, more than the {MAX_FRAME_BODY} a frame holds")
     msg = msg_type()

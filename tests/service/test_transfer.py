@@ -244,3 +244,88 @@ def test_two_ray_actors_move_kv() -> None:
         ray.get([prefill.close.remote(), decode.close.remote()])
     finally:
         ray.shutdown()
+
+
+BIG = KVFingerprint(model="big", dtype="float32", block_size=16, num_layers=2, num_kv_heads=8, head_dim=128)
+
+
+async def test_large_and_small_parts_mixed_land_exactly() -> None:
+    """Parts >= RAW_MIN_PAYLOAD_BYTES go zero-copy, larger than a message get split; all must land."""
+    from services.transfer.wire import MAX_PAYLOAD_BYTES, RAW_MIN_PAYLOAD_BYTES
+
+    token = BIG.payload_bytes(1)
+    n_split = MAX_PAYLOAD_BYTES // token + 37  # one layer needs two messages
+    n_raw = RAW_MIN_PAYLOAD_BYTES // token + 1
+    sizes = [3, n_raw, n_split, 5]
+    total = sum(sizes)
+    nblocks = total // BIG.block_size + len(sizes) + 1
+    cache = torch.zeros(BIG.num_layers, 2, nblocks, BIG.block_size, BIG.num_kv_heads, BIG.head_dim)
+    receiver = KVReceiver(cache, BIG, CFG)
+    sender = KVSender(BIG, CFG)
+    try:
+        addr = await receiver.start()
+        blocks = random.Random(1).sample(range(nblocks), (total + BIG.block_size - 1) // BIG.block_size)
+        receiver.expect("mix", blocks, 0, total)
+        kv = make_kv(BIG, total, seed=9)
+        sends, start = [], 0
+        for n in sizes:  # queued together: small parts coalesce, big ones go raw, in wire order
+            for layer in range(BIG.num_layers):
+                k, v = kv[layer, 0, start : start + n], kv[layer, 1, start : start + n]
+                sends.append(asyncio.ensure_future(sender.send(addr, "mix", layer, start, k, v)))
+            start += n
+        await asyncio.gather(*sends)
+        await receiver.wait("mix")
+        flat = cache.view(BIG.num_layers, 2, -1, BIG.num_kv_heads, BIG.head_dim)
+        pos = torch.arange(total)
+        slots = torch.as_tensor(blocks)[pos // BIG.block_size] * BIG.block_size + pos % BIG.block_size
+        assert torch.equal(flat[:, :, slots], kv)
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+async def test_coalesced_message_skips_cancelled_request_only(pair: Pair) -> None:
+    """Sends queued together share one UCX message; the part of a cancelled request is dropped."""
+    kvs = {rid: make_kv(FP, 6, seed=20 + i) for i, rid in enumerate(("c1", "c2", "c3"))}
+    blocks = {"c1": [20, 21], "c2": [22, 23], "c3": [24, 25]}
+    for rid in kvs:
+        pair.receiver.expect(rid, blocks[rid], 0, 6)
+    await send_all(pair.sender, pair.addr, "c1", 0, kvs["c1"][:, :, :1], chunk=1)  # connect first
+    pair.receiver.cancel("c2")
+    before = pair.sender._conns[pair.addr].outbox.messages
+    await asyncio.gather(
+        *(
+            pair.sender.send(pair.addr, rid, layer, 0, kv[layer, 0], kv[layer, 1])
+            for rid, kv in kvs.items()
+            for layer in range(FP.num_layers)
+        )
+    )
+    assert pair.sender._conns[pair.addr].outbox.messages - before == 1  # nine parts, one message
+    for rid in ("c1", "c3"):
+        await pair.receiver.wait(rid)
+        assert torch.equal(stored(pair.cache, blocks[rid], 0, 6), kvs[rid])
+    assert pair.cache[:, :, blocks["c2"]].abs().sum() == 0
+
+
+def test_recv_depth_is_validated() -> None:
+    assert TransferConfig(recv_depth=1).recv_depth == 1
+    for bad in (0, 257, 2.0, True):
+        with pytest.raises(ValueError, match="recv_depth"):
+            TransferConfig(recv_depth=bad)  # type: ignore[arg-type]
+
+
+def test_staging_pool_recycles_by_size() -> None:
+    from services.transfer.staging import GRANULE_BYTES, StagingPool
+
+    pool = StagingPool(torch.device("cpu"), max_free_bytes=2 * GRANULE_BYTES)
+    a = pool.take(10)
+    assert a.numel() == GRANULE_BYTES and pool.allocations == 1
+    pool.give(a)
+    assert pool.take(GRANULE_BYTES) is a and pool.allocations == 1
+    big = pool.take(GRANULE_BYTES + 1)
+    assert big.numel() == 2 * GRANULE_BYTES and pool.allocations == 2
+    pool.give(big)
+    pool.give(a)  # over max_free_bytes: dropped, not kept
+    assert pool.free_bytes == 2 * GRANULE_BYTES
+    with pytest.raises(ValueError):
+        pool.take(0)
