@@ -114,11 +114,13 @@ class DecodeWorker(EngineWorker):
         if lease is not None:
             lease.cancel()
         generated: list[int] = []
+        kv_failure: str | None = None
         if not local:
             if lease is None:
                 self.async_engine.close_stream(request_id)
                 raise TransferError("cancelled", f"no live reservation for {request_id} (lease expired or aborted)")
-            local = not await self._await_kv(request_id, first_token)
+            kv_failure = await self._await_kv(request_id, first_token)
+            local = kv_failure is not None
             # The client already has the first token: a recompute continues after it.
             generated = [first_token] if local and first_token is not None else []
         if local:
@@ -141,24 +143,25 @@ class DecodeWorker(EngineWorker):
                 finish_reason=batch[-1].finish_reason,
                 num_cached_tokens=batch[-1].num_cached_tokens,
                 decode_start=decode_start,
+                kv_failure=kv_failure,
             )
-            decode_start = None
+            decode_start = kv_failure = None
 
-    async def _await_kv(self, request_id: str, first_token: int | None) -> bool:
-        """True when the KV arrived and the request joined the batch; False to recompute locally."""
+    async def _await_kv(self, request_id: str, first_token: int | None) -> str | None:
+        """None when the KV arrived and the request joined the batch; else why not (then it is recomputed here)."""
         try:
             if first_token is None:
                 raise TransferError("peer_gone", "the prefill worker did not deliver")
             await self.receiver.wait(request_id, self.transfer_config.timeout_s)
-        except TransferError:
+        except TransferError as e:
             self.receiver.cancel(request_id)
             if self.transfer_config.failure_policy != "recompute":
                 await self.async_engine.call(lambda e: e.abort([request_id], RequestStatus.FINISHED_ABORTED))
                 self.async_engine.close_stream(request_id)
                 raise
-            return False
+            return e.reason
         token = first_token
         outs = await self.async_engine.call(lambda e: e.scheduler.finish_remote(request_id, token))
         if outs[-1].finished:  # the first token already ended it; the router has that token
             self.async_engine.dispatch([dataclasses.replace(outs[-1], new_token_ids=[])])
-        return True
+        return None

@@ -50,6 +50,8 @@ class TokenBatch:
     num_cached_tokens: int
     # decode side: when the request joined the running batch (time.time()); set on the first batch only
     decode_start: float | None = None
+    # decode side, first batch only: why the hand-off failed when the prompt was recomputed here instead
+    kv_failure: str | None = None
 
 
 @dataclass(frozen=True)

@@ -172,6 +172,9 @@ class Router:
         st.decoding = True
         async for ref in stream:
             batch: TokenBatch = await ref
+            if batch.kv_failure is not None:  # the KV never arrived: the decode worker recomputed the prompt
+                self.metrics.observe_transfer(
+                    TransferStats(seconds=0.0, num_bytes=0, failure_reason=_failure(batch.kv_failure)))
             if batch.decode_start is not None:
                 st.times.decode_start = time.monotonic()
                 if first is None:  # prefilled on the decode worker: its first batch ends the prefill
