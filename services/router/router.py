@@ -154,6 +154,7 @@ class Router:
             if not local:
                 first = await self._prefill(st, routing, reservation.cached_tokens)
                 if first is not None:
+                    st.cached_tokens = first.cached_tokens  # the prompt tokens whose compute the cache saved
                     self._emit(st, [first.first_token], queue)
                     if first.finish_reason is not None:
                         await self._release(st)
