@@ -13,7 +13,7 @@ from services.engine.errors import UnsupportedModel
 from services.engine.model_config import ModelConfig
 from services.engine.models.llama import LlamaForCausalLM
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # HF name suffix -> (our parameter suffix, shard index within a fused parameter)
 _FUSED = {
@@ -47,7 +47,7 @@ def _shard_sizes(cfg: ModelConfig, fused: str) -> list[int]:
 
 
 def load_model(cfg: ModelConfig, device: str, dtype_name: str) -> LlamaForCausalLM:
-    dtype = _DTYPES[dtype_name]
+    dtype = TORCH_DTYPES[dtype_name]
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device=device)

@@ -6,18 +6,16 @@ import torch
 
 from services.engine.config import EngineConfig
 from services.engine.model_config import ModelConfig
-from services.engine.model_loader import load_model
+from services.engine.model_loader import TORCH_DTYPES, load_model
 from services.engine.models.llama import AttentionBatch, LayerKVHook
 from services.engine.sampler import sample
 from services.engine.scheduler import RunnerOutput, SchedulerOutput
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def num_kv_blocks(config: EngineConfig, model: ModelConfig) -> int:
     if config.cache.num_blocks is not None:
         return config.cache.num_blocks
-    itemsize = _DTYPES[config.torch_dtype_name].itemsize
+    itemsize = TORCH_DTYPES[config.torch_dtype_name].itemsize
     per_block = 2 * model.num_layers * model.num_kv_heads * model.head_dim * config.cache.block_size * itemsize
     return max(config.cache.kv_cache_bytes // per_block, 1)
 
@@ -27,7 +25,7 @@ class ModelRunner:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
-        self.dtype = _DTYPES[config.torch_dtype_name]
+        self.dtype = TORCH_DTYPES[config.torch_dtype_name]
         self.block_size = config.cache.block_size
         self.model = load_model(model_config, config.device, config.torch_dtype_name)
         self.kv_cache = torch.zeros(

@@ -6,14 +6,9 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from services.engine.model_loader import TORCH_DTYPES
 from services.proto_gen import kv_pb2
 from services.transfer.errors import KVIncompatible
-
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 @dataclass(frozen=True)
@@ -30,8 +25,8 @@ class KVFingerprint:
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("KVFingerprint.model must be a non-empty string")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"KVFingerprint.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in TORCH_DTYPES:
+            raise ValueError(f"KVFingerprint.dtype must be one of {sorted(TORCH_DTYPES)}, got {self.dtype!r}")
         for name in ("block_size", "num_layers", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -39,7 +34,7 @@ class KVFingerprint:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return TORCH_DTYPES[self.dtype]
 
     @property
     def itemsize(self) -> int:
@@ -62,7 +57,7 @@ class KVFingerprint:
                 "kv_cache must have shape [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], "
                 f"got {tuple(kv_cache.shape)}"
             )
-        names = {v: k for k, v in _DTYPES.items()}
+        names = {v: k for k, v in TORCH_DTYPES.items()}
         if kv_cache.dtype not in names:
             raise ValueError(f"kv_cache dtype {kv_cache.dtype} is not supported")
         layers, _, _, block_size, heads, head_dim = kv_cache.shape
