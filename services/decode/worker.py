@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
@@ -28,6 +29,15 @@ from services.transfer.errors import TransferError
 from services.transfer.receiver import KVReceiver
 
 
+@dataclass
+class _Lease:
+    """A reservation's timer and the request it holds blocks for (so generate() need not be sent it again)."""
+
+    timer: asyncio.TimerHandle
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
 class DecodeWorker(EngineWorker):
     role = "decode"
 
@@ -37,7 +47,7 @@ class DecodeWorker(EngineWorker):
         self.transfer_config = transfer
         self.receiver = KVReceiver(self.engine.runner.kv_cache, kv_fingerprint(self), transfer)
         self.address: str | None = None
-        self.leases: dict[str, asyncio.TimerHandle] = {}
+        self.leases: dict[str, _Lease] = {}
         self.expired_leases = 0
 
     async def ready(self) -> WorkerInfo:
@@ -74,7 +84,8 @@ class DecodeWorker(EngineWorker):
             )
         self.receiver.expect(request_id, block_ids, cached, len(prompt_token_ids))
         loop = asyncio.get_running_loop()
-        self.leases[request_id] = loop.call_later(lease_s, lambda: asyncio.ensure_future(self._expire(request_id)))
+        timer = loop.call_later(lease_s, lambda: asyncio.ensure_future(self._expire(request_id)))
+        self.leases[request_id] = _Lease(timer, prompt_token_ids, params)
         return Reservation(request_id, cached, lease_s)
 
     async def _expire(self, request_id: str) -> None:
@@ -90,21 +101,22 @@ class DecodeWorker(EngineWorker):
     async def abort(self, request_id: str) -> bool:
         lease = self.leases.pop(request_id, None)
         if lease is not None:
-            lease.cancel()
+            lease.timer.cancel()
             self.receiver.cancel(request_id)
         return await super().abort(request_id) or lease is not None
 
     async def generate(
         self,
         request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
+        prompt_token_ids: list[int] | None,
+        params: SamplingParams | None,
         first_token: int | None = None,
         local: bool = False,
         priority: int = 0,
     ) -> AsyncIterator[TokenBatch]:
         """Streams the request's tokens after `first_token` (remote) or from the start (local).
 
+        A local request brings its prompt and params; a remote one was sent them with reserve().
         Remote with first_token None means the prefill side failed: under the "recompute"
         policy the prompt is prefilled here instead; under "fail" TransferError is raised.
         """
@@ -112,7 +124,8 @@ class DecodeWorker(EngineWorker):
         stream = self.async_engine.open_stream(request_id)
         lease = self.leases.pop(request_id, None)
         if lease is not None:
-            lease.cancel()
+            lease.timer.cancel()
+            prompt_token_ids, params = lease.prompt_token_ids, lease.params
         generated: list[int] = []
         kv_failure: str | None = None
         if not local:
@@ -125,10 +138,15 @@ class DecodeWorker(EngineWorker):
             generated = [first_token] if local and first_token is not None else []
         if local:
 
+            if prompt_token_ids is None or params is None:
+                self.async_engine.close_stream(request_id)
+                raise InvalidRequest(f"request {request_id}: a local request needs its prompt and params")
+            prompt, sampling = prompt_token_ids, params
+
             def add(engine: LLMEngine) -> None:
                 if request_id in engine.scheduler.requests:  # a reservation that falls back to recompute
                     engine.abort([request_id], RequestStatus.FINISHED_ABORTED)
-                engine.add_request(request_id, prompt_token_ids, params, priority, generated)
+                engine.add_request(request_id, prompt, sampling, priority, generated)
 
             try:
                 await self.async_engine.call(add)

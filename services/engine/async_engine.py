@@ -10,6 +10,7 @@ between steps, and outputs come back per request through asyncio queues.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from services.engine.request import RequestStatus
 from services.engine.scheduler import RequestOutput, SchedulerOutput
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
@@ -33,7 +35,6 @@ class AsyncEngine:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self.step_error: BaseException | None = None
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -95,9 +96,9 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step(self.layer_hook)
-            except BaseException as e:  # noqa: BLE001 - a failed step must not kill the thread silently
-                self.step_error = e
-                self._fail_all(e)
+            except Exception:  # noqa: BLE001 - a failed step fails its requests, not the worker
+                log.exception("engine step failed; failing %d requests", len(self.engine.scheduler.requests))
+                self._fail_all()
                 continue
             if outputs and self.loop is not None:
                 self.loop.call_soon_threadsafe(self.dispatch, outputs)
@@ -108,7 +109,7 @@ class AsyncEngine:
             if stream is not None:
                 stream.put_nowait(out)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self) -> None:
         ids = list(self.engine.scheduler.requests)
         self.engine.abort(ids, RequestStatus.FINISHED_ERROR)
         failed = [RequestOutput(rid, [], True, "error", 0, 0, 0) for rid in ids]

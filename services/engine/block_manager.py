@@ -94,9 +94,6 @@ class BlockManager:
         self.prefix_hits += len(hits) * self.block_size
         return ComputedBlocks(hits, len(hits) * self.block_size)
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self.free_queue)
-
     def allocate_slots(self, request: Request, num_new_tokens: int, computed: ComputedBlocks | None = None) -> bool:
         """Makes room for num_new_tokens after the request's computed tokens; False if it cannot.
 

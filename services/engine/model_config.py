@@ -48,10 +48,6 @@ class ModelConfig:
                 f"({self.num_kv_heads}); {_SUPPORTED}"
             )
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V for one token over all layers, in float32."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
 
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:

@@ -80,7 +80,7 @@ class Scheduler:
         self.requests[request.request_id] = request
         bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
 
-    def reserve_remote(self, request: Request, computed_tokens: int = 0) -> int:
+    def reserve_remote(self, request: Request) -> int:
         """Decode side of a hand-off: allocate the prompt's blocks now; KV arrives later.
 
         Returns how many leading prompt tokens the local prefix cache already holds

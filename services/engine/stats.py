@@ -6,7 +6,7 @@ records into Prometheus series (metrics flow one way).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -53,7 +53,6 @@ class RequestTimes:
     decode_start: float | None = None
     first_token: float | None = None
     finished: float | None = None
-    token_times: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -34,8 +34,6 @@ class PrefillResult:
     first_token: int
     finish_reason: str | None  # set when the first token already ends the request
     cached_tokens: int  # prefill-side prefix-cache hit
-    queue_s: float  # waiting in the prefill worker before the first chunk ran
-    compute_s: float  # first chunk start to first token
     transfer_wait_s: float  # after the first token, waiting for the last KV bytes to be sent
     bytes_sent: int
 

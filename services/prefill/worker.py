@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.engine.config import EngineConfig
+from services.engine.engine import LLMEngine
 from services.engine.models.llama import LayerKVHook
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import SchedulerOutput
@@ -59,7 +60,6 @@ class PrefillWorker(EngineWorker):
         self.transfer_config = transfer
         self.sender = KVSender(kv_fingerprint(self), transfer)
         self.plans: dict[str, SendPlan] = {}
-        self._started_at: dict[str, float] = {}  # first chunk's start, per request
         self.async_engine.layer_hook = self._layer_hook
 
     async def ready(self) -> WorkerInfo:
@@ -75,20 +75,18 @@ class PrefillWorker(EngineWorker):
         Raises TransferError when the KV could not be delivered.
         """
         self._ensure_started()
-        arrival = time.monotonic()
         first_params = dataclasses.replace(params, max_tokens=1)
         stream = self.async_engine.open_stream(request_id)
         self.plans[request_id] = SendPlan(peer, token_start, token_start)
 
-        def add(engine):  # type: ignore[no-untyped-def]
-            return engine.add_request(request_id, prompt_token_ids, first_params)
+        def add(engine: LLMEngine) -> None:
+            engine.add_request(request_id, prompt_token_ids, first_params)
 
         try:
             await self.async_engine.call(add)
             outputs = []
             async for batch in self.async_engine.outputs(request_id, stream):
                 outputs.extend(batch)
-            started = self._started_at.pop(request_id, arrival)
             computed = time.monotonic()
             plan = self.plans[request_id]
             sends = [asyncio.wrap_future(f) for f in plan.sends]
@@ -103,8 +101,6 @@ class PrefillWorker(EngineWorker):
                 first_token=first_token,
                 finish_reason=out.finish_reason if out.finish_reason != "length" or params.max_tokens == 1 else None,
                 cached_tokens=out.num_cached_tokens,
-                queue_s=started - arrival,
-                compute_s=computed - started,
                 transfer_wait_s=time.monotonic() - computed,
                 bytes_sent=sum(r for r in results if isinstance(r, int)),
             )
@@ -115,13 +111,12 @@ class PrefillWorker(EngineWorker):
     def _layer_hook(self, sched: SchedulerOutput) -> LayerKVHook | None:
         """Plans this step's sends: which rows of the batch (and which cached tokens) go where."""
         loop = self.async_engine.loop
-        jobs = []  # (plan, request_id, batch rows, first position, cached-prefix slots)
+        jobs = []  # (plan, request_id, batch rows lo:hi, first position, cached-prefix start and slots)
         row = 0
         for s in sched.scheduled:
             n = len(s.token_ids)
             plan = self.plans.get(s.request_id)
             if plan is not None:
-                self._started_at.setdefault(s.request_id, time.monotonic())
                 cached_slots = None
                 if plan.sent_until < s.start_pos:
                     bs = self.engine.block_manager.block_size
@@ -129,7 +124,7 @@ class PrefillWorker(EngineWorker):
                     cached_slots = torch.tensor([s.block_ids[p // bs] * bs + p % bs for p in positions])
                 first = max(s.start_pos, plan.token_start)
                 skip = first - s.start_pos
-                jobs.append((plan, s.request_id, row + skip, row + n, first, cached_slots))
+                jobs.append((plan, s.request_id, row + skip, row + n, first, plan.sent_until, cached_slots))
                 plan.sent_until = s.start_pos + n
             row += n
         if not jobs or loop is None or ENV.fault == "drop_kv":
@@ -137,15 +132,18 @@ class PrefillWorker(EngineWorker):
         kv_cache = self.engine.runner.kv_cache
 
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            for plan, rid, lo, hi, first, cached_slots in jobs:
+            for plan, rid, lo, hi, first, cached_start, cached_slots in jobs:
                 if cached_slots is not None:
                     flat = kv_cache[layer].flatten(1, 2)
-                    self._send(loop, plan, rid, layer, plan.token_start, flat[0][cached_slots], flat[1][cached_slots])
+                    self._send(loop, plan, rid, layer, cached_start, flat[0][cached_slots], flat[1][cached_slots])
                 if hi > lo:
                     self._send(loop, plan, rid, layer, first, k[lo:hi], v[lo:hi])
 
         return on_layer
 
-    def _send(self, loop, plan: SendPlan, rid: str, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:  # type: ignore[no-untyped-def]
+    def _send(
+        self, loop: asyncio.AbstractEventLoop, plan: SendPlan, rid: str, layer: int, start: int,
+        k: torch.Tensor, v: torch.Tensor,
+    ) -> None:
         coro = self.sender.send(plan.peer, rid, layer, start, k, v)
         plan.sends.append(asyncio.run_coroutine_threadsafe(coro, loop))

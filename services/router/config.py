@@ -18,7 +18,6 @@ class RouterConfig:
     failure_policy: str = "recompute"  # or "fail": a failed hand-off is answered UNAVAILABLE
     max_request_bytes: int = 4 * 2**20
     default_max_tokens: int = 16
-    poll_interval_s: float = 1.0
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
 

@@ -167,8 +167,10 @@ class Router:
         else:
             st.times.dispatched = time.monotonic()
         st.reserved = False  # from here the decode worker's generate owns the blocks
+        # A remote request's prompt and params went with reserve(): send only what is new.
+        prompt, params = (st.ids, st.params) if local else (None, None)
         stream = decode.actor.generate.options(num_returns="streaming").remote(
-            st.rid, st.ids, st.params, first.first_token if first else None, local, priority
+            st.rid, prompt, params, first.first_token if first else None, local, priority
         )
         st.decoding = True
         async for ref in stream:
@@ -228,7 +230,6 @@ class Router:
         dispatched = st.times.dispatched or now
         st.times.prefill_done = max(now - result.transfer_wait_s, dispatched)
         st.times.kv_ready = now
-        st.prefill_result = result
         self.metrics.observe_transfer(TransferStats(seconds=time.monotonic() - started, num_bytes=result.bytes_sent))
         return result
 
@@ -299,7 +300,6 @@ class _RequestState:
     times: RequestTimes = dataclasses.field(default_factory=lambda: RequestTimes(arrival=time.monotonic()))
     decode: WorkerHandle | None = None
     prefill: WorkerHandle | None = None
-    prefill_result: PrefillResult | None = None
     reserved: bool = False
     decoding: bool = False
     finished: bool = False
