@@ -1,10 +1,11 @@
 """`pdserve bench offline`: pdserve's offline engine against transformers `generate` on the same work.
 
-Both run the same random prompts (token ids) with per-request output lengths, greedy, float32,
-ignoring EOS. transformers batches statically: each batch runs to its longest output, so requests
-are sorted by output length before batching (the fairest static batching), and only the requested
-tokens are counted. Also prints the decode roofline of this machine (weight bytes read per decode
-step over measured memory bandwidth) beside measured pure-decode step times.
+Both run the same random prompts (token ids) with per-request output lengths, greedy, ignoring EOS,
+on the same device in the same dtype (float32 on CPU, bfloat16 on CUDA by default). transformers
+batches statically: each batch runs to its longest output, so requests are sorted by output length
+before batching (the fairest static batching), and only the requested tokens are counted. Also prints
+the decode roofline of the device (weight bytes read per decode step over measured memory bandwidth:
+DRAM on CPU, HBM on CUDA) beside measured pure-decode step times.
 """
 
 from __future__ import annotations
@@ -97,11 +98,11 @@ def run_pdserve(llm: LLM, workload: Workload) -> RunResult:
     return RunResult(seconds, [r.token_ids for r in results])
 
 
-def load_transformers(model_dir: str) -> Any:
-    import torch
+def load_transformers(model_dir: str, device: str, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = model.to(device).eval()
     model.generation_config.eos_token_id = None  # ignore EOS, as pdserve does here
     model.generation_config.pad_token_id = 0
     return model
@@ -118,6 +119,7 @@ def hf_generate(model: Any, prompts: list[list[int]], max_new_tokens: int) -> li
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
     with torch.inference_mode():
+        ids, mask = ids.to(model.device), mask.to(model.device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False)
     return out[:, width:].tolist()
 
@@ -135,18 +137,29 @@ def run_transformers(model: Any, workload: Workload, batch_size: int) -> RunResu
     return RunResult(time.perf_counter() - start, tokens)
 
 
-def memory_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s of a large tensor copy (each byte read once and written once), best of `repeats`."""
+def memory_bandwidth(device: str, num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor copy on `device` (each byte read once and written once), best of `repeats`."""
     import torch
 
-    src = torch.ones(num_bytes // 4, dtype=torch.float32)
+    if device == "cuda":
+        num_bytes *= 8  # well past the GPU's L2
+    src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + 1):
+        _synchronize(device)
         start = time.perf_counter()
         dst.copy_(src)
+        _synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * num_bytes / best
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def decode_weight_bytes(model: torch.nn.Module, tied: bool) -> int:
@@ -169,7 +182,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="pdserve's KV cache size")
     parser.add_argument("--skip-transformers", action="store_true", help="time pdserve only")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "CPU"
 
 
 def _error(message: str) -> int:
@@ -186,9 +213,12 @@ def run(args: argparse.Namespace) -> int:
         input_len, output_len = LengthRange.parse(args.input_len), LengthRange.parse(args.output_len)
     except ValueError as e:
         return _error(str(e))
-    if args.num_prompts < 1 or args.hf_batch_size < 1:
-        return _error("--num-prompts and --hf-batch-size must be positive")
+    if args.num_prompts < 1 or args.hf_batch_size < 1 or args.kv_cache_gib <= 0:
+        return _error("--num-prompts, --hf-batch-size and --kv-cache-gib must be positive")
     import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _error("--device cuda: no CUDA device is available")
 
     from services.engine.errors import UnsupportedModel
     from services.engine.llm import LLM
@@ -200,10 +230,12 @@ def run(args: argparse.Namespace) -> int:
 
         args.model = str(default_model_dir())
     try:
-        llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+        llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                  kv_cache_bytes=int(args.kv_cache_gib * 2**30), device=args.device, dtype=args.dtype)
     except (OSError, UnsupportedModel, ValueError) as e:
         return _error(str(e))
     cfg = llm.engine.model_config
+    dtype_name = llm.engine.config.torch_dtype_name
     if input_len.high + output_len.high > llm.engine.max_model_len:
         return _error(f"input {input_len.high} + output {output_len.high} tokens exceed the context "
                       f"of {llm.engine.max_model_len}")
@@ -222,26 +254,28 @@ def run(args: argparse.Namespace) -> int:
     run_pdserve(llm, make_workload(1, input_len, LengthRange(32, 32), TokenSpace(cfg.vocab_size), args.seed + 1))
 
     lines = [f"pdserve bench offline: {args.num_prompts} prompts, input {args.input_len}, output {args.output_len} "
-             f"tokens (seed {args.seed}), {workload.num_output_tokens} output tokens, greedy, float32, "
-             f"torch threads {torch.get_num_threads()}",
+             f"tokens (seed {args.seed}), {workload.num_output_tokens} output tokens, greedy, {dtype_name} on "
+             f"{_device_name(args.device)}, torch threads {torch.get_num_threads()}",
              f"  pdserve       {ours.tokens_per_s(workload):9.1f} output tokens/s  ({ours.seconds:.1f}s)"]
     if not args.skip_transformers:
-        hf = load_transformers(args.model)
+        hf = load_transformers(args.model, args.device, getattr(torch, dtype_name))
         hf_generate(hf, [[1] * 8, [2] * 8], 4)  # warm-up
         _log(f"transformers (static batches of {args.hf_batch_size}) ...")
         theirs = run_transformers(hf, workload, args.hf_batch_size)
         same = sum(a == b for a, b in zip(ours.tokens, theirs.tokens, strict=True))
+        agreed = sum(_common_prefix(a, b) for a, b in zip(ours.tokens, theirs.tokens, strict=True))
         lines += [
             f"  transformers  {theirs.tokens_per_s(workload):9.1f} output tokens/s  ({theirs.seconds:.1f}s; "
             f"generate, static batches of {args.hf_batch_size} sorted by output length)",
             f"  ratio         {theirs.seconds / ours.seconds:9.2f}x  (pdserve / transformers tokens/s)",
-            f"  greedy tokens identical for {same}/{len(ours.tokens)} requests",
+            f"  greedy tokens identical for {same}/{len(ours.tokens)} requests; "
+            f"{agreed / workload.num_output_tokens:.1%} of tokens come before the first divergence",
         ]
     weights = decode_weight_bytes(llm.engine.runner.model, cfg.tie_word_embeddings)
-    bandwidth = memory_bandwidth()
+    bandwidth = memory_bandwidth(args.device)
     roofline_ms = weights / bandwidth * 1e3
     lines.append(f"  decode roofline: {weights / 2**20:.1f} MiB of weights per step / {bandwidth / 1e9:.1f} GB/s "
-                 f"(tensor copy) = {roofline_ms:.2f} ms per step")
+                 f"({'HBM' if args.device == 'cuda' else 'DRAM'} tensor copy) = {roofline_ms:.2f} ms per step")
     for low, high in ((1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 128), (129, 1 << 30)):
         times = [t for b, ts in steps.decode_s.items() if low <= b <= high for t in ts]
         if times:

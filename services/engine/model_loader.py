@@ -49,7 +49,7 @@ def _shard_sizes(cfg: ModelConfig, fused: str) -> list[int]:
 def load_model(cfg: ModelConfig, device: str, dtype_name: str) -> LlamaForCausalLM:
     dtype = TORCH_DTYPES[dtype_name]
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(cfg).to(dtype)  # allocated once, in the final dtype
     model = model.to_empty(device=device)
     model.get_buffer("cos_sin").copy_(_cos_sin(cfg))
     params = dict(model.named_parameters())
@@ -88,7 +88,7 @@ def load_model(cfg: ModelConfig, device: str, dtype_name: str) -> LlamaForCausal
     missing = sorted(expected - loaded)
     if missing:
         raise UnsupportedModel(f"{cfg.path} is missing weights: {', '.join(missing[:5])}")
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def _cos_sin(cfg: ModelConfig) -> torch.Tensor:
