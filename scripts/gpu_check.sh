@@ -4,7 +4,7 @@
 #      against transformers on the same GPU (float32 token for token, bfloat16 first tokens);
 #   2. `pdserve bench offline` on CUDA in bfloat16: the small preset, then the llama3-8b preset
 #      (written in the background meanwhile), each against transformers, with decode steps beside
-#      the HBM roofline.
+#      the HBM roofline; then llama3-8b again without CUDA graphs, for the step times side by side.
 # Usage: scripts/gpu_check.sh OUT_DIR   (run from the repository root; logs and figures land in OUT_DIR)
 set -u
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
@@ -37,3 +37,8 @@ tail -n 2 "$out/make_llama3_8b.log"
 timeout 300 "${pdserve[@]}" "${bench[@]}" --model /tmp/llama3-8b --kv-cache-gib 40 \
     > "$out/offline_llama3_8b.txt" 2> "$out/offline_llama3_8b.err"
 echo "exit $?"; cat "$out/offline_llama3_8b.txt"; tail -n 3 "$out/offline_llama3_8b.err"
+
+echo "== bench offline, llama3-8b preset, eager decode steps"
+timeout 150 "${pdserve[@]}" "${bench[@]}" --model /tmp/llama3-8b --kv-cache-gib 40 --enforce-eager --skip-transformers \
+    > "$out/offline_llama3_8b_eager.txt" 2> "$out/offline_llama3_8b_eager.err"
+echo "exit $?"; cat "$out/offline_llama3_8b_eager.txt"; tail -n 3 "$out/offline_llama3_8b_eager.err"

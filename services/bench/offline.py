@@ -188,6 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="pdserve's KV cache size")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for pdserve's decode steps")
     parser.add_argument("--skip-transformers", action="store_true", help="time pdserve only")
 
 
@@ -251,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
         args.model = str(default_model_dir())
     try:
         llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  kv_cache_bytes=int(args.kv_cache_gib * 2**30), device=args.device, dtype=args.dtype)
+                  kv_cache_bytes=int(args.kv_cache_gib * 2**30), device=args.device, dtype=args.dtype,
+                  enforce_eager=args.enforce_eager)
     except (OSError, UnsupportedModel, ValueError) as e:
         return _error(str(e))
     cfg = llm.engine.model_config
@@ -276,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
     lines = [f"pdserve bench offline: {args.num_prompts} prompts, input {args.input_len}, output {args.output_len} "
              f"tokens (seed {args.seed}), {workload.num_output_tokens} output tokens, greedy, {dtype_name} on "
              f"{_device_name(args.device)}, torch threads {torch.get_num_threads()}",
-             f"  pdserve       {ours.tokens_per_s(workload):9.1f} output tokens/s  ({ours.seconds:.1f}s)"]
+             f"  pdserve       {ours.tokens_per_s(workload):9.1f} output tokens/s  ({ours.seconds:.1f}s"
+             f"{', CUDA graphs for decode steps' if llm.engine.runner.graphs is not None else ''})"]
     if not args.skip_transformers:
         hf = load_transformers(args.model, args.device, getattr(torch, dtype_name))
         hf_generate(hf, [[1] * 8, [2] * 8], 4)  # warm-up

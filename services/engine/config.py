@@ -43,6 +43,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
     max_model_len: int | None = None  # None: the model's own context length
+    enforce_eager: bool = False  # True: never replay CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):

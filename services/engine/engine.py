@@ -49,7 +49,7 @@ class LLMEngine:
             )
         self.block_manager = BlockManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
-        self.runner = ModelRunner(config, model_config, num_blocks)
+        self.runner = ModelRunner(config, model_config, num_blocks, self.max_model_len)
         self._last_preemptions = 0
 
     def make_request(

@@ -70,6 +70,7 @@ class LLM:
         max_model_len: int | None = None,
         device: str = "cpu",
         dtype: str | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         if model is None:
             from services.engine.make_model import default_model_dir
@@ -80,6 +81,7 @@ class LLM:
                 model=model,
                 device=device,
                 dtype=dtype,
+                enforce_eager=enforce_eager,
                 max_model_len=max_model_len,
                 cache=CacheConfig(block_size, num_blocks, kv_cache_bytes, enable_prefix_caching),
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),

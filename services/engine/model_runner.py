@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from services.engine.config import EngineConfig
+from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.model_config import ModelConfig
 from services.engine.model_loader import TORCH_DTYPES, load_model
 from services.engine.models.llama import AttentionBatch, LayerKVHook
@@ -21,7 +22,7 @@ def num_kv_blocks(config: EngineConfig, model: ModelConfig) -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, num_blocks: int) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, num_blocks: int, max_model_len: int) -> None:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
@@ -38,6 +39,10 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
         )
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            max_blocks_per_seq = -(-max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, config.scheduler.max_num_seqs, max_blocks_per_seq)
 
     def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, AttentionBatch]:
         bs = self.block_size
@@ -75,12 +80,16 @@ class ModelRunner:
         if not sched.scheduled:
             return RunnerOutput()
         input_ids, batch = self._prepare(sched)
-        hidden = self.model(input_ids, batch, self.kv_cache, on_layer_kv)
         sampling = [s for s in sched.scheduled if s.sample]
-        if not sampling:
-            return RunnerOutput()
-        ends = batch.query_start_loc[1:] - 1
-        rows = torch.tensor([i for i, s in enumerate(sched.scheduled) if s.sample], device=self.device)
-        logits = self.model.compute_logits(hidden[ends[rows]])
+        all_decode = len(sampling) == len(sched.scheduled) == input_ids.shape[0]
+        if self.graphs is not None and on_layer_kv is None and all_decode and self.graphs.fits(batch):
+            logits = self.graphs.run(input_ids, batch)
+        else:
+            hidden = self.model(input_ids, batch, self.kv_cache, on_layer_kv)
+            if not sampling:
+                return RunnerOutput()
+            ends = batch.query_start_loc[1:] - 1
+            rows = torch.tensor([i for i, s in enumerate(sched.scheduled) if s.sample], device=self.device)
+            logits = self.model.compute_logits(hidden[ends[rows]])
         tokens = sample(logits, [s.sampling_params for s in sampling], [s.num_generated for s in sampling])
         return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampling, tokens, strict=True)})

@@ -1,14 +1,16 @@
 """The engine on CUDA, through the compiled Triton kernels, against transformers on the same GPU.
 
 float32 (IEEE dot products in the kernels, TF32 off in torch) must match transformers token for
-token, as on the CPU; bfloat16 rounds differently in every matmul, so there only the first token of
-most prompts must agree. Every scenario leaves the block pool whole. Skipped without a CUDA device.
+token, as on the CPU, with decode steps run eagerly or replayed from CUDA graphs. bfloat16 rounds
+differently in every matmul, so there only the first token of most prompts must agree. Every
+scenario leaves the block pool whole. Skipped without a CUDA device.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,7 +33,7 @@ def _prompts(seed: int = 0) -> list[list[int]]:
     return [p if i < 8 else shared + p[100:] if len(p) > 100 else p for i, p in enumerate(prompts)]
 
 
-def _engine_greedy(model: Path, prompts: list[list[int]], dtype: str, **kwargs: int) -> tuple[list[list[int]], LLM]:
+def _engine_greedy(model: Path, prompts: list[list[int]], dtype: str, **kwargs: Any) -> tuple[list[list[int]], LLM]:
     llm = LLM(str(model), device="cuda", dtype=dtype, **kwargs)
     params = SamplingParams(temperature=0, max_tokens=NUM_OUT, ignore_eos=True)
     results = llm.generate(prompts, params, use_tqdm=False)
@@ -51,12 +53,15 @@ def tf32_off() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_float32_matches_transformers_token_for_token(tiny_model: Path, tf32_off: None, chunked: bool) -> None:
+@pytest.mark.parametrize("mode", ["eager", "graphs", "graphs-chunked"])
+def test_float32_matches_transformers_token_for_token(tiny_model: Path, tf32_off: None, mode: str) -> None:
     prompts = _prompts()
     want = hf_generate(load_transformers(str(tiny_model), "cuda", torch.float32), prompts, NUM_OUT)
-    budget = {"max_num_batched_tokens": 96} if chunked else {}
-    got, llm = _engine_greedy(tiny_model, prompts, "float32", **budget)
+    options = {"enforce_eager": mode == "eager", "max_num_seqs": 16}
+    if mode == "graphs-chunked":
+        options["max_num_batched_tokens"] = 96
+    got, llm = _engine_greedy(tiny_model, prompts, "float32", **options)
+    assert (llm.engine.runner.graphs is None) == (mode == "eager")
     assert got == want
     _assert_pool_whole(llm)
 
