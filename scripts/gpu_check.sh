@@ -28,17 +28,17 @@ echo "exit $?"; tail -n 15 "$out/pytest_gpu.log"
 
 echo "== bench offline, small preset"
 timeout 60 "${pdserve[@]}" make-model --preset small --out /tmp/small --seed 0 > /dev/null 2>&1
-timeout 180 "${pdserve[@]}" "${bench[@]}" --model /tmp/small > "$out/offline_small.txt" 2> "$out/offline_small.err"
-echo "exit $?"; cat "$out/offline_small.txt"; tail -n 3 "$out/offline_small.err"
+timeout 180 "${pdserve[@]}" "${bench[@]}" --model /tmp/small > "$out/offline_small.txt" 2>> "$out/stderr.log"
+echo "exit $?"; cat "$out/offline_small.txt"; tail -n 3 "$out/stderr.log"
 
 echo "== bench offline, llama3-8b preset"
 wait
 tail -n 2 "$out/make_llama3_8b.log"
 timeout 300 "${pdserve[@]}" "${bench[@]}" --model /tmp/llama3-8b --kv-cache-gib 40 \
-    > "$out/offline_llama3_8b.txt" 2> "$out/offline_llama3_8b.err"
-echo "exit $?"; cat "$out/offline_llama3_8b.txt"; tail -n 3 "$out/offline_llama3_8b.err"
+    > "$out/offline_llama3_8b.txt" 2>> "$out/stderr.log"
+echo "exit $?"; cat "$out/offline_llama3_8b.txt"; tail -n 3 "$out/stderr.log"
 
 echo "== bench offline, llama3-8b preset, eager decode steps"
 timeout 150 "${pdserve[@]}" "${bench[@]}" --model /tmp/llama3-8b --kv-cache-gib 40 --enforce-eager --skip-transformers \
-    > "$out/offline_llama3_8b_eager.txt" 2> "$out/offline_llama3_8b_eager.err"
-echo "exit $?"; cat "$out/offline_llama3_8b_eager.txt"; tail -n 3 "$out/offline_llama3_8b_eager.err"
+    > "$out/offline_llama3_8b_eager.txt" 2>> "$out/stderr.log"
+echo "exit $?"; cat "$out/offline_llama3_8b_eager.txt"; tail -n 3 "$out/stderr.log"
