@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible API and /metrics; 0 disables")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker, MiB")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks per worker (overrides --kv-cache-mb)")
@@ -92,6 +95,8 @@ class Service:
         engine = EngineConfig(
             model=a.model,
             device=device,
+            dtype=a.dtype,
+            enforce_eager=a.enforce_eager,
             max_model_len=a.max_model_len,
             cache=CacheConfig(block_size=a.block_size, num_blocks=a.num_blocks, kv_cache_bytes=a.kv_cache_mb * 2**20),
             scheduler=SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, not a.no_chunked_prefill),
