@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from services.engine.models.llama import LlamaForCausalLM
 
 
+MAX_GRAPH_BATCH = 256  # larger decode batches run eagerly: launch overhead no longer dominates them
+
+
 def batch_buckets(max_batch: int) -> list[int]:
     """Captured batch sizes: 1, 2, 4, 8, then every 16 up to max_batch (which is always included)."""
     sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from services.engine.config import EngineConfig
-from services.engine.cuda_graphs import DecodeGraphs
+from services.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs
 from services.engine.model_config import ModelConfig
 from services.engine.model_loader import TORCH_DTYPES, load_model
 from services.engine.models.llama import AttentionBatch, LayerKVHook
@@ -42,7 +42,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             max_blocks_per_seq = -(-max_model_len // self.block_size)
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, config.scheduler.max_num_seqs, max_blocks_per_seq)
+            max_batch = min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks_per_seq)
 
     def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, AttentionBatch]:
         bs = self.block_size

@@ -16,7 +16,10 @@ FAILURE_POLICIES = ("recompute", "fail")
 RNDV_SCHEMES = ("auto", "put_zcopy", "get_zcopy")
 PROGRESS_MODES = ("thread", "thread-polling")
 # Shared memory (posix/sysv), cross-memory attach (cma), loopback (self) and tcp. tcp is needed
-# even on one host: UCX's sockaddr connection manager rides on it.
+# even on one host: UCX's sockaddr connection manager rides on it. ucxx opens endpoints with error
+# handling on (that is how a dead peer surfaces), and UCX then leaves shared memory out unless
+# UCX_MM_ERROR_HANDLING=y: on one CPU host the hand-off runs over tcp loopback (seen with
+# UCX_PROTO_INFO=y; turning shared memory on that way measured slower here).
 DEFAULT_UCX_TLS = "posix,sysv,cma,self,tcp"
 
 
