@@ -56,7 +56,8 @@ class PrefillWorker(EngineWorker):
     role = "prefill"
 
     def __init__(self, config: EngineConfig, transfer: TransferConfig, name: str) -> None:
-        super().__init__(config, name)
+        # Every step streams KV from the per-layer hook, which CUDA graphs cannot call: capture none.
+        super().__init__(dataclasses.replace(config, enforce_eager=True), name)
         self.transfer_config = transfer
         self.sender = KVSender(kv_fingerprint(self), transfer)
         self.plans: dict[str, SendPlan] = {}
