@@ -64,16 +64,14 @@ class DecodeGraphs:
             self._capture_all()
 
     def fits(self, batch: AttentionBatch) -> bool:
-        """True for a pure-decode batch that a bucket holds (one query token per sequence)."""
-        size = batch.context_lens.shape[0]
+        """True when a bucket holds the batch and its block tables."""
         return (
-            size <= self.buckets[-1]
-            and batch.slot_mapping.shape[0] == size
+            batch.context_lens.shape[0] <= self.buckets[-1]
             and batch.block_tables.shape[1] <= self.max_blocks_per_seq
         )
 
     def run(self, input_ids: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        """Logits [n, vocab] for the n decodes of `batch`; the caller has checked `fits`."""
+        """Logits [n, vocab] for a pure-decode batch of n sequences (one new token each) that `fits`."""
         n, width = batch.context_lens.shape[0], batch.block_tables.shape[1]
         bucket = next(b for b in self.buckets if b >= n)
         self.input_ids[:n].copy_(input_ids)

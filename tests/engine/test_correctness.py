@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
+from services.bench.offline import hf_generate, load_transformers
 from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from services.engine.engine import LLMEngine
 from services.engine.llm import LLM, GenerationResult
@@ -44,22 +45,9 @@ def make_prompts(seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-@torch.inference_mode()
 def transformers_greedy(model_dir: Path, prompts: list[list[int]], num_tokens: int) -> list[list[int]]:
-    """transformers' greedy `generate`, all prompts in one left-padded batch, never stopping at EOS."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # the engine runs with ignore_eos
-    model.generation_config.pad_token_id = 0
-    width = max(map(len, prompts))
-    input_ids = torch.zeros(len(prompts), width, dtype=torch.int64)
-    mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=num_tokens, do_sample=False)
-    return out[:, width:].tolist()
+    """transformers' greedy `generate` (float32), all prompts in one left-padded batch, never stopping at EOS."""
+    return hf_generate(load_transformers(str(model_dir), "cpu", torch.float32), prompts, num_tokens)
 
 
 SMALL_MODEL: dict[str, Any] = {  # the `small_model` fixture's shape: 2 layers, hidden 128, GQA 4/2, untied

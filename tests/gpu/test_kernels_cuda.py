@@ -8,7 +8,6 @@ Triton on CUDA. References for attention run in float32 on the same (rounded) in
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from kernels.attention import paged_attention, paged_attention_ref
 from kernels.kv_store import store_kv, store_kv_ref
 from kernels.rmsnorm import rms_norm, rms_norm_ref
 from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
+from tests.kernel_cases import attention_case
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,40 +24,6 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="tests compiled Triton, not the interpreter"),
 ]
 DTYPES = [torch.bfloat16, torch.float16]
-
-
-class AttentionCase(NamedTuple):
-    q: torch.Tensor
-    kv_layer: torch.Tensor
-    block_tables: torch.Tensor
-    context_lens: torch.Tensor
-    query_start_loc: torch.Tensor
-    scale: float
-
-
-def _attention_case(
-    q_lens: list[int], ctx_lens: list[int], hq: int, hk: int, dim: int, page: int, dtype: torch.dtype
-) -> AttentionCase:
-    """Shuffled pages; unused table entries point at other sequences' pages; page tails are NaN."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    pages = [-(-c // page) for c in ctx_lens]
-    pool = sum(pages) + 3
-    kv_layer = torch.randn(2, pool, page, hk, dim, generator=gen, device="cuda").to(dtype)
-    order = torch.randperm(pool, generator=gen, device="cuda")
-    table = torch.randint(0, pool, (len(q_lens), max(pages) + 2), generator=gen, device="cuda")
-    used = 0
-    for b, n in enumerate(pages):
-        table[b, :n] = order[used : used + n]
-        used += n
-        tail = ctx_lens[b] - (n - 1) * page
-        if n and tail < page:
-            kv_layer[:, table[b, n - 1], tail:] = float("nan")
-    tokens = sum(q_lens)
-    qkv = torch.randn(tokens, (hq + 2 * hk) * dim, generator=gen, device="cuda").to(dtype)
-    q = qkv[:, : hq * dim].view(tokens, hq, dim)
-    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int64, device="cuda")
-    ctx = torch.tensor(ctx_lens, dtype=torch.int64, device="cuda")
-    return AttentionCase(q, kv_layer, table, ctx, starts, dim**-0.5)
 
 
 ATTENTION_CASES = {
@@ -74,7 +40,7 @@ ATTENTION_CASES = {
 def test_attention_matches_reference(name: str, dtype: torch.dtype) -> None:
     from kernels.triton_attention import paged_attention_triton
 
-    case = _attention_case(*ATTENTION_CASES[name], dtype=dtype)
+    case = attention_case(*ATTENTION_CASES[name], device="cuda", dtype=dtype)
     out = paged_attention_triton(*case)
     assert out.dtype == dtype
     want = paged_attention_ref(case.q.float(), case.kv_layer.float(), *case[2:])

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from kernels.attention import paged_attention, paged_attention_ref
 from kernels.kv_store import store_kv, store_kv_ref
 from kernels.rmsnorm import rms_norm, rms_norm_ref
 from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
+from tests.kernel_cases import attention_case
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,42 +72,6 @@ def test_triton_kernels_pass_under_interpreter(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- paged attention
 
 
-class AttentionCase(NamedTuple):
-    q: torch.Tensor
-    kv_layer: torch.Tensor
-    block_tables: torch.Tensor
-    context_lens: torch.Tensor
-    query_start_loc: torch.Tensor
-    scale: float
-
-
-def _attention_case(
-    q_lens: list[int], ctx_lens: list[int], hq: int, hk: int, dim: int, page: int, seed: int = 0
-) -> AttentionCase:
-    """Random pages in a shuffled pool; unused table entries point at other sequences' pages and
-    page tails past a context hold NaN, so reading too far changes the result."""
-    gen = torch.Generator().manual_seed(seed)
-    pages = [-(-c // page) for c in ctx_lens]
-    width = max(pages) + 2
-    pool = sum(pages) + 3
-    kv_layer = torch.randn(2, pool, page, hk, dim, generator=gen)
-    order = torch.randperm(pool, generator=gen)
-    table = torch.randint(0, pool, (len(q_lens), width), generator=gen)
-    used = 0
-    for b, n in enumerate(pages):
-        table[b, :n] = order[used : used + n]
-        used += n
-        tail = ctx_lens[b] - (n - 1) * page
-        if n and tail < page:
-            kv_layer[:, table[b, n - 1], tail:] = float("nan")  # never-written cache memory
-    tokens = sum(q_lens)
-    # q is a strided view into a fused qkv projection, as the model produces it.
-    qkv = torch.randn(tokens, (hq + 2 * hk) * dim, generator=gen)
-    q = qkv[:, : hq * dim].view(tokens, hq, dim)
-    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int64)
-    return AttentionCase(q, kv_layer, table, torch.tensor(ctx_lens, dtype=torch.int64), starts, dim**-0.5)
-
-
 ATTENTION_CASES = {
     # decodes + a prefill chunk after a cached prefix + a fresh prefill + an idle sequence, GQA 4:1
     "mixed_gqa": ([1, 9, 1, 23, 0, 1], [37, 30, 1, 23, 5, 16], 8, 2, 64, 16),
@@ -127,7 +91,7 @@ ATTENTION_CASES = {
 def test_triton_attention_matches_reference(name: str) -> None:
     from kernels.triton_attention import paged_attention_triton
 
-    case = _attention_case(*ATTENTION_CASES[name])
+    case = attention_case(*ATTENTION_CASES[name])
     out = paged_attention_triton(*case)
     torch.testing.assert_close(out, paged_attention_ref(*case), **FP32_TOL)
 
@@ -136,7 +100,7 @@ def test_triton_attention_matches_reference(name: str) -> None:
 def test_triton_attention_accepts_int32_metadata() -> None:
     from kernels.triton_attention import paged_attention_triton
 
-    case = _attention_case(*ATTENTION_CASES["mixed_gqa"], seed=3)
+    case = attention_case(*ATTENTION_CASES["mixed_gqa"], seed=3)
     small = case._replace(
         block_tables=case.block_tables.int(),
         context_lens=case.context_lens.int(),
@@ -149,10 +113,10 @@ def test_triton_attention_accepts_int32_metadata() -> None:
 def test_triton_attention_refuses_unsupported_input() -> None:
     from kernels.triton_attention import paged_attention_triton
 
-    case = _attention_case([2, 1], [4, 3], 4, 2, 48, 16)
+    case = attention_case([2, 1], [4, 3], 4, 2, 48, 16)
     with pytest.raises(ValueError, match="head_dim 48 is not supported"):
         paged_attention_triton(*case)
-    case = _attention_case([2, 1], [4, 3], 4, 2, 64, 16)
+    case = attention_case([2, 1], [4, 3], 4, 2, 64, 16)
     with pytest.raises(ValueError, match="must share one of float32"):
         paged_attention_triton(case.q, case.kv_layer.half(), *case[2:])
     with pytest.raises(ValueError, match="int32 or int64"):
@@ -299,7 +263,7 @@ def test_triton_kernels_in_float16() -> None:
     from kernels.triton_rmsnorm import rms_norm_triton
     from kernels.triton_rotary import apply_rotary_triton
 
-    case = _attention_case(*ATTENTION_CASES["mixed_gqa"], seed=5)
+    case = attention_case(*ATTENTION_CASES["mixed_gqa"], seed=5)
     half = case._replace(q=case.q.half(), kv_layer=case.kv_layer.half())
     out = paged_attention_triton(*half)
     assert out.dtype == torch.float16
@@ -325,7 +289,7 @@ def test_triton_kernels_in_float16() -> None:
 
 
 def test_wrapper_paged_attention_rejects_bad_shapes() -> None:
-    case = _attention_case([2, 1], [5, 3], 4, 2, 64, 16)
+    case = attention_case([2, 1], [5, 3], 4, 2, 64, 16)
     with pytest.raises(ValueError, match="bad rank"):
         paged_attention(case.q[0], *case[1:])
     with pytest.raises(ValueError, match="head_dim differs"):
@@ -369,7 +333,7 @@ def test_wrapper_store_kv_rejects_bad_shapes() -> None:
 
 
 def test_wrapper_cpu_path_is_the_reference() -> None:
-    case = _attention_case(*ATTENTION_CASES["mixed_gqa"])
+    case = attention_case(*ATTENTION_CASES["mixed_gqa"])
     assert torch.equal(paged_attention(*case), paged_attention_ref(*case))
     cache = torch.zeros(2, 2, 16, 2, 64)
     k = torch.randn(3, 2, 64)
