@@ -146,5 +146,4 @@ class PrefillWorker(EngineWorker):
         self, loop: asyncio.AbstractEventLoop, plan: SendPlan, rid: str, layer: int, start: int,
         k: torch.Tensor, v: torch.Tensor,
     ) -> None:
-        coro = self.sender.send(plan.peer, rid, layer, start, k, v)
-        plan.sends.append(asyncio.run_coroutine_threadsafe(coro, loop))
+        plan.sends.append(self.sender.submit(loop, plan.peer, rid, layer, start, k, v))

@@ -14,7 +14,7 @@ import random
 import statistics
 from typing import Any
 
-from services.transfer.config import DEFAULT_UCX_TLS, PROGRESS_MODES, RNDV_SCHEMES, TransferConfig
+from services.transfer.config import DEFAULT_UCX_TLS, PROGRESS_MODES, TransferConfig
 from services.transfer.fingerprint import KVFingerprint
 from services.transfer.perftest import MIB, run_perftest
 
@@ -27,7 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--ucx-tls", default=DEFAULT_UCX_TLS)
-    parser.add_argument("--rndv-scheme", default="put_zcopy", choices=RNDV_SCHEMES)
     parser.add_argument("--progress-mode", default="thread", choices=PROGRESS_MODES)
     parser.add_argument("--perftest-test", default="tag_bw", help="ucx_perftest test (tag_bw, ucp_put_bw, ...)")
     parser.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest reference")
@@ -40,7 +39,7 @@ def _pdserve_bandwidth(args: argparse.Namespace, fp: KVFingerprint, sizes: list[
     from services.transfer.bench_actors import DecodeSide, PrefillSide
 
     config = TransferConfig(
-        timeout_s=60.0, ucx_tls=args.ucx_tls, rndv_scheme=args.rndv_scheme, progress_mode=args.progress_mode
+        timeout_s=60.0, ucx_tls=args.ucx_tls, progress_mode=args.progress_mode
     )
     token_bytes = fp.num_layers * fp.payload_bytes(1)
     max_tokens = max(sizes) // token_bytes

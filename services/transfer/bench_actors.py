@@ -73,8 +73,8 @@ class PrefillSide:
     async def send_request(self, peer: str, request_id: str, token_start: int, num_tokens: int, seed: int) -> float:
         """Send all layers; returns the monotonic time just before the first layer was submitted.
 
-        A separate thread submits one `sender.send` per layer with run_coroutine_threadsafe and
-        does not wait between layers, which is how the prefill worker overlaps transfer with compute.
+        A separate thread submits one `sender.submit` per layer and does not wait between layers,
+        which is how the prefill worker overlaps transfer with compute.
         """
         kv = self.data.get((num_tokens, seed))
         if kv is None:
@@ -84,9 +84,7 @@ class PrefillSide:
         def compute_thread() -> float:
             t0 = time.monotonic()
             futures = [
-                asyncio.run_coroutine_threadsafe(
-                    self.sender.send(peer, request_id, layer, token_start, kv[layer, 0], kv[layer, 1]), loop
-                )
+                self.sender.submit(loop, peer, request_id, layer, token_start, kv[layer, 0], kv[layer, 1])
                 for layer in range(self.fp.num_layers)
             ]
             for f in futures:

@@ -13,13 +13,11 @@ import os
 from dataclasses import dataclass
 
 FAILURE_POLICIES = ("recompute", "fail")
-RNDV_SCHEMES = ("auto", "put_zcopy", "get_zcopy")
 PROGRESS_MODES = ("thread", "thread-polling")
 # Shared memory (posix/sysv), cross-memory attach (cma), loopback (self) and tcp. tcp is needed
-# even on one host: UCX's sockaddr connection manager rides on it. ucxx opens endpoints with error
-# handling on (that is how a dead peer surfaces), and UCX then leaves shared memory out unless
-# UCX_MM_ERROR_HANDLING=y: on one CPU host the hand-off runs over tcp loopback (seen with
-# UCX_PROTO_INFO=y; turning shared memory on that way measured slower here).
+# even on one host: UCX's sockaddr connection manager rides on it. The KV itself moves by RMA get
+# on the data path's own endpoints (native/kvx.c), over cma between processes of one host (seen
+# with UCX_PROTO_INFO=y); the ucxx control endpoints only carry the handshake.
 DEFAULT_UCX_TLS = "posix,sysv,cma,self,tcp"
 
 
@@ -34,13 +32,8 @@ class TransferConfig:
     host: the address the receiver advertises in `start()` (its listener accepts on every interface).
     port: the receiver's listening port; 0 picks a free one.
     ucx_tls: UCX transports (UCX_TLS); must include tcp, which the connection manager needs.
-    rndv_scheme: UCX rendezvous protocol for large messages (UCX_RNDV_SCHEME).
-    progress_mode: ucxx progress thread that sleeps in epoll ("thread") or spins ("thread-polling",
-        lowest latency, costs one core per process). Both keep the event loop free; see ucx_runtime.
-    recv_depth: receives each receiver connection keeps posted ahead, each into its own
-        wire.MAX_MESSAGE_BYTES (4 MiB) buffer: up to depth x 4 MiB per sender connection once used.
-        Deeper lets a larger burst of layers land without waiting on the decode side's event loop
-        (measured: 64 MiB requests took ~40 ms at 16 against ~70 ms at 8).
+    progress_mode: ucxx progress thread of the control endpoints, which sleeps in epoll
+        ("thread") or spins ("thread-polling", costs one core per process); see ucx_runtime.
     """
 
     timeout_s: float = 30.0
@@ -48,9 +41,7 @@ class TransferConfig:
     host: str = "127.0.0.1"
     port: int = 0
     ucx_tls: str = DEFAULT_UCX_TLS
-    rndv_scheme: str = "put_zcopy"
     progress_mode: str = "thread"
-    recv_depth: int = 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
@@ -72,21 +63,15 @@ class TransferConfig:
             raise ValueError(
                 f"TransferConfig.ucx_tls must include 'tcp' (UCX's connection manager needs it), got {self.ucx_tls!r}"
             )
-        if self.rndv_scheme not in RNDV_SCHEMES:
-            raise ValueError(f"TransferConfig.rndv_scheme must be one of {RNDV_SCHEMES}, got {self.rndv_scheme!r}")
         if self.progress_mode not in PROGRESS_MODES:
             raise ValueError(
                 f"TransferConfig.progress_mode must be one of {PROGRESS_MODES}, got {self.progress_mode!r}"
             )
-        depth = self.recv_depth
-        if not isinstance(depth, int) or isinstance(depth, bool) or not 1 <= depth <= 256:
-            raise ValueError(f"TransferConfig.recv_depth must be an int in [1, 256], got {self.recv_depth!r}")
 
     def ucx_env(self) -> dict[str, str]:
         """The UCX environment variables this configuration implies."""
         return {
             "UCX_TLS": self.ucx_tls,
-            "UCX_RNDV_SCHEME": self.rndv_scheme,
             "UCX_WARN_UNUSED_ENV_VARS": "n",
         }
 

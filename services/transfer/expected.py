@@ -4,6 +4,10 @@
                              │◄──────── expected range ────────►│
     a header's range           [hdr.token_start, +num_tokens)   must lie inside it
     slot of position p:  block_ids[p // block_size] * block_size + p % block_size
+
+A header's tokens are fetched as pieces, one per run of consecutive slots (a block, or several
+blocks that happen to be adjacent): `pieces()` lists them once per distinct range, which every
+layer then reuses.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ class ExpectedRequest:
         block_size: int,
         num_layers: int,
         num_blocks: int,
-        device: torch.device,
     ) -> None:
         if not request_id:
             raise ValueError("request_id must be a non-empty string")
@@ -47,7 +50,8 @@ class ExpectedRequest:
         self.request_id = request_id
         self.token_start = token_start
         self.token_end = token_end
-        self.slots = (ids[pos // block_size] * block_size + pos % block_size).to(device)
+        self.slots = (ids[pos // block_size] * block_size + pos % block_size).numpy()
+        self._pieces: dict[tuple[int, int], np.ndarray] = {}
         self._missing = np.ones((num_layers, token_end - token_start), dtype=bool)
         self._remaining = int(self._missing.size)
         self.sources: set[int] = set()  # ids of the connections that delivered data for it
@@ -70,6 +74,18 @@ class ExpectedRequest:
         if a < 0 or b > self.num_tokens or num_tokens <= 0:
             return None
         return a, b
+
+    def pieces(self, a: int, b: int, token_bytes: int) -> np.ndarray:
+        """Offsets [a, b) as [3, runs] uint64 rows: source offset, slot offset, length (bytes)."""
+        key = (a, b)
+        if key not in self._pieces:
+            slots = self.slots[a:b]
+            breaks = np.flatnonzero(np.diff(slots) != 1) + 1
+            starts = np.concatenate(([0], breaks))
+            ends = np.concatenate((breaks, [b - a]))
+            rows = np.stack([starts, slots[starts], ends - starts]) * token_bytes
+            self._pieces[key] = np.ascontiguousarray(rows, dtype=np.uint64)
+        return self._pieces[key]
 
     def mark(self, layer: int, a: int, b: int) -> None:
         """Record that layer `layer` of offsets [a, b) has been written; completes when all have."""

@@ -1,25 +1,18 @@
-"""Decode side of the KV hand-off: accepts prefill connections and writes their KV into `kv_cache`.
+"""Decode side of the KV hand-off: accepts prefill connections and fetches their KV into `kv_cache`.
 
-Each connection keeps a ring of receives posted ahead (see inbound.py). A message (header, K, V;
-see wire.py) lands in a ring buffer and is scattered into the request's slots with `index_copy_`,
-synchronously on the event loop, before the buffer is re-posted: a request cancelled while its
-payload is in flight is therefore never written into blocks that may already belong to someone
-else, and payloads of unknown or forgotten requests are dropped.
+For each KVHeader a sender announces (see sender.py), the receiver checks it against the
+request's expectation, then gets K and V with UCX straight into the request's slots, one piece
+per run of consecutive slots, and acknowledges so the sender can let go of its memory. The gets
+are waited for synchronously on the event loop (ctypes drops the GIL while UCX copies), so once
+a header is handled its KV is in place, and when a request is cancelled nothing is left in
+flight that could still write into blocks that may already belong to someone else. Headers of
+unknown, cancelled or failed requests are acknowledged without fetching.
 
-Why this shape (measured with `pdserve bench transfer` and a two-process loop on the 2-core dev
-box, see the transfer report): with ucxx's "thread" progress mode, each time Python must act on a
-UCX completion costs a wake-up chain (progress thread → notifier thread → event loop) of a few
-hundred µs. The previous design received a header, then posted K and V, then awaited them before
-the next header: two serial wake-ups per layer, ~64 per 32-layer request. Now nothing on the wire
-waits for Python; the loop wakes once per burst and handles every message that landed. Per
-request, two runs: 8 MiB 0.23-0.25 → 0.66-0.69 GB/s, 64 MiB 1.03-1.27 → 1.81-1.87 GB/s.
-
-Evaluated and not kept: one-sided RMA (ucxx 0.52's Python API has no memory registration, rkeys
-or put: endpoints offer tag, stream and active messages only); spinning progress ("thread-polling"
-was 2x slower here: the spinning threads starve the rest on 2 cores); rndv get_zcopy (slower);
-UCX_TLS without posix, or tcp only (no better). What remains is UCX itself under blocking progress:
-raw ucxx with every receive pre-posted and no Python work per message moves 8 MiB (32 messages)
-in ~4-6 ms and 64 MiB in ~21 ms here, while ucx_perftest busy-polls; that bounds this path.
+Why this shape (`pdserve bench transfer`, 2-core host): the earlier design received each layer
+into a ring of staging buffers over tag messages and scattered it with index_copy_. UCX endpoints
+opened with error handling leave out shared memory and cma, so those bytes crossed tcp loopback,
+then were copied again, with a Python wake-up per burst on both sides: 0.7 GB/s at 8 MiB. Gets
+over cma read the prefill's memory directly (one copy, in the kernel).
 """
 
 from __future__ import annotations
@@ -27,33 +20,31 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from services.proto_gen import kv_pb2
-from services.transfer import ucx_runtime
+from services.transfer import native, ucx_runtime
 from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.expected import ExpectedRequest
 from services.transfer.fingerprint import KVFingerprint
-from services.transfer.inbound import InboundConnection
-from services.transfer.wire import (
-    FRAME_BYTES,
-    MAX_MESSAGE_BYTES,
-    decode_frame,
-    encode_frame,
-    frame_length,
-    new_frame_buffer,
-    raw_follows,
-)
+from services.transfer.wire import decode_frame, encode_frame, new_frame_buffer, parse
 
 log = logging.getLogger(__name__)
 
 
-class _DropConnection(Exception):
-    """The stream from this peer can no longer be trusted; close it."""
+@dataclass
+class _Link:
+    """One accepted connection: the ucxx control endpoint and the data-path connection back."""
+
+    ep: Any
+    task: asyncio.Task[Any] | None
+    data: native.Connection | None = None
+    tag: int = 0
+    ended: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class KVReceiver:
@@ -73,13 +64,12 @@ class KVReceiver:
             raise ValueError("kv_cache must be contiguous")
         self._fp = fp
         self._config = config
+        self._kv_cache = kv_cache
         self._num_blocks = int(kv_cache.shape[2])
-        num_slots = self._num_blocks * fp.block_size
-        # [layer, k/v, slot, head, dim]: index_copy_ along dim 0 of flat[layer, kv] scatters tokens.
-        self._flat = kv_cache.view(fp.num_layers, 2, num_slots, fp.num_kv_heads, fp.head_dim)
-        self._device = kv_cache.device
+        self._token_bytes = fp.payload_bytes(1) // 2  # K (or V) of one token of one layer
+        self._plane_bytes = self._num_blocks * fp.block_size * self._token_bytes  # [layer, k/v] plane
         self._expected: dict[str, ExpectedRequest] = {}
-        self._conns: dict[int, tuple[Any, asyncio.Task[Any] | None]] = {}
+        self._conns: dict[int, _Link] = {}
         self._conn_ids = itertools.count()
         self._listener: Any = None
         self._ucxx: Any = None
@@ -113,21 +103,14 @@ class KVReceiver:
         if request_id in self._expected:
             raise ValueError(f"request {request_id!r} is already expected")
         self._expected[request_id] = ExpectedRequest(
-            request_id,
-            block_ids,
-            token_start,
-            token_end,
-            self._fp.block_size,
-            self._fp.num_layers,
-            self._num_blocks,
-            self._device,
+            request_id, block_ids, token_start, token_end, self._fp.block_size, self._fp.num_layers, self._num_blocks
         )
 
     async def wait(self, request_id: str, timeout: float | None = None) -> None:
         """Return once every layer of the expected range has been written; raise TransferError otherwise.
 
         `timeout` defaults to the config's timeout_s. The request is forgotten afterwards either way,
-        so payloads that still arrive for it are drained and discarded.
+        so headers that still arrive for it are acknowledged and dropped.
         """
         exp = self._expected.get(request_id)
         if exp is None:
@@ -145,7 +128,7 @@ class KVReceiver:
                 del self._expected[request_id]
 
     def cancel(self, request_id: str) -> None:
-        """Forget the request; its waiter gets TransferError("cancelled"), late payloads are discarded."""
+        """Forget the request; its waiter gets TransferError("cancelled"), later headers are dropped."""
         exp = self._expected.pop(request_id, None)
         if exp is not None:
             exp.fail(TransferError("cancelled", f"request {request_id!r} was cancelled"))
@@ -165,11 +148,10 @@ class KVReceiver:
         self._closed = True
         for rid in list(self._expected):
             self.cancel(rid)
-        tasks = [t for _, t in self._conns.values() if t is not None and t is not asyncio.current_task()]
-        for ep, task in list(self._conns.values()):
-            if task is not None and task is not asyncio.current_task():
-                task.cancel()
-            ep.abort()
+        links = list(self._conns.values())
+        for link in links:
+            self._end(link)
+        tasks = [link.task for link in links if link.task is not None and link.task is not asyncio.current_task()]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._conns.clear()
@@ -187,14 +169,16 @@ class KVReceiver:
         if self._closed:
             ep.abort()
             return
+        from services.transfer.ucx_ops import post_recv
+
         conn = next(self._conn_ids)
-        self._conns[conn] = (ep, asyncio.current_task())
+        link = self._conns[conn] = _Link(ep, asyncio.current_task())
         try:
-            inbound = await self._handshake(conn, ep)
-            if inbound is not None:
-                await inbound.ended
-        except _DropConnection:
-            pass
+            if await self._handshake(conn, link):
+                # Nothing more comes on the control endpoint: this receive ends when it does.
+                watch = asyncio.ensure_future(post_recv(ep, new_frame_buffer()))
+                await asyncio.wait([watch, link.ended], return_when=asyncio.FIRST_COMPLETED)
+                watch.cancel()
         except asyncio.CancelledError:
             if not self._closed:
                 raise
@@ -203,80 +187,99 @@ class KVReceiver:
         finally:
             self._conns.pop(conn, None)
             self._fail_sourced(conn, TransferError("peer_gone", f"KV sender connection {conn} closed"))
-            ep.abort()
+            self._end(link)
 
-    async def _handshake(self, conn: int, ep: Any) -> InboundConnection | None:
-        """Check the sender's fingerprint; on success post the receive ring, then say ok."""
+    async def _handshake(self, conn: int, link: _Link) -> bool:
+        """Check the sender's fingerprint and connect back to its worker; True when the link is up."""
         from services.transfer.ucx_ops import post_recv, post_send
 
         frame = new_frame_buffer()
-        await asyncio.wait_for(post_recv(ep, frame), self._config.timeout_s)
-        inbound = None
+        await asyncio.wait_for(post_recv(link.ep, frame), self._config.timeout_s)
         try:
-            self._fp.check(KVFingerprint.from_proto(decode_frame(frame, kv_pb2.KVFingerprint)))
-            reply = kv_pb2.HandshakeReply(ok=True)
-            inbound = InboundConnection(conn, ep, self._config.recv_depth, self._device, self._on_message)
-            inbound.start()
-        except (KVIncompatible, ValueError) as exc:
+            hello = decode_frame(frame, kv_pb2.HandshakeRequest)
+            self._fp.check(KVFingerprint.from_proto(hello.fingerprint))
+            node = ucx_runtime.node()
+            link.tag = ucx_runtime.subscribe(lambda events: self._on_events(conn, events))
+            link.data = node.connect(hello.worker_address, hello.tag, link.tag)
+            reply = kv_pb2.HandshakeReply(ok=True, worker_address=node.address, tag=link.tag)
+        except (KVIncompatible, ValueError, native.NativeError) as exc:
             reply = kv_pb2.HandshakeReply(ok=False, error=str(exc))
-        await asyncio.wait_for(post_send(ep, encode_frame(reply)), self._config.timeout_s)
+        await asyncio.wait_for(post_send(link.ep, encode_frame(reply)), self._config.timeout_s)
         if not reply.ok:
             # Leave the sender time to read the refusal before the endpoint goes away.
             await asyncio.sleep(0.05)
-        return inbound
+        return bool(reply.ok)
 
-    def _on_message(self, inbound: InboundConnection, buf: torch.Tensor) -> None:
-        """Handle every part of one received message; raises _DropConnection if the stream can't be trusted."""
-        raw = inbound.raw_pending
-        if raw:  # K (then V) of the flagged header before: the whole message is payload
-            hdr, exp, which = raw.pop(0)
-            self._on_raw(inbound.conn_id, hdr, exp, which, buf)
+    def _end(self, link: _Link) -> None:
+        """Close both endpoints of a link (its _serve task then finishes)."""
+        if not link.ended.done():
+            link.ended.set_result(None)
+        if link.tag:
+            ucx_runtime.unsubscribe(link.tag)
+        if link.data is not None:
+            link.data.close()
+        link.ep.abort()
+
+    def _drop(self, conn: int, error: TransferError) -> None:
+        link = self._conns.get(conn)
+        log.warning("dropping KV connection %d: %s", conn, error)
+        self._fail_sourced(conn, error)
+        if link is not None:
+            self._end(link)
+
+    # ---- headers ----------------------------------------------------------------------------
+
+    def _on_events(self, conn: int, events: list[tuple[int, int, bytes]]) -> None:
+        """Every header that arrived on one connection since the last wake-up; one ack for them all."""
+        link = self._conns.get(conn)
+        if link is None or link.data is None or link.ended.done():
             return
-        at = 0
-        while at + FRAME_BYTES <= MAX_MESSAGE_BYTES:
-            frame = buf[at : at + FRAME_BYTES]
-            frame_np = (frame if frame.device.type == "cpu" else frame.cpu()).numpy()
-            if at > 0 and frame_length(frame_np) == 0:
-                return  # end mark
-            hdr, exp, problem = self._parse_header(frame_np)
-            if hdr is None or at + FRAME_BYTES + int(hdr.payload_bytes) > MAX_MESSAGE_BYTES:
-                problem = problem or f"KV part at offset {at} runs past the {MAX_MESSAGE_BYTES}-byte message"
+        acks = []
+        for kind, status, payload in events:
+            if kind == native.EVENT_PEER_FAILED:
+                self._drop(conn, TransferError("peer_gone", f"KV sender connection {conn}: {native.status_string(status)}"))
+                return
+            try:
+                hdr = parse(payload, kv_pb2.KVHeader)
+            except ValueError as exc:
+                self._drop(conn, TransferError("bad_header", f"malformed KV header: {exc}"))
+                return
+            exp = self._expected.get(hdr.request_id)
+            problem = self._check(hdr)
+            if problem:
                 if exp is not None:
                     exp.fail(TransferError("bad_header", problem))
-                log.warning("dropping KV connection %d: %s", inbound.conn_id, problem)
-                raise _DropConnection(problem)
-            if raw_follows(frame_np):
-                inbound.raw_pending[:] = [(hdr, exp, 0), (hdr, exp, 1)]
+                self._drop(conn, TransferError("bad_header", problem))
                 return
-            payload = at + FRAME_BYTES
-            at = payload + int(hdr.payload_bytes)
-            self._on_part(inbound.conn_id, hdr, exp, buf, payload)
+            try:
+                self._fetch(conn, link.data, hdr, exp)
+            except native.NativeError as exc:
+                reason = "timeout" if exc.status == native.UCS_ERR_TIMED_OUT else "peer_gone"
+                self._drop(conn, TransferError(reason, f"fetching KV of {hdr.request_id!r}: {exc}"))
+                return
+            acks.append(hdr.sequence)
+        try:
+            link.data.send(kv_pb2.KVAck(sequences=acks).SerializeToString())
+        except native.NativeError as exc:
+            self._drop(conn, TransferError("peer_gone", f"acknowledging on KV connection {conn}: {exc}"))
 
-    def _on_raw(self, conn: int, hdr: Any, exp: ExpectedRequest | None, which: int, buf: torch.Tensor) -> None:
-        """K (which=0) or V (which=1) of a flagged header, alone in `buf`; V completes the part."""
-        rng = self._usable_range(conn, hdr, exp)
-        if exp is None or rng is None:
-            return
-        a, b = rng
+    def _check(self, hdr: Any) -> str:
+        """Why a header cannot be trusted, or ""."""
         fp = self._fp
-        shape = (b - a, fp.num_kv_heads, fp.head_dim)
-        half = int(hdr.payload_bytes) // 2
-        self._flat[hdr.layer, which].index_copy_(0, exp.slots[a:b], buf[:half].view(fp.torch_dtype).view(shape))
-        if which == 1:
-            exp.mark(hdr.layer, a, b)
+        if hdr.layer >= fp.num_layers:
+            return f"header layer {hdr.layer} out of range (num_layers={fp.num_layers})"
+        if hdr.num_tokens == 0:
+            return "header with num_tokens=0"
+        want = fp.payload_bytes(hdr.num_tokens)
+        if hdr.payload_bytes != want:
+            return f"header payload_bytes={hdr.payload_bytes} but {hdr.num_tokens} tokens of this layout take {want} bytes"
+        if not hdr.k_rkey or not hdr.v_rkey or not hdr.k_address or not hdr.v_address:
+            return "header without the addresses and keys of its K and V"
+        return ""
 
-    def _on_part(self, conn: int, hdr: Any, exp: ExpectedRequest | None, buf: torch.Tensor, payload: int) -> None:
-        rng = self._usable_range(conn, hdr, exp)
-        if exp is None or rng is None:
-            return
-        half = int(hdr.payload_bytes) // 2
-        self._scatter(hdr.layer, exp, rng, buf[payload : payload + half], buf[payload + half : payload + 2 * half])
-        exp.mark(hdr.layer, *rng)
-
-    def _usable_range(self, conn: int, hdr: Any, exp: ExpectedRequest | None) -> tuple[int, int] | None:
-        """Where a part's tokens go in its request, or None to drop it (and fail the request if it's wrong)."""
+    def _fetch(self, conn: int, data: native.Connection, hdr: Any, exp: ExpectedRequest | None) -> None:
         if exp is None or exp.done or self._expected.get(exp.request_id) is not exp:
-            return None  # unknown, cancelled, failed or timed-out request: drop the payload
+            return  # unknown, cancelled, failed or timed-out request: nothing to fetch
         exp.sources.add(conn)
         rng = exp.local_range(hdr.token_start, hdr.num_tokens)
         if rng is None:
@@ -287,37 +290,15 @@ class KVReceiver:
                     f" fall outside the expected [{exp.token_start}, {exp.token_end})",
                 )
             )
-        return rng
-
-    def _parse_header(self, frame: np.ndarray) -> tuple[Any, ExpectedRequest | None, str]:
-        """(header, its request or None, "") when usable; (None, request or None, problem) when malformed."""
-        try:
-            hdr = decode_frame(frame, kv_pb2.KVHeader)
-        except ValueError as exc:
-            return None, None, f"malformed KV header: {exc}"
-        exp = self._expected.get(hdr.request_id)
-        fp = self._fp
-        if hdr.layer >= fp.num_layers:
-            return None, exp, f"header layer {hdr.layer} out of range (num_layers={fp.num_layers})"
-        if hdr.num_tokens == 0:
-            return None, exp, "header with num_tokens=0"
-        want = fp.payload_bytes(hdr.num_tokens)
-        if hdr.payload_bytes != want:
-            return None, exp, (
-                f"header payload_bytes={hdr.payload_bytes} but {hdr.num_tokens} tokens of this layout "
-                f"take {want} bytes"
-            )
-        return hdr, exp, ""
-
-    def _scatter(
-        self, layer: int, exp: ExpectedRequest, rng: tuple[int, int], k_buf: torch.Tensor, v_buf: torch.Tensor
-    ) -> None:
-        a, b = rng
-        fp = self._fp
-        slots = exp.slots[a:b]
-        shape = (b - a, fp.num_kv_heads, fp.head_dim)
-        self._flat[layer, 0].index_copy_(0, slots, k_buf.view(fp.torch_dtype).view(shape))
-        self._flat[layer, 1].index_copy_(0, slots, v_buf.view(fp.torch_dtype).view(shape))
+            return
+        pieces = exp.pieces(*rng, self._token_bytes)
+        k_plane = self._kv_cache.data_ptr() + 2 * hdr.layer * self._plane_bytes
+        timeout = self._config.timeout_s
+        data.fetch(hdr.k_rkey, hdr.k_address, k_plane, pieces, timeout)
+        data.fetch(hdr.v_rkey, hdr.v_address, k_plane + self._plane_bytes, pieces, timeout)
+        if self._kv_cache.is_cuda:
+            torch.cuda.synchronize(self._kv_cache.device)
+        exp.mark(hdr.layer, *rng)
 
     def _fail_sourced(self, conn: int, error: TransferError) -> None:
         for exp in self._expected.values():

@@ -1,45 +1,69 @@
-"""Prefill side of the KV hand-off: streams each layer's K and V to a decode worker's KVReceiver.
+"""Prefill side of the KV hand-off: offers each layer's K and V to a decode worker, which fetches them.
 
-Use from the event loop that owns the sender. A prefill worker that computes in another thread
-overlaps transfer and compute by submitting one coroutine per layer and moving on:
+    prefill (KVSender)                                decode (KVReceiver)
+    register K, V with UCX; KVHeader(seq, addresses, rkeys) ───►  get K, V straight into the
+                                                                   request's blocks (RMA)
+    release K, V; the send's future resolves  ◄─── KVAck(seq)
 
-    fut = asyncio.run_coroutine_threadsafe(sender.send(peer, rid, layer, start, k, v), loop)
+No byte of KV is copied in Python or passes through a staging buffer: the decode side's UCX
+reads the prefill's tensors (over cma on one host) into its own KV cache, so it writes nothing
+it did not ask for, and a cancelled request simply fetches no more. Headers and acks are short
+messages on the data-path worker (native/); the ucxx endpoint that carried the handshake stays
+open as the control connection whose failure tells this side the peer is gone.
 
-A send validates, then copies its header, K and V into the connection's open message (outbox.py;
-a layer whose payload exceeds wire.MAX_PAYLOAD_BYTES is split into several token ranges) and
-waits on that message's future. Messages are self-contained, so sends need no lock and may
-interleave. Packing costs a memcpy, but it is what lets the receiver pre-post its receives (no
-header → payload round trip through Python) and lets queued layers share one UCX message. `k`
-and `v` must not be modified until that layer's future is done (they are copied when the
-coroutine first runs, which the submitting thread cannot observe).
+A compute thread calls `submit` (thread-safe; it registers and posts in the calling thread, so
+layer N's transfer runs while layer N+1 computes); coroutines call `send`. K and V are held
+until the ack, a failure, or, once a send has failed or timed out, for another `timeout_s`
+(the peer might still be reading them).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from services.proto_gen import kv_pb2
-from services.transfer import ucx_runtime
+from services.transfer import native, ucx_runtime
 from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.fingerprint import KVFingerprint
-from services.transfer.outbox import Outbox
-from services.transfer.staging import StagingPool
-from services.transfer.wire import MAX_FRAME_BODY, MAX_PAYLOAD_BYTES, decode_frame, encode_frame, new_frame_buffer
+from services.transfer.wire import decode_frame, encode_frame, new_frame_buffer, parse
 
 log = logging.getLogger(__name__)
+
+# Headers go as eager messages; a request id long enough to break that is refused.
+MAX_HEADER_BYTES = 4096
 
 
 @dataclass
 class _Connection:
     peer: str
-    ep: Any
-    outbox: Outbox
+    ep: Any  # ucxx control endpoint
+    data: native.Connection
+    tag: int
+    watch: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Pending:
+    future: concurrent.futures.Future[int]
+    conn: _Connection
+    regions: list[native.Region]
+    tensors: tuple[torch.Tensor, torch.Tensor]
+    payload_bytes: int
+    deadline: float
+
+    def release(self) -> None:
+        for region in self.regions:
+            region.close()
+        self.regions.clear()
 
 
 def parse_peer(peer: str) -> tuple[str, int]:
@@ -51,63 +75,65 @@ def parse_peer(peer: str) -> tuple[str, int]:
 
 
 class KVSender:
-    """Sends KV layers to KVReceivers; one reused UCX endpoint per peer."""
+    """Offers KV layers to KVReceivers; one reused connection per peer."""
 
     def __init__(self, fingerprint: KVFingerprint, config: TransferConfig) -> None:
         self._fp = fingerprint
         self._config = config
-        self._tokens_per_message = MAX_PAYLOAD_BYTES // fingerprint.payload_bytes(1)
-        if self._tokens_per_message == 0:
-            raise ValueError(
-                f"one token of one layer takes {fingerprint.payload_bytes(1)} bytes, more than the "
-                f"{MAX_PAYLOAD_BYTES} a KV message carries"
-            )
-        self._pools: dict[torch.device, StagingPool] = {}
         self._conns: dict[str, _Connection] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._retired: list[tuple[float, _Pending]] = []  # failed sends whose memory is held a while
+        self._sequence = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sweeping = False
         self._ucxx: Any = None
         self._closed = False
-        self.connects = 0  # endpoints opened so far (reuse means this stays at one per peer)
+        self.connects = 0  # connections opened so far (reuse means this stays at one per peer)
 
     async def send(
         self, peer: str, request_id: str, layer: int, token_start: int, k: torch.Tensor, v: torch.Tensor
     ) -> int:
         """Send K and V (each [n, num_kv_heads, head_dim]) of tokens [token_start, token_start+n) of one layer.
 
-        Returns the payload bytes sent. Raises ValueError for bad arguments, KVIncompatible when the
-        decode side refuses the layout, TransferError("timeout") when an operation exceeds
-        timeout_s and TransferError("peer_gone") when the peer is unreachable or fails (the endpoint
-        is then dropped, so a later send reconnects).
+        Returns the payload bytes once the decode side has them. Raises ValueError for bad
+        arguments, KVIncompatible when the decode side refuses the layout, TransferError("timeout")
+        past timeout_s and TransferError("peer_gone") when the peer is unreachable or fails (the
+        connection is then dropped, so a later send reconnects).
         """
         if self._closed:
             raise RuntimeError("KVSender is closed")
         header = self._header(request_id, layer, token_start, k, v)
         parse_peer(peer)
-        k, v = k.contiguous(), v.contiguous()
         conn = await self._connection(peer)
+        return await asyncio.wrap_future(self._offer(conn, header, k, v))
+
+    def submit(
+        self, loop: asyncio.AbstractEventLoop, peer: str, request_id: str, layer: int, token_start: int,
+        k: torch.Tensor, v: torch.Tensor,
+    ) -> concurrent.futures.Future[int]:
+        """`send` for a thread other than `loop`'s: offers at once when connected, else via the loop."""
+        conn = self._conns.get(peer)
+        if conn is None or self._closed:
+            return asyncio.run_coroutine_threadsafe(self.send(peer, request_id, layer, token_start, k, v), loop)
         try:
-            done = [conn.outbox.add(part, k[lo:hi], v[lo:hi]) for part, lo, hi in self._parts(header)]
-            pending = done[0] if len(done) == 1 else asyncio.gather(*done)
-            await asyncio.wait_for(asyncio.shield(pending), self._config.timeout_s)
-        except TimeoutError:
-            self._drop(conn)
-            raise TransferError(
-                "timeout", f"sending layer {layer} of {request_id!r} to {peer} took over {self._config.timeout_s}s"
-            ) from None
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._drop(conn)
-            raise TransferError("peer_gone", f"sending to {peer} failed: {exc!r}") from exc
-        return int(header.payload_bytes)
+            header = self._header(request_id, layer, token_start, k, v)
+        except ValueError as exc:
+            failed: concurrent.futures.Future[int] = concurrent.futures.Future()
+            failed.set_exception(exc)
+            return failed
+        return self._offer(conn, header, k, v)
 
     async def close(self) -> None:
-        """Close every endpoint (the receivers see the connections end)."""
+        """Close every connection (the receivers see them end)."""
         if self._closed:
             return
         self._closed = True
         for conn in list(self._conns.values()):
-            self._drop(conn)
+            self._drop(conn, TransferError("cancelled", "the KV sender closed"))
+        for _, pending in self._retired:
+            pending.release()
+        self._retired.clear()
         if self._ucxx is not None:
             self._ucxx = None
             ucx_runtime.release()
@@ -135,40 +161,82 @@ class KVSender:
                 raise ValueError(f"{name} has dtype {t.dtype}, the fingerprint says {fp.torch_dtype}")
         if k.shape != v.shape:
             raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
-        n = int(k.shape[0])
-        header = kv_pb2.KVHeader(
-            request_id=request_id,
-            layer=layer,
-            token_start=token_start,
-            num_tokens=n,
-            payload_bytes=fp.payload_bytes(n),
-        )
-        if header.ByteSize() > MAX_FRAME_BODY:
+        if len(request_id.encode()) > MAX_HEADER_BYTES // 2:
             raise ValueError(f"request_id is too long ({len(request_id)} chars) for a KV header")
-        return header
-
-    def _pool(self, device: torch.device) -> StagingPool:
-        pool = self._pools.get(device)
-        if pool is None:
-            pool = self._pools[device] = StagingPool(device)
-        return pool
-
-    def _parts(self, header: Any) -> list[tuple[Any, int, int]]:
-        """(header, lo, hi) per message-sized token range of a layer; usually just the one."""
-        n = int(header.num_tokens)
-        step = self._tokens_per_message
-        if n <= step:
-            return [(header, 0, n)]
-        return [(self._sub_header(header, lo, min(n, lo + step)), lo, min(n, lo + step)) for lo in range(0, n, step)]
-
-    def _sub_header(self, header: Any, lo: int, hi: int) -> Any:
+        n = int(k.shape[0])
         return kv_pb2.KVHeader(
-            request_id=header.request_id,
-            layer=header.layer,
-            token_start=header.token_start + lo,
-            num_tokens=hi - lo,
-            payload_bytes=self._fp.payload_bytes(hi - lo),
+            request_id=request_id, layer=layer, token_start=token_start, num_tokens=n, payload_bytes=fp.payload_bytes(n)
         )
+
+    def _offer(self, conn: _Connection, header: Any, k: torch.Tensor, v: torch.Tensor) -> concurrent.futures.Future[int]:
+        """Register K and V, announce them, and return the future that the ack resolves."""
+        k, v = k.contiguous(), v.contiguous()
+        if k.is_cuda:
+            torch.cuda.current_stream(k.device).synchronize()  # UCX reads outside torch's streams
+        future: concurrent.futures.Future[int] = concurrent.futures.Future()
+        pending = _Pending(future, conn, [], (k, v), int(header.payload_bytes), time.monotonic() + self._config.timeout_s)
+        sequence = next(self._sequence)
+        try:
+            node = ucx_runtime.node()
+            for t in (k, v):
+                pending.regions.append(node.register(t.data_ptr(), t.numel() * t.element_size()))
+            header.sequence = sequence
+            header.k_address, header.v_address = k.data_ptr(), v.data_ptr()
+            header.k_rkey, header.v_rkey = pending.regions[0].rkey, pending.regions[1].rkey
+            self._pending[sequence] = pending
+            conn.data.send(header.SerializeToString())
+        except native.NativeError as exc:
+            self._pending.pop(sequence, None)
+            pending.release()
+            future.set_exception(TransferError("peer_gone", f"sending to {conn.peer} failed: {exc}"))
+            return future
+        self._start_sweeper()
+        return future
+
+    def _on_events(self, conn: _Connection, events: list[tuple[int, int, bytes]]) -> None:
+        for kind, status, payload in events:
+            if kind == native.EVENT_PEER_FAILED:
+                self._drop(conn, TransferError("peer_gone", f"{conn.peer}: {native.status_string(status)}"))
+                return
+            try:
+                ack = parse(payload, kv_pb2.KVAck)
+            except ValueError as exc:
+                self._drop(conn, TransferError("bad_header", f"bad ack from {conn.peer}: {exc}"))
+                return
+            for sequence in ack.sequences:
+                pending = self._pending.get(sequence)
+                if pending is not None and pending.conn is conn:
+                    del self._pending[sequence]
+                    pending.release()
+                    if not pending.future.done():
+                        pending.future.set_result(pending.payload_bytes)
+
+    def _start_sweeper(self) -> None:
+        if not self._sweeping and self._loop is not None:
+            self._sweeping = True
+            self._loop.call_soon_threadsafe(self._sweep)
+
+    def _sweep(self) -> None:
+        """Fail sends past their deadline (dropping their connection) and free retired memory."""
+        now = time.monotonic()
+        for pending in list(self._pending.values()):
+            if pending.deadline < now and pending.conn.peer in self._conns:
+                self._drop(
+                    pending.conn,
+                    TransferError("timeout", f"{pending.conn.peer} did not take the KV within {self._config.timeout_s}s"),
+                )
+        keep = []
+        for until, pending in self._retired:
+            if until < now:
+                pending.release()
+            else:
+                keep.append((until, pending))
+        self._retired = keep
+        self._sweeping = False
+        if (self._pending or self._retired) and not self._closed:
+            assert self._loop is not None
+            self._sweeping = True
+            self._loop.call_later(min(1.0, self._config.timeout_s / 4), self._sweep)
 
     async def _connection(self, peer: str) -> _Connection:
         conn = self._conns.get(peer)
@@ -182,43 +250,73 @@ class KVSender:
                 return conn
             if self._ucxx is None:
                 self._ucxx = ucx_runtime.acquire(self._config)
+                self._loop = asyncio.get_running_loop()
             try:
-                ep = await asyncio.wait_for(self._connect(host, port), self._config.timeout_s)
+                conn = await asyncio.wait_for(self._connect(peer, host, port), self._config.timeout_s)
             except TimeoutError:
-                raise TransferError(
-                    "timeout", f"connecting to {peer} took over {self._config.timeout_s}s"
-                ) from None
-            conn = _Connection(peer, ep, Outbox(ep, self._pool))
+                raise TransferError("timeout", f"connecting to {peer} took over {self._config.timeout_s}s") from None
             self._conns[peer] = conn
+            conn.watch = asyncio.ensure_future(self._watch(conn))
             self.connects += 1
             return conn
 
-    async def _connect(self, host: str, port: int) -> Any:
-
+    async def _connect(self, peer: str, host: str, port: int) -> _Connection:
         from services.transfer.ucx_ops import post_recv, post_send
 
-        peer = f"{host}:{port}"
         try:
             ep = await self._ucxx.create_endpoint(host, port, connect_timeout=self._config.timeout_s)
         except Exception as exc:
             raise TransferError("peer_gone", f"cannot connect to KV receiver at {peer}: {exc!r}") from exc
+        box: list[_Connection] = []
+        tag = ucx_runtime.subscribe(lambda events: self._on_events(box[0], events) if box else None)
         try:
+            node = ucx_runtime.node()
+            hello = kv_pb2.HandshakeRequest(fingerprint=self._fp.to_proto(), worker_address=node.address, tag=tag)
             reply_frame = new_frame_buffer()
-            await post_send(ep, encode_frame(self._fp.to_proto()))
+            await post_send(ep, encode_frame(hello))
             await post_recv(ep, reply_frame)
             reply = decode_frame(reply_frame, kv_pb2.HandshakeReply)
-        except ValueError as exc:
+            if not reply.ok:
+                raise KVIncompatible(f"decode worker at {peer} refused the KV hand-off: {reply.error}")
+            box.append(_Connection(peer, ep, node.connect(reply.worker_address, reply.tag, tag), tag))
+            return box[0]
+        except BaseException as exc:
+            ucx_runtime.unsubscribe(tag)
             ep.abort()
-            raise TransferError("bad_header", f"bad handshake reply from {peer}: {exc}") from exc
-        except Exception as exc:
-            ep.abort()
+            if isinstance(exc, (KVIncompatible, asyncio.CancelledError)):
+                raise
+            if isinstance(exc, ValueError):
+                raise TransferError("bad_header", f"bad handshake reply from {peer}: {exc}") from exc
             raise TransferError("peer_gone", f"handshake with {peer} failed: {exc!r}") from exc
-        if not reply.ok:
-            ep.abort()
-            raise KVIncompatible(f"decode worker at {peer} refused the KV hand-off: {reply.error}")
-        return ep
 
-    def _drop(self, conn: _Connection) -> None:
+    async def _watch(self, conn: _Connection) -> None:
+        """The control endpoint carries nothing after the handshake: any completion means it ended."""
+        from services.transfer.ucx_ops import post_recv
+
+        try:
+            await post_recv(conn.ep, new_frame_buffer())
+            reason = "sent on the control endpoint"
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            reason = repr(exc)
+        self._drop(conn, TransferError("peer_gone", f"connection to {conn.peer} ended: {reason}"))
+
+    def _drop(self, conn: _Connection, error: TransferError) -> None:
+        """Forget the connection; its sends fail with `error`, their memory is held another timeout_s."""
         if self._conns.get(conn.peer) is conn:
             del self._conns[conn.peer]
+        ucx_runtime.unsubscribe(conn.tag)
+        if conn.watch is not None and conn.watch is not asyncio.current_task():
+            conn.watch.cancel()
         conn.ep.abort()
+        conn.data.close()
+        until = time.monotonic() + self._config.timeout_s
+        for sequence, pending in list(self._pending.items()):
+            if pending.conn is conn:
+                del self._pending[sequence]
+                self._retired.append((until, pending))
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+        if self._retired:
+            self._start_sweeper()

@@ -11,15 +11,23 @@ only on epoll events ("blocking", several times slower when measured here).
 
 All users must therefore run on one event loop at a time. `acquire()` checks that, and moves the
 notifier to a new loop once every earlier user has released (e.g. two `asyncio.run` in a row).
+
+The data path's own UCX worker (services/transfer/native) is process-wide too: `node()` returns
+it, and its events reach the loop through one reader on its eventfd. Each connection end
+subscribes a handler under a tag of its own (`subscribe`), which is what the peer's messages carry;
+a handler gets, once per wake-up, every event that arrived for its tag, oldest first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import itertools
 import threading
+from collections.abc import Callable
 from types import ModuleType
 
+from services.transfer import native
 from services.transfer.config import TransferConfig
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,11 @@ _lock = threading.Lock()
 _users = 0
 _loop: asyncio.AbstractEventLoop | None = None
 _env: dict[str, str] | None = None
+_node: native.Node | None = None
+_handlers: dict[int, Callable[[list[tuple[int, int, bytes]]], None]] = {}
+_tags = itertools.count(1)
+
+Handler = Callable[[list[tuple[int, int, bytes]]], None]
 
 
 def acquire(config: TransferConfig) -> ModuleType:
@@ -47,17 +60,54 @@ def acquire(config: TransferConfig) -> ModuleType:
             log.warning("UCX already configured with %s; ignoring %s", _env, config.ucx_env())
         import ucxx
 
+        global _node
         if _loop is None:
             ucxx.init(progress_mode=config.progress_mode, enable_python_future=True)
             _stop_at_exit(ucxx)
+            _node = native.Node()
         elif _loop is not loop:
             # The notifier thread completes futures on the loop it was started with: move it.
             ucxx.stop_notifier_thread()
             ucxx.core._get_ctx().start_notifier_thread()
             ucxx.core._get_ctx().continuous_ucx_progress()
+            assert _node is not None
+            if not _loop.is_closed():
+                _loop.remove_reader(_node.event_fd)
+        if _loop is not loop:
+            assert _node is not None
+            loop.add_reader(_node.event_fd, _dispatch)
         _loop = loop
         _users += 1
         return ucxx
+
+
+def node() -> native.Node:
+    """The process's data-path worker (after `acquire()`)."""
+    if _node is None:
+        raise RuntimeError("ucx_runtime.acquire() must come first")
+    return _node
+
+
+def subscribe(handler: Handler) -> int:
+    """A new tag whose events (kind, status, payload) go to `handler` on the loop."""
+    tag = next(_tags)
+    _handlers[tag] = handler
+    return tag
+
+
+def unsubscribe(tag: int) -> None:
+    _handlers.pop(tag, None)
+
+
+def _dispatch() -> None:
+    assert _node is not None
+    by_tag: dict[int, list[tuple[int, int, bytes]]] = {}
+    for kind, status, tag, payload in _node.poll():
+        by_tag.setdefault(tag, []).append((kind, status, payload))
+    for tag, events in by_tag.items():
+        handler = _handlers.get(tag)
+        if handler is not None:
+            handler(events)
 
 
 def release() -> None:

@@ -1,0 +1,222 @@
+"""Python side of kvx.c, the hand-off's data path: build on first use, then thin ctypes wrappers.
+
+The library is compiled against the UCX headers and libraries of the libucx wheel (the same UCX
+that ucxx loads) into `_build/`, keyed by a hash of the source, so an edited kvx.c rebuilds and
+concurrent first imports (several Ray actors) never see a half-written file. Calls go through
+ctypes, which releases the GIL while C runs: a fetch copies while Python threads go on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import struct
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from services.transfer.perftest import libucx_dir
+
+SOURCE = Path(__file__).with_name("kvx.c")
+BUILD_DIR = Path(__file__).with_name("_build")
+
+EVENT_MESSAGE = 1
+EVENT_PEER_FAILED = 2
+_RECORD = struct.Struct("<IiQI")
+UCS_ERR_NOT_CONNECTED = -24
+UCS_ERR_TIMED_OUT = -20
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+
+
+class NativeError(RuntimeError):
+    """A UCX call of the data path failed; `status` is the ucs_status_t."""
+
+    def __init__(self, what: str, status: int) -> None:
+        super().__init__(f"{what}: {status_string(status)}")
+        self.status = status
+
+
+def build() -> Path:
+    """Compile kvx.c if this version of it is not built yet; returns the shared library's path."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    target = BUILD_DIR / f"kvx-{digest}.so"
+    if target.exists():
+        return target
+    BUILD_DIR.mkdir(exist_ok=True)
+    ucx = libucx_dir()
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+    os.close(fd)
+    cmd = [
+        os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-Wall", "-o", tmp, str(SOURCE),
+        f"-I{ucx / 'include'}", f"-L{ucx / 'lib'}", f"-Wl,-rpath,{ucx / 'lib'}", "-lucp", "-lucs", "-lpthread",
+    ]  # fmt: skip
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        os.unlink(tmp)
+        raise RuntimeError(f"building {SOURCE.name} failed:\n{exc.stderr}") from None
+    os.replace(tmp, target)
+    return target
+
+
+def lib() -> ctypes.CDLL:
+    global _lib
+    with _lock:
+        if _lib is None:
+            _lib = _declare(ctypes.CDLL(str(build())))
+        return _lib
+
+
+def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
+    p, i, u64, sz, lng = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_long
+    status = ctypes.POINTER(ctypes.c_int)
+    for name, res, args in (
+        ("kvx_status_string", ctypes.c_char_p, [i]),
+        ("kvx_open", p, [status]),
+        ("kvx_close", None, [p]),
+        ("kvx_event_fd", i, [p]),
+        ("kvx_address", lng, [p, p, sz]),
+        ("kvx_poll", lng, [p, p, sz]),
+        ("kvx_connect", p, [p, p, u64, u64, status]),
+        ("kvx_disconnect", None, [p]),
+        ("kvx_send", i, [p, p, sz]),
+        ("kvx_register", p, [p, p, sz, status]),
+        ("kvx_region_rkey", lng, [p, p, sz]),
+        ("kvx_unregister", None, [p]),
+        ("kvx_fetch", i, [p, p, u64, u64, sz, p, p, p, ctypes.c_double]),
+    ):
+        fn = getattr(so, name)
+        fn.restype = res
+        fn.argtypes = args
+    return so
+
+
+def status_string(status: int) -> str:
+    return str(lib().kvx_status_string(status).decode())
+
+
+def _sized(call: object, *args: object) -> bytes:
+    """Calls a C function that fills (buffer, capacity) and returns the length or minus what it needs."""
+    cap = 1024
+    while True:
+        buf = ctypes.create_string_buffer(cap)
+        n = call(*args, buf, cap)  # type: ignore[operator]
+        if n >= 0:
+            return buf.raw[:n]
+        cap = -n
+
+
+class Node:
+    """One UCP worker with its progress thread; `event_fd` turns readable when `poll()` has events."""
+
+    def __init__(self) -> None:
+        self._lib = lib()
+        st = ctypes.c_int()
+        self._h = self._lib.kvx_open(ctypes.byref(st))
+        if not self._h:
+            raise NativeError("creating the UCX worker failed", st.value)
+        self.event_fd = int(self._lib.kvx_event_fd(self._h))
+        self.address = _sized(self._lib.kvx_address, self._h)
+        self._poll_buf = ctypes.create_string_buffer(1 << 16)
+
+    def poll(self) -> list[tuple[int, int, int, bytes]]:
+        """Every queued event as (kind, status, tag, payload), oldest first."""
+        try:
+            os.read(self.event_fd, 8)
+        except BlockingIOError:
+            pass
+        events = []
+        while True:
+            n = self._lib.kvx_poll(self._h, self._poll_buf, len(self._poll_buf))
+            if n == 0:
+                return events
+            if n < 0:
+                self._poll_buf = ctypes.create_string_buffer(-n)
+                continue
+            raw = self._poll_buf.raw[:n]
+            at = 0
+            while at < n:
+                kind, status, tag, length = _RECORD.unpack_from(raw, at)
+                at += _RECORD.size
+                events.append((kind, status, tag, raw[at : at + length]))
+                at += length
+
+    def connect(self, address: bytes, tag: int, local_tag: int) -> Connection:
+        """An endpoint to the node at `address`; messages carry `tag`, failures report `local_tag`."""
+        st = ctypes.c_int()
+        h = self._lib.kvx_connect(self._h, address, tag, local_tag, ctypes.byref(st))
+        if not h:
+            raise NativeError("connecting to the peer's UCX worker failed", st.value)
+        return Connection(self._lib, h)
+
+    def register(self, address: int, length: int) -> Region:
+        st = ctypes.c_int()
+        h = self._lib.kvx_register(self._h, address, length, ctypes.byref(st))
+        if not h:
+            raise NativeError("registering memory with UCX failed", st.value)
+        return Region(self._lib, h)
+
+    def close(self) -> None:
+        if self._h:
+            self._lib.kvx_close(self._h)
+            self._h = None
+
+
+class Connection:
+    """An endpoint to a peer's node. Thread-safe: `close` waits for a send or fetch in progress."""
+
+    def __init__(self, so: ctypes.CDLL, handle: int) -> None:
+        self._lib = so
+        self._h = handle
+        self._lock = threading.Lock()
+
+    def send(self, message: bytes) -> None:
+        with self._lock:
+            st = self._lib.kvx_send(self._h, message, len(message)) if self._h else UCS_ERR_NOT_CONNECTED
+        if st:
+            raise NativeError("sending a KV message failed", st)
+
+    def fetch(
+        self, rkey: bytes, remote_base: int, local_base: int, pieces: np.ndarray, timeout_s: float
+    ) -> None:
+        """Get pieces ([3, n] C-contiguous uint64 rows: remote offset, local offset, length) and wait.
+
+        Raises NativeError (status UCS_ERR_TIMED_OUT past `timeout_s`, after which the connection
+        is closed).
+        """
+        ptr = pieces.ctypes.data
+        n = pieces.shape[1]
+        with self._lock:
+            st = (
+                self._lib.kvx_fetch(self._h, rkey, remote_base, local_base, n, ptr, ptr + 8 * n, ptr + 16 * n, timeout_s)
+                if self._h
+                else UCS_ERR_NOT_CONNECTED
+            )
+        if st:
+            raise NativeError("fetching KV failed", st)
+
+    def close(self) -> None:
+        with self._lock:
+            h, self._h = self._h, None
+        if h:
+            self._lib.kvx_disconnect(h)
+
+
+class Region:
+    """Registered memory; `rkey` is what a peer needs to fetch from it."""
+
+    def __init__(self, so: ctypes.CDLL, handle: int) -> None:
+        self._lib = so
+        self._h = handle
+        self.rkey = _sized(so.kvx_region_rkey, handle)
+
+    def close(self) -> None:
+        if self._h:
+            h, self._h = self._h, None
+            self._lib.kvx_unregister(h)

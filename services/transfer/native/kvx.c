@@ -1,0 +1,506 @@
+/*
+ * kvx: the data path of the KV hand-off, in C on UCP, so that no Python runs per byte.
+ *
+ * A node is one UCP context and worker (thread mode MULTI) with a progress thread that sleeps
+ * in ucp_worker_wait. It offers three things:
+ *   - short messages (UCP active messages, eager): every message a connection sends carries the
+ *     tag its peer gave it, and lands in the receiving node's event queue;
+ *   - memory regions: ucp_mem_map of existing memory, with the packed rkey a peer needs;
+ *   - fetch: RMA gets from a peer's region into local memory, waited for in the calling thread.
+ * Events (messages, failed connections) queue up in C and an eventfd becomes readable, so the
+ * event loop wakes once per burst and drains them all with kvx_poll.
+ *
+ * Endpoints use UCP_ERR_HANDLING_MODE_NONE: with error handling on, UCX leaves out cma (and
+ * shared memory), and gets fall back to software emulation over tcp, about 20x slower here. A
+ * dead peer still shows: fetches and sends fail with an error status (checked by killing the
+ * peer mid-run), and the control connection (ucxx, error handling on) reports it as well.
+ * Python calls these functions through ctypes, which drops the GIL while they run.
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <ucp/api/ucp.h>
+
+#define KVX_AM_ID 17
+
+enum { KVX_EVENT_MESSAGE = 1, KVX_EVENT_PEER_FAILED = 2 };
+
+typedef struct kvx_event {
+    struct kvx_event *next;
+    uint32_t type;
+    int32_t status;
+    uint64_t tag;
+    uint32_t length;
+    char data[];
+} kvx_event;
+
+typedef struct kvx_node {
+    ucp_context_h context;
+    ucp_worker_h worker;
+    pthread_t progress_thread;
+    volatile int stopping;
+    int event_fd;
+    pthread_mutex_t events_lock;
+    kvx_event *head, *tail;
+} kvx_node;
+
+typedef struct kvx_conn {
+    kvx_node *node;
+    ucp_ep_h ep;
+    uint64_t tag;       /* what this side's messages carry: the peer's id for this connection */
+    uint64_t local_tag; /* what a failure of this connection is reported as, locally */
+    pthread_mutex_t lock;
+} kvx_conn;
+
+typedef struct kvx_region {
+    kvx_node *node;
+    ucp_mem_h memh;
+} kvx_region;
+
+typedef struct {
+    int pending;
+    ucs_status_t status;
+} kvx_batch;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static void push_event(kvx_node *node, uint32_t type, int32_t status, uint64_t tag, const void *data,
+                       size_t length)
+{
+    kvx_event *ev = malloc(sizeof(*ev) + length);
+    uint64_t one = 1;
+    if (ev == NULL) {
+        return;
+    }
+    ev->next = NULL;
+    ev->type = type;
+    ev->status = status;
+    ev->tag = tag;
+    ev->length = (uint32_t)length;
+    if (length) {
+        memcpy(ev->data, data, length);
+    }
+    pthread_mutex_lock(&node->events_lock);
+    if (node->tail) {
+        node->tail->next = ev;
+    } else {
+        node->head = ev;
+    }
+    node->tail = ev;
+    pthread_mutex_unlock(&node->events_lock);
+    (void)!write(node->event_fd, &one, sizeof(one));
+}
+
+static ucs_status_t on_message(void *arg, const void *header, size_t header_length, void *data, size_t length,
+                               const ucp_am_recv_param_t *param)
+{
+    uint64_t tag = 0;
+    if (header_length == sizeof(tag)) {
+        memcpy(&tag, header, sizeof(tag));
+    }
+    if (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) {
+        return UCS_OK; /* messages are sent eager; a rendezvous one is not ours: drop it */
+    }
+    push_event(arg, KVX_EVENT_MESSAGE, 0, tag, data, length);
+    return UCS_OK;
+}
+
+static void on_peer_failed(void *arg, ucp_ep_h ep, ucs_status_t status)
+{
+    kvx_conn *conn = arg;
+    (void)ep;
+    push_event(conn->node, KVX_EVENT_PEER_FAILED, status, conn->local_tag, NULL, 0);
+}
+
+static void *progress_loop(void *arg)
+{
+    kvx_node *node = arg;
+    while (!node->stopping) {
+        if (ucp_worker_progress(node->worker) == 0) {
+            ucp_worker_wait(node->worker);
+        }
+    }
+    return NULL;
+}
+
+const char *kvx_status_string(int status) { return ucs_status_string((ucs_status_t)status); }
+
+kvx_node *kvx_open(int *status_out)
+{
+    ucp_params_t params = {0};
+    ucp_worker_params_t worker_params = {0};
+    ucp_worker_attr_t attr = {0};
+    ucp_am_handler_param_t handler = {0};
+    ucp_config_t *config;
+    ucs_status_t status;
+    kvx_node *node = calloc(1, sizeof(*node));
+
+    if (node == NULL) {
+        *status_out = UCS_ERR_NO_MEMORY;
+        return NULL;
+    }
+    node->event_fd = -1;
+    pthread_mutex_init(&node->events_lock, NULL);
+    status = ucp_config_read(NULL, NULL, &config);
+    if (status != UCS_OK) {
+        goto fail;
+    }
+    params.field_mask = UCP_PARAM_FIELD_FEATURES;
+    params.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
+    status = ucp_init(&params, config, &node->context);
+    ucp_config_release(config);
+    if (status != UCS_OK) {
+        goto fail;
+    }
+    worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    worker_params.thread_mode = UCS_THREAD_MODE_MULTI;
+    status = ucp_worker_create(node->context, &worker_params, &node->worker);
+    if (status != UCS_OK) {
+        goto fail;
+    }
+    attr.field_mask = UCP_WORKER_ATTR_FIELD_THREAD_MODE;
+    status = ucp_worker_query(node->worker, &attr);
+    if (status == UCS_OK && attr.thread_mode != UCS_THREAD_MODE_MULTI) {
+        status = UCS_ERR_UNSUPPORTED;
+    }
+    if (status != UCS_OK) {
+        goto fail;
+    }
+    handler.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB |
+                         UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    handler.id = KVX_AM_ID;
+    handler.cb = on_message;
+    handler.arg = node;
+    status = ucp_worker_set_am_recv_handler(node->worker, &handler);
+    if (status != UCS_OK) {
+        goto fail;
+    }
+    node->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (node->event_fd < 0 || pthread_create(&node->progress_thread, NULL, progress_loop, node) != 0) {
+        status = UCS_ERR_IO_ERROR;
+        goto fail;
+    }
+    *status_out = UCS_OK;
+    return node;
+fail:
+    if (node->event_fd >= 0) {
+        close(node->event_fd);
+    }
+    if (node->worker) {
+        ucp_worker_destroy(node->worker);
+    }
+    if (node->context) {
+        ucp_cleanup(node->context);
+    }
+    free(node);
+    *status_out = status;
+    return NULL;
+}
+
+void kvx_close(kvx_node *node)
+{
+    kvx_event *ev;
+    node->stopping = 1;
+    ucp_worker_signal(node->worker);
+    pthread_join(node->progress_thread, NULL);
+    while ((ev = node->head) != NULL) {
+        node->head = ev->next;
+        free(ev);
+    }
+    ucp_worker_destroy(node->worker);
+    ucp_cleanup(node->context);
+    close(node->event_fd);
+    free(node);
+}
+
+int kvx_event_fd(kvx_node *node) { return node->event_fd; }
+
+/* The worker's address (what a peer passes to kvx_connect): its length, or minus the length
+ * needed when `capacity` is too small. */
+long kvx_address(kvx_node *node, void *out, size_t capacity)
+{
+    ucp_worker_attr_t attr = {0};
+    long length;
+    attr.field_mask = UCP_WORKER_ATTR_FIELD_ADDRESS;
+    if (ucp_worker_query(node->worker, &attr) != UCS_OK) {
+        return 0;
+    }
+    length = (long)attr.address_length;
+    if ((size_t)length <= capacity) {
+        memcpy(out, attr.address, length);
+    } else {
+        length = -length;
+    }
+    ucp_worker_release_address(node->worker, attr.address);
+    return length;
+}
+
+/* Moves queued events into `out` as records [u32 type][i32 status][u64 tag][u32 length][data],
+ * as many whole records as fit. Returns the bytes written (0: queue empty), or minus the size of
+ * the first record when even that does not fit. */
+long kvx_poll(kvx_node *node, void *out, size_t capacity)
+{
+    const size_t head_bytes = 20;
+    char *p = out;
+    size_t used = 0;
+    kvx_event *ev;
+    pthread_mutex_lock(&node->events_lock);
+    while ((ev = node->head) != NULL) {
+        size_t need = head_bytes + ev->length;
+        if (used + need > capacity) {
+            if (used == 0) {
+                pthread_mutex_unlock(&node->events_lock);
+                return -(long)need;
+            }
+            break;
+        }
+        memcpy(p + used, &ev->type, 4);
+        memcpy(p + used + 4, &ev->status, 4);
+        memcpy(p + used + 8, &ev->tag, 8);
+        memcpy(p + used + 16, &ev->length, 4);
+        memcpy(p + used + head_bytes, ev->data, ev->length);
+        used += need;
+        node->head = ev->next;
+        if (node->head == NULL) {
+            node->tail = NULL;
+        }
+        free(ev);
+    }
+    pthread_mutex_unlock(&node->events_lock);
+    return (long)used;
+}
+
+kvx_conn *kvx_connect(kvx_node *node, const void *address, uint64_t tag, uint64_t local_tag, int *status_out)
+{
+    ucp_ep_params_t params = {0};
+    ucs_status_t status;
+    kvx_conn *conn = calloc(1, sizeof(*conn));
+    if (conn == NULL) {
+        *status_out = UCS_ERR_NO_MEMORY;
+        return NULL;
+    }
+    conn->node = node;
+    conn->tag = tag;
+    conn->local_tag = local_tag;
+    pthread_mutex_init(&conn->lock, NULL);
+    params.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
+                        UCP_EP_PARAM_FIELD_ERR_HANDLER;
+    params.address = address;
+    params.err_mode = UCP_ERR_HANDLING_MODE_NONE;
+    params.err_handler.cb = on_peer_failed;
+    params.err_handler.arg = conn;
+    status = ucp_ep_create(node->worker, &params, &conn->ep);
+    if (status != UCS_OK) {
+        free(conn);
+        *status_out = status;
+        return NULL;
+    }
+    ucp_worker_signal(node->worker);
+    *status_out = UCS_OK;
+    return conn;
+}
+
+static void wait_request(kvx_node *node, void *request)
+{
+    while (ucp_request_check_status(request) == UCS_INPROGRESS) {
+        ucp_worker_progress(node->worker);
+    }
+    ucp_request_free(request);
+}
+
+/* Closes the endpoint at once (operations in flight complete with an error), then frees conn. */
+void kvx_disconnect(kvx_conn *conn)
+{
+    ucp_request_param_t param = {0};
+    void *request;
+    pthread_mutex_lock(&conn->lock);
+    if (conn->ep != NULL) {
+        param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+        param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+        request = ucp_ep_close_nbx(conn->ep, &param);
+        if (request != NULL && !UCS_PTR_IS_ERR(request)) {
+            wait_request(conn->node, request);
+        }
+        conn->ep = NULL;
+    }
+    pthread_mutex_unlock(&conn->lock);
+    pthread_mutex_destroy(&conn->lock);
+    free(conn);
+}
+
+static void on_message_sent(void *request, ucs_status_t status, void *user_data)
+{
+    (void)status;
+    free(user_data);
+    ucp_request_free(request);
+}
+
+/* Sends `length` bytes as one message; returns at once (the bytes are copied). */
+int kvx_send(kvx_conn *conn, const void *data, size_t length)
+{
+    ucp_request_param_t param = {0};
+    ucs_status_t status = UCS_OK;
+    void *copy, *request;
+    pthread_mutex_lock(&conn->lock);
+    if (conn->ep == NULL) {
+        pthread_mutex_unlock(&conn->lock);
+        return UCS_ERR_NOT_CONNECTED;
+    }
+    copy = malloc(length ? length : 1);
+    if (copy == NULL) {
+        pthread_mutex_unlock(&conn->lock);
+        return UCS_ERR_NO_MEMORY;
+    }
+    memcpy(copy, data, length);
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_AM_SEND_FLAG_EAGER | UCP_AM_SEND_FLAG_COPY_HEADER;
+    param.cb.send = on_message_sent;
+    param.user_data = copy;
+    request = ucp_am_send_nbx(conn->ep, KVX_AM_ID, &conn->tag, sizeof(conn->tag), copy, length, &param);
+    if (request == NULL) {
+        free(copy);
+    } else if (UCS_PTR_IS_ERR(request)) {
+        free(copy);
+        status = UCS_PTR_STATUS(request);
+    } else {
+        ucp_worker_signal(conn->node->worker); /* the progress thread finishes it */
+    }
+    pthread_mutex_unlock(&conn->lock);
+    return status;
+}
+
+kvx_region *kvx_register(kvx_node *node, void *address, size_t length, int *status_out)
+{
+    ucp_mem_map_params_t params = {0};
+    ucs_status_t status;
+    kvx_region *region = calloc(1, sizeof(*region));
+    if (region == NULL) {
+        *status_out = UCS_ERR_NO_MEMORY;
+        return NULL;
+    }
+    region->node = node;
+    params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+    params.address = address;
+    params.length = length;
+    status = ucp_mem_map(node->context, &params, &region->memh);
+    if (status != UCS_OK) {
+        free(region);
+        *status_out = status;
+        return NULL;
+    }
+    *status_out = UCS_OK;
+    return region;
+}
+
+/* The packed rkey a peer needs to reach the region: its length, or minus the length needed. */
+long kvx_region_rkey(kvx_region *region, void *out, size_t capacity)
+{
+    void *packed;
+    size_t size;
+    long length;
+    if (ucp_rkey_pack(region->node->context, region->memh, &packed, &size) != UCS_OK) {
+        return 0;
+    }
+    length = (long)size;
+    if (size <= capacity) {
+        memcpy(out, packed, size);
+    } else {
+        length = -length;
+    }
+    ucp_rkey_buffer_release(packed);
+    return length;
+}
+
+void kvx_unregister(kvx_region *region)
+{
+    ucp_mem_unmap(region->node->context, region->memh);
+    free(region);
+}
+
+static void on_fetched(void *request, ucs_status_t status, void *user_data)
+{
+    kvx_batch *batch = user_data;
+    if (status != UCS_OK && batch->status == UCS_OK) {
+        batch->status = status;
+    }
+    __atomic_sub_fetch(&batch->pending, 1, __ATOMIC_ACQ_REL);
+    ucp_request_free(request);
+}
+
+/* Copies n pieces from the peer's region (rkey) into local memory: piece i is lengths[i] bytes from
+ * remote_base + remote_offsets[i] to local_base + local_offsets[i]. Returns when every piece has
+ * landed (UCS_OK) or failed. Past `timeout_s` the endpoint is closed, which ends every piece, and
+ * UCS_ERR_TIMED_OUT is returned; the connection is then unusable. */
+int kvx_fetch(kvx_conn *conn, const void *rkey_buffer, uint64_t remote_base, uint64_t local_base, size_t n,
+              const uint64_t *remote_offsets, const uint64_t *local_offsets, const uint64_t *lengths,
+              double timeout_s)
+{
+    ucp_request_param_t param = {0};
+    kvx_batch batch = {0, UCS_OK};
+    ucp_rkey_h rkey;
+    ucs_status_t status;
+    double deadline = now_s() + timeout_s;
+    size_t i;
+    int idle = 0;
+
+    pthread_mutex_lock(&conn->lock);
+    if (conn->ep == NULL) {
+        pthread_mutex_unlock(&conn->lock);
+        return UCS_ERR_NOT_CONNECTED;
+    }
+    status = ucp_ep_rkey_unpack(conn->ep, rkey_buffer, &rkey);
+    if (status != UCS_OK) {
+        pthread_mutex_unlock(&conn->lock);
+        return status;
+    }
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    param.cb.send = on_fetched;
+    param.user_data = &batch;
+    for (i = 0; i < n && batch.status == UCS_OK; ++i) {
+        void *request;
+        __atomic_add_fetch(&batch.pending, 1, __ATOMIC_ACQ_REL);
+        request = ucp_get_nbx(conn->ep, (void *)(uintptr_t)(local_base + local_offsets[i]), lengths[i],
+                              remote_base + remote_offsets[i], rkey, &param);
+        if (request == NULL || UCS_PTR_IS_ERR(request)) {
+            if (UCS_PTR_IS_ERR(request)) {
+                batch.status = UCS_PTR_STATUS(request);
+            }
+            __atomic_sub_fetch(&batch.pending, 1, __ATOMIC_ACQ_REL);
+        }
+    }
+    while (__atomic_load_n(&batch.pending, __ATOMIC_ACQUIRE) > 0) {
+        if (ucp_worker_progress(conn->node->worker) != 0) {
+            idle = 0;
+        } else if (++idle % 64 == 0 && now_s() > deadline) {
+            ucp_request_param_t close_param = {0};
+            void *request;
+            close_param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+            close_param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+            request = ucp_ep_close_nbx(conn->ep, &close_param);
+            conn->ep = NULL;
+            if (request != NULL && !UCS_PTR_IS_ERR(request)) {
+                wait_request(conn->node, request);
+            }
+            while (__atomic_load_n(&batch.pending, __ATOMIC_ACQUIRE) > 0) {
+                ucp_worker_progress(conn->node->worker);
+            }
+            batch.status = UCS_ERR_TIMED_OUT;
+            ucp_rkey_destroy(rkey);
+            pthread_mutex_unlock(&conn->lock);
+            return batch.status;
+        }
+    }
+    ucp_rkey_destroy(rkey);
+    pthread_mutex_unlock(&conn->lock);
+    return batch.status;
+}
