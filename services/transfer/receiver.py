@@ -177,8 +177,8 @@ class KVReceiver:
             if await self._handshake(conn, link):
                 # Nothing more comes on the control endpoint: this receive ends when it does.
                 watch = asyncio.ensure_future(post_recv(ep, new_frame_buffer()))
+                watch.add_done_callback(lambda f: f.cancelled() or f.exception())
                 await asyncio.wait([watch, link.ended], return_when=asyncio.FIRST_COMPLETED)
-                watch.cancel()
         except asyncio.CancelledError:
             if not self._closed:
                 raise
@@ -211,13 +211,17 @@ class KVReceiver:
         return bool(reply.ok)
 
     def _end(self, link: _Link) -> None:
-        """Close both endpoints of a link (its _serve task then finishes)."""
+        """Say goodbye on the data path, then close both endpoints (its _serve task then finishes)."""
         if not link.ended.done():
             link.ended.set_result(None)
         if link.tag:
             ucx_runtime.unsubscribe(link.tag)
         if link.data is not None:
-            link.data.close()
+            try:
+                link.data.send(kv_pb2.KVAck(closing=True).SerializeToString())
+                link.data.close(flush_timeout_s=0.1)
+            except native.NativeError:
+                link.data.close()
         link.ep.abort()
 
     def _drop(self, conn: int, error: TransferError) -> None:

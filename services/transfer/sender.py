@@ -210,6 +210,9 @@ class KVSender:
                     pending.release()
                     if not pending.future.done():
                         pending.future.set_result(pending.payload_bytes)
+            if ack.closing:
+                self._drop(conn, TransferError("peer_gone", f"the decode worker at {conn.peer} closed the connection"))
+                return
 
     def _start_sweeper(self) -> None:
         if not self._sweeping and self._loop is not None:

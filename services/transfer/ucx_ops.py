@@ -57,6 +57,9 @@ def request_error(req: Any) -> BaseException | None:
 
 async def wait_request(req: Any, buf: object) -> None:
     """Await a posted request; raises its UCX error. Holds `buf` alive until then."""
+    # Shielded: if the waiter is cancelled, the request still ends (e.g. cancelled by an abort),
+    # and its error must not be logged as never retrieved.
+    req.future.add_done_callback(lambda f: f.cancelled() or f.exception())
     await asyncio.shield(req.future)
     error = request_error(req)
     del buf

@@ -202,7 +202,9 @@ async def test_send_to_closed_receiver_is_peer_gone_and_endpoint_dropped() -> No
             for _ in range(50):  # the sender learns of the disconnect asynchronously
                 await sender.send(addr, "b", 0, 0, kv[0, 0], kv[0, 1])
                 await asyncio.sleep(0.02)
-        assert info.value.reason == "peer_gone"
+        # The receiver's goodbye drops the connection (peer_gone if a send is waiting); a new
+        # connection to the closed listener then fails or times out.
+        assert info.value.reason in ("peer_gone", "timeout"), info.value
         assert addr not in sender.peers  # dropped: the next send reconnects
     finally:
         await sender.close()

@@ -84,7 +84,7 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         ("kvx_address", lng, [p, p, sz]),
         ("kvx_poll", lng, [p, p, sz]),
         ("kvx_connect", p, [p, p, u64, u64, status]),
-        ("kvx_disconnect", None, [p]),
+        ("kvx_disconnect", None, [p, ctypes.c_double]),
         ("kvx_send", i, [p, p, sz]),
         ("kvx_register", p, [p, p, sz, status]),
         ("kvx_region_rkey", lng, [p, p, sz]),
@@ -201,11 +201,12 @@ class Connection:
         if st:
             raise NativeError("fetching KV failed", st)
 
-    def close(self) -> None:
+    def close(self, flush_timeout_s: float = 0.0) -> None:
+        """Close; with flush_timeout_s > 0, messages sent so far get that long to go out first."""
         with self._lock:
             h, self._h = self._h, None
         if h:
-            self._lib.kvx_disconnect(h)
+            self._lib.kvx_disconnect(h, flush_timeout_s)
 
 
 class Region:

@@ -318,12 +318,27 @@ static void wait_request(kvx_node *node, void *request)
     ucp_request_free(request);
 }
 
-/* Closes the endpoint at once (operations in flight complete with an error), then frees conn. */
-void kvx_disconnect(kvx_conn *conn)
+/* Closes the endpoint and frees conn. With flush_timeout_s > 0, what was sent is first given that
+ * long to go out (a peer that is gone cannot make it hang); then the endpoint is closed at once,
+ * and operations still in flight complete with an error. */
+void kvx_disconnect(kvx_conn *conn, double flush_timeout_s)
 {
     ucp_request_param_t param = {0};
     void *request;
     pthread_mutex_lock(&conn->lock);
+    if (conn->ep != NULL && flush_timeout_s > 0) {
+        double deadline = now_s() + flush_timeout_s;
+        request = ucp_ep_flush_nbx(conn->ep, &param);
+        if (request != NULL && !UCS_PTR_IS_ERR(request)) {
+            while (ucp_request_check_status(request) == UCS_INPROGRESS && now_s() < deadline) {
+                ucp_worker_progress(conn->node->worker);
+            }
+            if (ucp_request_check_status(request) == UCS_INPROGRESS) {
+                ucp_request_cancel(conn->node->worker, request);
+            }
+            ucp_request_free(request);
+        }
+    }
     if (conn->ep != NULL) {
         param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
         param.flags = UCP_EP_CLOSE_FLAG_FORCE;
