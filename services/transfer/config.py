@@ -32,6 +32,8 @@ class TransferConfig:
     host: the address the receiver advertises in `start()` (its listener accepts on every interface).
     port: the receiver's listening port; 0 picks a free one.
     ucx_tls: UCX transports (UCX_TLS); must include tcp, which the connection manager needs.
+    staging_mib: the sender's staging ring for host KV, shared memory allocated through UCX
+        (see staging.py); 0 registers every tensor in place instead, as CUDA tensors always are.
     progress_mode: ucxx progress thread of the control endpoints, which sleeps in epoll
         ("thread") or spins ("thread-polling", costs one core per process); see ucx_runtime.
     """
@@ -41,6 +43,7 @@ class TransferConfig:
     host: str = "127.0.0.1"
     port: int = 0
     ucx_tls: str = DEFAULT_UCX_TLS
+    staging_mib: int = 256
     progress_mode: str = "thread"
 
     def __post_init__(self) -> None:
@@ -63,6 +66,9 @@ class TransferConfig:
             raise ValueError(
                 f"TransferConfig.ucx_tls must include 'tcp' (UCX's connection manager needs it), got {self.ucx_tls!r}"
             )
+        mib = self.staging_mib
+        if not isinstance(mib, int) or isinstance(mib, bool) or not 0 <= mib <= 1 << 16:
+            raise ValueError(f"TransferConfig.staging_mib must be an int in [0, 65536], got {mib!r}")
         if self.progress_mode not in PROGRESS_MODES:
             raise ValueError(
                 f"TransferConfig.progress_mode must be one of {PROGRESS_MODES}, got {self.progress_mode!r}"

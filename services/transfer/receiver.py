@@ -1,8 +1,10 @@
 """Decode side of the KV hand-off: accepts prefill connections and fetches their KV into `kv_cache`.
 
 For each KVHeader a sender announces (see sender.py), the receiver checks it against the
-request's expectation, then gets K and V with UCX straight into the request's slots, one piece
-per run of consecutive slots, and acknowledges so the sender can let go of its memory. The gets
+request's expectation, then copies K and V straight into the request's slots, one piece per run
+of consecutive slots, and acknowledges so the sender can let go of its memory. The copy reads the
+sender's staging ring through the mapping UCX gives of it (same host), or else is an RMA get
+(a ring on another host, or tensors registered in place). The gets
 are waited for synchronously on the event loop (ctypes drops the GIL while UCX copies), so once
 a header is handled its KV is in place, and when a request is cancelled nothing is left in
 flight that could still write into blocks that may already belong to someone else. Headers of
@@ -12,7 +14,8 @@ Why this shape (`pdserve bench transfer`, 2-core host): the earlier design recei
 into a ring of staging buffers over tag messages and scattered it with index_copy_. UCX endpoints
 opened with error handling leave out shared memory and cma, so those bytes crossed tcp loopback,
 then were copied again, with a Python wake-up per burst on both sides: 0.7 GB/s at 8 MiB. Gets
-over cma read the prefill's memory directly (one copy, in the kernel).
+over cma read the prefill's tensors directly (one copy, in the kernel): 1.9 GB/s at 8 MiB in
+Ray actors. Staging into UCX-allocated shared memory and copying out of its mapping: see staging.py.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ class _Link:
     task: asyncio.Task[Any] | None
     data: native.Connection | None = None
     tag: int = 0
+    staging: native.RemoteKey | None = None  # the sender's staging ring, if it has one
+    staging_address: int = 0  # of the ring, in the sender's address space
+    staging_bytes: int = 0
+    staging_mapped: int = 0  # where the ring is mapped here (0: not mapped, fetch by RMA get)
     ended: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -201,6 +208,10 @@ class KVReceiver:
             node = ucx_runtime.node()
             link.tag = ucx_runtime.subscribe(lambda events: self._on_events(conn, events))
             link.data = node.connect(hello.worker_address, hello.tag, link.tag)
+            if hello.staging_rkey:
+                link.staging = link.data.unpack(hello.staging_rkey)
+                link.staging_address, link.staging_bytes = hello.staging_address, hello.staging_bytes
+                link.staging_mapped = link.staging.local_address(hello.staging_address)
             reply = kv_pb2.HandshakeReply(ok=True, worker_address=node.address, tag=link.tag)
         except (KVIncompatible, ValueError, native.NativeError) as exc:
             reply = kv_pb2.HandshakeReply(ok=False, error=str(exc))
@@ -216,6 +227,9 @@ class KVReceiver:
             link.ended.set_result(None)
         if link.tag:
             ucx_runtime.unsubscribe(link.tag)
+        if link.staging is not None:
+            link.staging.close()
+            link.staging = None
         if link.data is not None:
             try:
                 link.data.send(kv_pb2.KVAck(closing=True).SerializeToString())
@@ -249,14 +263,14 @@ class KVReceiver:
                 self._drop(conn, TransferError("bad_header", f"malformed KV header: {exc}"))
                 return
             exp = self._expected.get(hdr.request_id)
-            problem = self._check(hdr)
+            problem = self._check(hdr, link)
             if problem:
                 if exp is not None:
                     exp.fail(TransferError("bad_header", problem))
                 self._drop(conn, TransferError("bad_header", problem))
                 return
             try:
-                self._fetch(conn, link.data, hdr, exp)
+                self._fetch(conn, link, hdr, exp)
             except native.NativeError as exc:
                 reason = "timeout" if exc.status == native.UCS_ERR_TIMED_OUT else "peer_gone"
                 self._drop(conn, TransferError(reason, f"fetching KV of {hdr.request_id!r}: {exc}"))
@@ -267,7 +281,7 @@ class KVReceiver:
         except native.NativeError as exc:
             self._drop(conn, TransferError("peer_gone", f"acknowledging on KV connection {conn}: {exc}"))
 
-    def _check(self, hdr: Any) -> str:
+    def _check(self, hdr: Any, link: _Link) -> str:
         """Why a header cannot be trusted, or ""."""
         fp = self._fp
         if hdr.layer >= fp.num_layers:
@@ -277,11 +291,16 @@ class KVReceiver:
         want = fp.payload_bytes(hdr.num_tokens)
         if hdr.payload_bytes != want:
             return f"header payload_bytes={hdr.payload_bytes} but {hdr.num_tokens} tokens of this layout take {want} bytes"
-        if not hdr.k_rkey or not hdr.v_rkey or not hdr.k_address or not hdr.v_address:
-            return "header without the addresses and keys of its K and V"
+        if bool(hdr.k_rkey) != bool(hdr.v_rkey) or not hdr.k_address or not hdr.v_address:
+            return "header without the addresses of its K and V, or with only one key"
+        if not hdr.k_rkey:  # in the staging ring: it must lie inside it
+            half = want // 2
+            ring = range(link.staging_address, link.staging_address + link.staging_bytes - half + 1)
+            if link.staging is None or hdr.k_address not in ring or hdr.v_address not in ring:
+                return "header points outside the sender's staging ring"
         return ""
 
-    def _fetch(self, conn: int, data: native.Connection, hdr: Any, exp: ExpectedRequest | None) -> None:
+    def _fetch(self, conn: int, link: _Link, hdr: Any, exp: ExpectedRequest | None) -> None:
         if exp is None or exp.done or self._expected.get(exp.request_id) is not exp:
             return  # unknown, cancelled, failed or timed-out request: nothing to fetch
         exp.sources.add(conn)
@@ -297,9 +316,22 @@ class KVReceiver:
             return
         pieces = exp.pieces(*rng, self._token_bytes)
         k_plane = self._kv_cache.data_ptr() + 2 * hdr.layer * self._plane_bytes
-        timeout = self._config.timeout_s
-        data.fetch(hdr.k_rkey, hdr.k_address, k_plane, pieces, timeout)
-        data.fetch(hdr.v_rkey, hdr.v_address, k_plane + self._plane_bytes, pieces, timeout)
+        sources = ((hdr.k_address, k_plane), (hdr.v_address, k_plane + self._plane_bytes))
+        assert link.data is not None
+        if hdr.k_rkey:  # registered in place
+            for rkey, (address, plane) in zip((hdr.k_rkey, hdr.v_rkey), sources, strict=True):
+                key = link.data.unpack(rkey)
+                try:
+                    link.data.fetch(key, address, plane, pieces, self._config.timeout_s)
+                finally:
+                    key.close()
+        elif link.staging_mapped and not self._kv_cache.is_cuda:
+            for address, plane in sources:
+                native.copy(link.staging_mapped + (address - link.staging_address), plane, pieces)
+        else:
+            assert link.staging is not None
+            for address, plane in sources:
+                link.data.fetch(link.staging, address, plane, pieces, self._config.timeout_s)
         if self._kv_cache.is_cuda:
             torch.cuda.synchronize(self._kv_cache.device)
         exp.mark(hdr.layer, *rng)

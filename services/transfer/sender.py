@@ -5,9 +5,10 @@
                                                                    request's blocks (RMA)
     release K, V; the send's future resolves  ◄─── KVAck(seq)
 
-No byte of KV is copied in Python or passes through a staging buffer: the decode side's UCX
-reads the prefill's tensors (over cma on one host) into its own KV cache, so it writes nothing
-it did not ask for, and a cancelled request simply fetches no more. Headers and acks are short
+Host tensors are first copied into the staging ring (staging.py), shared memory that the decode
+side maps and copies from; CUDA tensors (and every tensor when staging_mib is 0, or a part too
+big for the ring) are registered in place and fetched by RMA get. Either way the decode side
+writes into its KV cache only what it asked for, and a cancelled request simply fetches no more. Headers and acks are short
 messages on the data-path worker (native/); the ucxx endpoint that carried the handshake stays
 open as the control connection whose failure tells this side the peer is gone.
 
@@ -34,6 +35,7 @@ from services.transfer import native, ucx_runtime
 from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.fingerprint import KVFingerprint
+from services.transfer.staging import StagingRing
 from services.transfer.wire import decode_frame, encode_frame, new_frame_buffer, parse
 
 log = logging.getLogger(__name__)
@@ -56,14 +58,19 @@ class _Pending:
     future: concurrent.futures.Future[int]
     conn: _Connection
     regions: list[native.Region]
-    tensors: tuple[torch.Tensor, torch.Tensor]
+    tensors: tuple[torch.Tensor, ...]  # registered in place: held until released
     payload_bytes: int
     deadline: float
+    ring: StagingRing | None = None
+    offset: int = 0  # of K then V in the ring, when staged
 
     def release(self) -> None:
         for region in self.regions:
             region.close()
         self.regions.clear()
+        if self.ring is not None:
+            self.ring.give(self.offset)
+            self.ring = None
 
 
 def parse_peer(peer: str) -> tuple[str, int]:
@@ -87,6 +94,7 @@ class KVSender:
         self._sequence = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeping = False
+        self._ring: StagingRing | None = None
         self._ucxx: Any = None
         self._closed = False
         self.connects = 0  # connections opened so far (reuse means this stays at one per peer)
@@ -106,7 +114,13 @@ class KVSender:
         header = self._header(request_id, layer, token_start, k, v)
         parse_peer(peer)
         conn = await self._connection(peer)
-        return await asyncio.wrap_future(self._offer(conn, header, k, v))
+        offset = None
+        nbytes = self._staged_bytes(k)
+        if nbytes:
+            offset = self._ring.take(nbytes, 0) if self._ring else None
+            if offset is None:  # the ring is full: wait for acks without blocking the loop
+                offset = await asyncio.get_running_loop().run_in_executor(None, self._take, nbytes)
+        return await asyncio.wrap_future(self._offer(conn, header, k, v, offset))
 
     def submit(
         self, loop: asyncio.AbstractEventLoop, peer: str, request_id: str, layer: int, token_start: int,
@@ -118,11 +132,13 @@ class KVSender:
             return asyncio.run_coroutine_threadsafe(self.send(peer, request_id, layer, token_start, k, v), loop)
         try:
             header = self._header(request_id, layer, token_start, k, v)
-        except ValueError as exc:
+            nbytes = self._staged_bytes(k)
+            offset = self._take(nbytes) if nbytes else None
+        except (ValueError, TransferError) as exc:
             failed: concurrent.futures.Future[int] = concurrent.futures.Future()
             failed.set_exception(exc)
             return failed
-        return self._offer(conn, header, k, v)
+        return self._offer(conn, header, k, v, offset)
 
     async def close(self) -> None:
         """Close every connection (the receivers see them end)."""
@@ -134,6 +150,9 @@ class KVSender:
         for _, pending in self._retired:
             pending.release()
         self._retired.clear()
+        if self._ring is not None:
+            self._ring.region.close()
+            self._ring = None
         if self._ucxx is not None:
             self._ucxx = None
             ucx_runtime.release()
@@ -168,21 +187,46 @@ class KVSender:
             request_id=request_id, layer=layer, token_start=token_start, num_tokens=n, payload_bytes=fp.payload_bytes(n)
         )
 
-    def _offer(self, conn: _Connection, header: Any, k: torch.Tensor, v: torch.Tensor) -> concurrent.futures.Future[int]:
-        """Register K and V, announce them, and return the future that the ack resolves."""
-        k, v = k.contiguous(), v.contiguous()
-        if k.is_cuda:
-            torch.cuda.current_stream(k.device).synchronize()  # UCX reads outside torch's streams
+    def _staged_bytes(self, k: torch.Tensor) -> int:
+        """Ring space K and V need, or 0 when they go in place (CUDA, no ring, too big)."""
+        nbytes = 2 * k.numel() * k.element_size()
+        ring = self._ring
+        return nbytes if ring is not None and k.device.type == "cpu" and nbytes <= ring.size // 2 else 0
+
+    def _take(self, nbytes: int) -> int:
+        assert self._ring is not None
+        offset = self._ring.take(nbytes, self._config.timeout_s)
+        if offset is None:
+            raise TransferError("timeout", f"the staging ring stayed full for {self._config.timeout_s}s")
+        return offset
+
+    def _offer(
+        self, conn: _Connection, header: Any, k: torch.Tensor, v: torch.Tensor, offset: int | None
+    ) -> concurrent.futures.Future[int]:
+        """Stage (at `offset` of the ring) or register K and V, announce them; the ack resolves the future."""
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
-        pending = _Pending(future, conn, [], (k, v), int(header.payload_bytes), time.monotonic() + self._config.timeout_s)
+        pending = _Pending(future, conn, [], (), int(header.payload_bytes), time.monotonic() + self._config.timeout_s)
         sequence = next(self._sequence)
         try:
-            node = ucx_runtime.node()
-            for t in (k, v):
-                pending.regions.append(node.register(t.data_ptr(), t.numel() * t.element_size()))
+            if offset is not None:
+                ring = pending.ring = self._ring
+                assert ring is not None
+                pending.offset = offset
+                half = k.numel() * k.element_size()
+                k, v = k.contiguous(), v.contiguous()
+                native.stage(ring.region.address + offset, k.data_ptr(), v.data_ptr(), half)
+                header.k_address = ring.region.address + offset
+                header.v_address = header.k_address + half
+            else:
+                k, v = pending.tensors = (k.contiguous(), v.contiguous())
+                if k.is_cuda:
+                    torch.cuda.current_stream(k.device).synchronize()  # UCX reads outside torch's streams
+                node = ucx_runtime.node()
+                for t in (k, v):
+                    pending.regions.append(node.register(t.data_ptr(), t.numel() * t.element_size()))
+                header.k_address, header.v_address = k.data_ptr(), v.data_ptr()
+                header.k_rkey, header.v_rkey = pending.regions[0].rkey, pending.regions[1].rkey
             header.sequence = sequence
-            header.k_address, header.v_address = k.data_ptr(), v.data_ptr()
-            header.k_rkey, header.v_rkey = pending.regions[0].rkey, pending.regions[1].rkey
             self._pending[sequence] = pending
             conn.data.send(header.SerializeToString())
         except native.NativeError as exc:
@@ -254,6 +298,7 @@ class KVSender:
             if self._ucxx is None:
                 self._ucxx = ucx_runtime.acquire(self._config)
                 self._loop = asyncio.get_running_loop()
+                self._ring = self._new_ring()
             try:
                 conn = await asyncio.wait_for(self._connect(peer, host, port), self._config.timeout_s)
             except TimeoutError:
@@ -262,6 +307,15 @@ class KVSender:
             conn.watch = asyncio.ensure_future(self._watch(conn))
             self.connects += 1
             return conn
+
+    def _new_ring(self) -> StagingRing | None:
+        if not self._config.staging_mib:
+            return None
+        try:
+            return StagingRing(ucx_runtime.node().allocate(self._config.staging_mib << 20))
+        except native.NativeError as exc:
+            log.warning("no staging ring (%s): KV tensors are registered in place", exc)
+            return None
 
     async def _connect(self, peer: str, host: str, port: int) -> _Connection:
         from services.transfer.ucx_ops import post_recv, post_send
@@ -275,6 +329,9 @@ class KVSender:
         try:
             node = ucx_runtime.node()
             hello = kv_pb2.HandshakeRequest(fingerprint=self._fp.to_proto(), worker_address=node.address, tag=tag)
+            if self._ring is not None:
+                region = self._ring.region
+                hello.staging_rkey, hello.staging_address, hello.staging_bytes = region.rkey, region.address, region.length
             reply_frame = new_frame_buffer()
             await post_send(ep, encode_frame(hello))
             await post_recv(ep, reply_frame)

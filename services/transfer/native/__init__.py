@@ -89,7 +89,13 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         ("kvx_register", p, [p, p, sz, status]),
         ("kvx_region_rkey", lng, [p, p, sz]),
         ("kvx_unregister", None, [p]),
+        ("kvx_allocate", p, [p, sz, ctypes.POINTER(u64), status]),
+        ("kvx_unpack", p, [p, p, status]),
+        ("kvx_rkey_destroy", None, [p]),
+        ("kvx_rkey_ptr", u64, [p, u64]),
         ("kvx_fetch", i, [p, p, u64, u64, sz, p, p, p, ctypes.c_double]),
+        ("kvx_copy", None, [u64, u64, sz, p, p, p]),
+        ("kvx_stage", None, [u64, u64, u64, sz]),
     ):
         fn = getattr(so, name)
         fn.restype = res
@@ -156,11 +162,21 @@ class Node:
         return Connection(self._lib, h)
 
     def register(self, address: int, length: int) -> Region:
+        """Existing memory, made reachable by peers."""
         st = ctypes.c_int()
         h = self._lib.kvx_register(self._h, address, length, ctypes.byref(st))
         if not h:
             raise NativeError("registering memory with UCX failed", st.value)
-        return Region(self._lib, h)
+        return Region(self._lib, h, address, length)
+
+    def allocate(self, length: int) -> Region:
+        """New memory that UCX allocates (shared memory on one host, which peers map directly)."""
+        st = ctypes.c_int()
+        address = ctypes.c_uint64()
+        h = self._lib.kvx_allocate(self._h, length, ctypes.byref(address), ctypes.byref(st))
+        if not h:
+            raise NativeError(f"allocating {length} bytes through UCX failed", st.value)
+        return Region(self._lib, h, address.value, length)
 
     def close(self) -> None:
         if self._h:
@@ -182,8 +198,17 @@ class Connection:
         if st:
             raise NativeError("sending a KV message failed", st)
 
+    def unpack(self, rkey: bytes) -> RemoteKey:
+        """A peer region's packed rkey, ready for `fetch` (unpack once per region and reuse)."""
+        st = ctypes.c_int()
+        with self._lock:
+            h = self._lib.kvx_unpack(self._h, rkey, ctypes.byref(st)) if self._h else None
+        if not h:
+            raise NativeError("unpacking a remote key failed", st.value if self._h else UCS_ERR_NOT_CONNECTED)
+        return RemoteKey(self._lib, h)
+
     def fetch(
-        self, rkey: bytes, remote_base: int, local_base: int, pieces: np.ndarray, timeout_s: float
+        self, rkey: RemoteKey, remote_base: int, local_base: int, pieces: np.ndarray, timeout_s: float
     ) -> None:
         """Get pieces ([3, n] C-contiguous uint64 rows: remote offset, local offset, length) and wait.
 
@@ -194,7 +219,7 @@ class Connection:
         n = pieces.shape[1]
         with self._lock:
             st = (
-                self._lib.kvx_fetch(self._h, rkey, remote_base, local_base, n, ptr, ptr + 8 * n, ptr + 16 * n, timeout_s)
+                self._lib.kvx_fetch(self._h, rkey.handle, remote_base, local_base, n, ptr, ptr + 8 * n, ptr + 16 * n, timeout_s)
                 if self._h
                 else UCS_ERR_NOT_CONNECTED
             )
@@ -209,12 +234,43 @@ class Connection:
             self._lib.kvx_disconnect(h, flush_timeout_s)
 
 
-class Region:
-    """Registered memory; `rkey` is what a peer needs to fetch from it."""
+def copy(source_base: int, local_base: int, pieces: np.ndarray) -> None:
+    """`Connection.fetch` from memory mapped into this process (`RemoteKey.local_address`)."""
+    ptr = pieces.ctypes.data
+    n = pieces.shape[1]
+    lib().kvx_copy(source_base, local_base, n, ptr, ptr + 8 * n, ptr + 16 * n)
+
+
+def stage(destination: int, k: int, v: int, half: int) -> None:
+    """Copy `half` bytes from k, then from v, to destination (host memory; no GIL held meanwhile)."""
+    lib().kvx_stage(destination, k, v, half)
+
+
+class RemoteKey:
+    """An unpacked rkey of a peer's region; close it before its connection."""
 
     def __init__(self, so: ctypes.CDLL, handle: int) -> None:
         self._lib = so
+        self.handle = handle
+
+    def local_address(self, remote: int) -> int:
+        """Where the peer's address is mapped in this process (shared memory), or 0."""
+        return int(self._lib.kvx_rkey_ptr(self.handle, remote))
+
+    def close(self) -> None:
+        if self.handle:
+            h, self.handle = self.handle, None
+            self._lib.kvx_rkey_destroy(h)
+
+
+class Region:
+    """Memory known to UCX; `rkey` is what a peer needs to fetch from it."""
+
+    def __init__(self, so: ctypes.CDLL, handle: int, address: int, length: int) -> None:
+        self._lib = so
         self._h = handle
+        self.address = address
+        self.length = length
         self.rkey = _sized(so.kvx_region_rkey, handle)
 
     def close(self) -> None:

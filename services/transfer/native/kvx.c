@@ -6,7 +6,9 @@
  *   - short messages (UCP active messages, eager): every message a connection sends carries the
  *     tag its peer gave it, and lands in the receiving node's event queue;
  *   - memory regions: ucp_mem_map of existing memory, with the packed rkey a peer needs;
- *   - fetch: RMA gets from a peer's region into local memory, waited for in the calling thread.
+ *   - fetch: RMA gets from a peer's region into local memory, waited for in the calling thread;
+ *     or, when the peer's region is shared memory that UCX maps into this process (ucp_rkey_ptr),
+ *     a plain copy from the mapping (kvx_copy), which on one host is the fastest way across.
  * Events (messages, failed connections) queue up in C and an eventfd becomes readable, so the
  * event loop wakes once per burst and drains them all with kvx_poll.
  *
@@ -61,6 +63,10 @@ typedef struct kvx_region {
     kvx_node *node;
     ucp_mem_h memh;
 } kvx_region;
+
+typedef struct kvx_rkey {
+    ucp_rkey_h rkey;
+} kvx_rkey;
 
 typedef struct {
     int pending;
@@ -417,6 +423,41 @@ kvx_region *kvx_register(kvx_node *node, void *address, size_t length, int *stat
     return region;
 }
 
+/* New memory of `length` bytes that UCX allocates itself, so that peers on this host can map it
+ * (shared memory: sysv or posix, per UCX_ALLOC_PRIO); its address goes to *address_out. */
+kvx_region *kvx_allocate(kvx_node *node, size_t length, uint64_t *address_out, int *status_out)
+{
+    ucp_mem_map_params_t params = {0};
+    ucp_mem_attr_t attr = {0};
+    ucs_status_t status;
+    kvx_region *region = calloc(1, sizeof(*region));
+    if (region == NULL) {
+        *status_out = UCS_ERR_NO_MEMORY;
+        return NULL;
+    }
+    region->node = node;
+    params.field_mask = UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS;
+    params.length = length;
+    params.flags = UCP_MEM_MAP_ALLOCATE;
+    status = ucp_mem_map(node->context, &params, &region->memh);
+    if (status != UCS_OK) {
+        free(region);
+        *status_out = status;
+        return NULL;
+    }
+    attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS;
+    status = ucp_mem_query(region->memh, &attr);
+    if (status != UCS_OK) {
+        ucp_mem_unmap(node->context, region->memh);
+        free(region);
+        *status_out = status;
+        return NULL;
+    }
+    *address_out = (uint64_t)(uintptr_t)attr.address;
+    *status_out = UCS_OK;
+    return region;
+}
+
 /* The packed rkey a peer needs to reach the region: its length, or minus the length needed. */
 long kvx_region_rkey(kvx_region *region, void *out, size_t capacity)
 {
@@ -442,6 +483,63 @@ void kvx_unregister(kvx_region *region)
     free(region);
 }
 
+/* A peer's packed rkey, unpacked for use with kvx_fetch on this connection (for shared memory
+ * this maps the peer's segment, so unpack once and reuse). Destroy before the connection. */
+kvx_rkey *kvx_unpack(kvx_conn *conn, const void *buffer, int *status_out)
+{
+    ucs_status_t status = UCS_ERR_NOT_CONNECTED;
+    kvx_rkey *rkey = calloc(1, sizeof(*rkey));
+    if (rkey == NULL) {
+        *status_out = UCS_ERR_NO_MEMORY;
+        return NULL;
+    }
+    pthread_mutex_lock(&conn->lock);
+    if (conn->ep != NULL) {
+        status = ucp_ep_rkey_unpack(conn->ep, buffer, &rkey->rkey);
+    }
+    pthread_mutex_unlock(&conn->lock);
+    if (status != UCS_OK) {
+        free(rkey);
+        rkey = NULL;
+    }
+    *status_out = status;
+    return rkey;
+}
+
+/* Where the peer's address `remote` is mapped in this process (shared memory), or 0 if it is not. */
+uint64_t kvx_rkey_ptr(kvx_rkey *rkey, uint64_t remote)
+{
+    void *local = NULL;
+    if (ucp_rkey_ptr(rkey->rkey, remote, &local) != UCS_OK) {
+        return 0;
+    }
+    return (uint64_t)(uintptr_t)local;
+}
+
+void kvx_rkey_destroy(kvx_rkey *rkey)
+{
+    ucp_rkey_destroy(rkey->rkey);
+    free(rkey);
+}
+
+/* fetch for a peer region mapped into this process (kvx_rkey_ptr): plain memcpy, no UCX request. */
+void kvx_copy(uint64_t source_base, uint64_t local_base, size_t n, const uint64_t *source_offsets,
+              const uint64_t *local_offsets, const uint64_t *lengths)
+{
+    size_t i;
+    for (i = 0; i < n; ++i) {
+        memcpy((char *)(uintptr_t)(local_base + local_offsets[i]),
+               (const char *)(uintptr_t)(source_base + source_offsets[i]), lengths[i]);
+    }
+}
+
+/* Two memcpys (K then V into the staging ring) without the GIL. */
+void kvx_stage(uint64_t destination, uint64_t k, uint64_t v, size_t half)
+{
+    memcpy((char *)(uintptr_t)destination, (const char *)(uintptr_t)k, half);
+    memcpy((char *)(uintptr_t)(destination + half), (const char *)(uintptr_t)v, half);
+}
+
 static void on_fetched(void *request, ucs_status_t status, void *user_data)
 {
     kvx_batch *batch = user_data;
@@ -452,18 +550,17 @@ static void on_fetched(void *request, ucs_status_t status, void *user_data)
     ucp_request_free(request);
 }
 
-/* Copies n pieces from the peer's region (rkey) into local memory: piece i is lengths[i] bytes from
+/* Copies n pieces from the peer's region (remote_key) into local memory: piece i is lengths[i] bytes from
  * remote_base + remote_offsets[i] to local_base + local_offsets[i]. Returns when every piece has
  * landed (UCS_OK) or failed. Past `timeout_s` the endpoint is closed, which ends every piece, and
  * UCS_ERR_TIMED_OUT is returned; the connection is then unusable. */
-int kvx_fetch(kvx_conn *conn, const void *rkey_buffer, uint64_t remote_base, uint64_t local_base, size_t n,
+int kvx_fetch(kvx_conn *conn, kvx_rkey *remote_key, uint64_t remote_base, uint64_t local_base, size_t n,
               const uint64_t *remote_offsets, const uint64_t *local_offsets, const uint64_t *lengths,
               double timeout_s)
 {
     ucp_request_param_t param = {0};
     kvx_batch batch = {0, UCS_OK};
-    ucp_rkey_h rkey;
-    ucs_status_t status;
+    ucp_rkey_h rkey = remote_key->rkey;
     double deadline = now_s() + timeout_s;
     size_t i;
     int idle = 0;
@@ -472,11 +569,6 @@ int kvx_fetch(kvx_conn *conn, const void *rkey_buffer, uint64_t remote_base, uin
     if (conn->ep == NULL) {
         pthread_mutex_unlock(&conn->lock);
         return UCS_ERR_NOT_CONNECTED;
-    }
-    status = ucp_ep_rkey_unpack(conn->ep, rkey_buffer, &rkey);
-    if (status != UCS_OK) {
-        pthread_mutex_unlock(&conn->lock);
-        return status;
     }
     param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     param.cb.send = on_fetched;
@@ -510,12 +602,10 @@ int kvx_fetch(kvx_conn *conn, const void *rkey_buffer, uint64_t remote_base, uin
                 ucp_worker_progress(conn->node->worker);
             }
             batch.status = UCS_ERR_TIMED_OUT;
-            ucp_rkey_destroy(rkey);
             pthread_mutex_unlock(&conn->lock);
             return batch.status;
         }
     }
-    ucp_rkey_destroy(rkey);
     pthread_mutex_unlock(&conn->lock);
     return batch.status;
 }
