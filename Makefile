@@ -5,9 +5,13 @@ PROTO_OUT := services/proto_gen
 PROTO_SRC := $(wildcard proto/pdserve/v1/*.proto)
 PROTO_GEN := $(patsubst proto/%.proto,$(PROTO_OUT)/%_pb2.py,$(PROTO_SRC))
 
-.PHONY: setup proto serve test test-fast bench lint clean
+.PHONY: setup proto native serve test test-fast bench lint clean
 
-setup: $(VENV)/.installed $(PROTO_GEN) .tools/promtool
+setup: $(VENV)/.installed $(PROTO_GEN) .tools/promtool native
+
+# The KV hand-off's data path (C on the libucx wheel's UCX); rebuilt only when kvx.c changes.
+native: $(VENV)/.installed
+	$(BIN)/python -m services.transfer.native >/dev/null
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,4 +48,4 @@ lint: setup
 	$(BIN)/mypy services
 
 clean:
-	rm -rf $(VENV) $(PROTO_OUT)/pdserve .tools
+	rm -rf $(VENV) $(PROTO_OUT)/pdserve .tools services/transfer/native/_build

@@ -38,9 +38,7 @@ def _pdserve_bandwidth(args: argparse.Namespace, fp: KVFingerprint, sizes: list[
 
     from services.transfer.bench_actors import DecodeSide, PrefillSide
 
-    config = TransferConfig(
-        timeout_s=60.0, ucx_tls=args.ucx_tls, progress_mode=args.progress_mode
-    )
+    config = TransferConfig(timeout_s=60.0, ucx_tls=args.ucx_tls, progress_mode=args.progress_mode)
     token_bytes = fp.num_layers * fp.payload_bytes(1)
     max_tokens = max(sizes) // token_bytes
     num_blocks = 2 * (max_tokens // fp.block_size + 1)

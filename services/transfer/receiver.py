@@ -255,7 +255,9 @@ class KVReceiver:
         acks = []
         for kind, status, payload in events:
             if kind == native.EVENT_PEER_FAILED:
-                self._drop(conn, TransferError("peer_gone", f"KV sender connection {conn}: {native.status_string(status)}"))
+                self._drop(
+                    conn, TransferError("peer_gone", f"KV sender connection {conn}: {native.status_string(status)}")
+                )
                 return
             try:
                 hdr = parse(payload, kv_pb2.KVHeader)
@@ -272,8 +274,11 @@ class KVReceiver:
             try:
                 self._fetch(conn, link, hdr, exp)
             except native.NativeError as exc:
-                reason = "timeout" if exc.status == native.UCS_ERR_TIMED_OUT else "peer_gone"
-                self._drop(conn, TransferError(reason, f"fetching KV of {hdr.request_id!r}: {exc}"))
+                message = f"fetching KV of {hdr.request_id!r}: {exc}"
+                timed_out = exc.status == native.UCS_ERR_TIMED_OUT
+                self._drop(
+                    conn, TransferError("timeout", message) if timed_out else TransferError("peer_gone", message)
+                )
                 return
             acks.append(hdr.sequence)
         try:
@@ -290,7 +295,9 @@ class KVReceiver:
             return "header with num_tokens=0"
         want = fp.payload_bytes(hdr.num_tokens)
         if hdr.payload_bytes != want:
-            return f"header payload_bytes={hdr.payload_bytes} but {hdr.num_tokens} tokens of this layout take {want} bytes"
+            return (
+                f"header payload_bytes={hdr.payload_bytes} but {hdr.num_tokens} tokens of this layout take {want} bytes"
+            )
         if bool(hdr.k_rkey) != bool(hdr.v_rkey) or not hdr.k_address or not hdr.v_address:
             return "header without the addresses of its K and V, or with only one key"
         if not hdr.k_rkey:  # in the staging ring: it must lie inside it

@@ -1,16 +1,17 @@
 """Prefill side of the KV hand-off: offers each layer's K and V to a decode worker, which fetches them.
 
-    prefill (KVSender)                                decode (KVReceiver)
-    register K, V with UCX; KVHeader(seq, addresses, rkeys) ───►  get K, V straight into the
-                                                                   request's blocks (RMA)
-    release K, V; the send's future resolves  ◄─── KVAck(seq)
+    prefill (KVSender)                                 decode (KVReceiver)
+    stage (or register) K, V; KVHeader(seq, where) ───►  copy K, V straight into the
+                                                          request's blocks
+    release K, V; the send's future resolves   ◄───────  KVAck(seq)
 
 Host tensors are first copied into the staging ring (staging.py), shared memory that the decode
 side maps and copies from; CUDA tensors (and every tensor when staging_mib is 0, or a part too
 big for the ring) are registered in place and fetched by RMA get. Either way the decode side
-writes into its KV cache only what it asked for, and a cancelled request simply fetches no more. Headers and acks are short
-messages on the data-path worker (native/); the ucxx endpoint that carried the handshake stays
-open as the control connection whose failure tells this side the peer is gone.
+writes into its KV cache only what it asked for, and a cancelled request simply fetches no
+more. Headers and acks are short messages on the data-path worker (native/); the ucxx endpoint
+that carried the handshake stays open as the control connection whose failure tells this side
+the peer is gone.
 
 A compute thread calls `submit` (thread-safe; it registers and posts in the calling thread, so
 layer N's transfer runs while layer N+1 computes); coroutines call `send`. K and V are held
@@ -123,8 +124,14 @@ class KVSender:
         return await asyncio.wrap_future(self._offer(conn, header, k, v, offset))
 
     def submit(
-        self, loop: asyncio.AbstractEventLoop, peer: str, request_id: str, layer: int, token_start: int,
-        k: torch.Tensor, v: torch.Tensor,
+        self,
+        loop: asyncio.AbstractEventLoop,
+        peer: str,
+        request_id: str,
+        layer: int,
+        token_start: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
     ) -> concurrent.futures.Future[int]:
         """`send` for a thread other than `loop`'s: offers at once when connected, else via the loop."""
         conn = self._conns.get(peer)
@@ -270,7 +277,9 @@ class KVSender:
             if pending.deadline < now and pending.conn.peer in self._conns:
                 self._drop(
                     pending.conn,
-                    TransferError("timeout", f"{pending.conn.peer} did not take the KV within {self._config.timeout_s}s"),
+                    TransferError(
+                        "timeout", f"{pending.conn.peer} did not take the KV within {self._config.timeout_s}s"
+                    ),
                 )
         keep = []
         for until, pending in self._retired:
@@ -331,7 +340,11 @@ class KVSender:
             hello = kv_pb2.HandshakeRequest(fingerprint=self._fp.to_proto(), worker_address=node.address, tag=tag)
             if self._ring is not None:
                 region = self._ring.region
-                hello.staging_rkey, hello.staging_address, hello.staging_bytes = region.rkey, region.address, region.length
+                hello.staging_rkey, hello.staging_address, hello.staging_bytes = (
+                    region.rkey,
+                    region.address,
+                    region.length,
+                )
             reply_frame = new_frame_buffer()
             await post_send(ep, encode_frame(hello))
             await post_recv(ep, reply_frame)

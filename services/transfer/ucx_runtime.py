@@ -21,8 +21,8 @@ a handler gets, once per wake-up, every event that arrived for its tag, oldest f
 from __future__ import annotations
 
 import asyncio
-import logging
 import itertools
+import logging
 import threading
 from collections.abc import Callable
 from types import ModuleType

@@ -39,16 +39,18 @@ async def send_all(sender: KVSender, peer: str, rid: str, start: int, kv: torch.
 
 
 class Pair:
-    def __init__(self) -> None:
+    def __init__(self, config: TransferConfig) -> None:
         self.cache = torch.zeros(FP.num_layers, 2, NUM_BLOCKS, FP.block_size, FP.num_kv_heads, FP.head_dim)
-        self.receiver = KVReceiver(self.cache, FP, CFG)
-        self.sender = KVSender(FP, CFG)
+        self.receiver = KVReceiver(self.cache, FP, config)
+        self.sender = KVSender(FP, config)
         self.addr = ""
 
 
-@pytest.fixture
-async def pair() -> AsyncIterator[Pair]:
-    p = Pair()
+# Every pair test runs both ways KV can travel: staged in the sender's shared-memory ring and
+# copied out of its mapping, or registered in place and fetched by RMA get (as CUDA tensors are).
+@pytest.fixture(params=["staged", "in_place"])
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
+    p = Pair(CFG if request.param == "staged" else TransferConfig(timeout_s=CFG.timeout_s, staging_mib=0))
     p.addr = await p.receiver.start()
     yield p
     await p.sender.close()
@@ -326,3 +328,78 @@ async def test_sends_of_a_cancelled_request_are_acknowledged_not_fetched(pair: P
         assert torch.equal(stored(pair.cache, blocks[rid], 0, 6), kvs[rid])
     assert pair.cache[:, :, blocks["c2"]].abs().sum() == 0
     assert not pair.sender._pending
+
+
+async def test_header_pointing_outside_the_staging_ring_is_refused(pair: Pair) -> None:
+    pair.receiver.expect("far", [14], 0, 4)
+    kv = make_kv(FP, 1, seed=5)
+    await pair.sender.send(pair.addr, "far", 0, 0, kv[0, 0], kv[0, 1])
+    header = kv_pb2.KVHeader(
+        request_id="far",
+        layer=1,
+        token_start=1,
+        num_tokens=1,
+        payload_bytes=FP.payload_bytes(1),
+        sequence=99,
+        k_address=8,
+        v_address=8,
+    )
+    pair.sender._conns[pair.addr].data.send(header.SerializeToString())
+    with pytest.raises(TransferError) as info:
+        await pair.receiver.wait("far")
+    assert info.value.reason == "bad_header" and "staging ring" in str(info.value)
+
+
+async def test_ring_on_another_host_is_fetched_by_rma_get(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ring the receiver cannot map (a sender on another host) is read with UCX gets instead."""
+    from services.transfer import native
+
+    monkeypatch.setattr(native.RemoteKey, "local_address", lambda self, remote: 0)
+    p = Pair(CFG)
+    try:
+        p.addr = await p.receiver.start()
+        blocks = [30, 2, 31]
+        p.receiver.expect("remote", blocks, 1, 11)
+        kv = make_kv(FP, 10, seed=12)
+        await send_all(p.sender, p.addr, "remote", 1, kv, chunk=4)
+        await p.receiver.wait("remote")
+        assert torch.equal(stored(p.cache, blocks, 1, 11), kv)
+        link = next(iter(p.receiver._conns.values()))
+        assert link.staging is not None and link.staging_mapped == 0
+    finally:
+        await p.sender.close()
+        await p.receiver.close()
+
+
+def test_staging_mib_is_validated() -> None:
+    assert TransferConfig(staging_mib=0).staging_mib == 0
+    for bad in (-1, 1 << 17, 2.0, True):
+        with pytest.raises(ValueError, match="staging_mib"):
+            TransferConfig(staging_mib=bad)  # type: ignore[arg-type]
+
+
+def test_staging_ring_hands_out_space_in_order_and_reuses_it() -> None:
+    from services.transfer.native import Node
+    from services.transfer.staging import ALIGN, StagingRing
+
+    node = Node()
+    ring = StagingRing(node.allocate(64 * ALIGN))
+    try:
+        a = ring.take(10 * ALIGN, 0)
+        b = ring.take(20 * ALIGN + 1, 0)  # rounded up to 21 units
+        c = ring.take(30 * ALIGN, 0)
+        assert (a, b, c) == (0, 10 * ALIGN, 31 * ALIGN)
+        assert ring.take(10 * ALIGN, 0) is None  # 3 units left at the end, and a is still live
+        ring.give(b)  # out of order: a still holds the head
+        assert ring.take(10 * ALIGN, 0) is None
+        ring.give(a)  # now [0, 31) is free: wrap around
+        assert ring.take(25 * ALIGN, 0) == 0
+        assert ring.take(7 * ALIGN, 0) is None  # 6 units left before c
+        ring.give(c)
+        assert ring.used == 25 * ALIGN
+        with pytest.raises(ValueError, match="do not fit"):
+            ring.take(33 * ALIGN, 0)
+        ring.buffer[:] = 7  # the memory is really there
+    finally:
+        ring.region.close()
+        node.close()

@@ -137,7 +137,7 @@ class Node:
             os.read(self.event_fd, 8)
         except BlockingIOError:
             pass
-        events = []
+        events: list[tuple[int, int, int, bytes]] = []
         while True:
             n = self._lib.kvx_poll(self._h, self._poll_buf, len(self._poll_buf))
             if n == 0:
@@ -189,7 +189,7 @@ class Connection:
 
     def __init__(self, so: ctypes.CDLL, handle: int) -> None:
         self._lib = so
-        self._h = handle
+        self._h: int | None = handle
         self._lock = threading.Lock()
 
     def send(self, message: bytes) -> None:
@@ -207,9 +207,7 @@ class Connection:
             raise NativeError("unpacking a remote key failed", st.value if self._h else UCS_ERR_NOT_CONNECTED)
         return RemoteKey(self._lib, h)
 
-    def fetch(
-        self, rkey: RemoteKey, remote_base: int, local_base: int, pieces: np.ndarray, timeout_s: float
-    ) -> None:
+    def fetch(self, rkey: RemoteKey, remote_base: int, local_base: int, pieces: np.ndarray, timeout_s: float) -> None:
         """Get pieces ([3, n] C-contiguous uint64 rows: remote offset, local offset, length) and wait.
 
         Raises NativeError (status UCS_ERR_TIMED_OUT past `timeout_s`, after which the connection
@@ -219,7 +217,9 @@ class Connection:
         n = pieces.shape[1]
         with self._lock:
             st = (
-                self._lib.kvx_fetch(self._h, rkey.handle, remote_base, local_base, n, ptr, ptr + 8 * n, ptr + 16 * n, timeout_s)
+                self._lib.kvx_fetch(
+                    self._h, rkey.handle, remote_base, local_base, n, ptr, ptr + 8 * n, ptr + 16 * n, timeout_s
+                )
                 if self._h
                 else UCS_ERR_NOT_CONNECTED
             )
@@ -251,7 +251,7 @@ class RemoteKey:
 
     def __init__(self, so: ctypes.CDLL, handle: int) -> None:
         self._lib = so
-        self.handle = handle
+        self.handle: int | None = handle
 
     def local_address(self, remote: int) -> int:
         """Where the peer's address is mapped in this process (shared memory), or 0."""
@@ -268,7 +268,7 @@ class Region:
 
     def __init__(self, so: ctypes.CDLL, handle: int, address: int, length: int) -> None:
         self._lib = so
-        self._h = handle
+        self._h: int | None = handle
         self.address = address
         self.length = length
         self.rkey = _sized(so.kvx_region_rkey, handle)

@@ -1,0 +1,5 @@
+"""`python -m services.transfer.native`: build the data-path library now (make setup, images)."""
+
+from services.transfer.native import build
+
+print(build())
