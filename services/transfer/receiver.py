@@ -38,6 +38,13 @@ from services.transfer.wire import decode_frame, encode_frame, new_frame_buffer,
 
 log = logging.getLogger(__name__)
 
+# Acks are what lets the sender reuse its memory, and nothing waits on them but the end of a
+# request; so they are sent when a request completes, or once ACK_BATCH of them are due, or
+# ACK_DELAY_S after the first one is due. Each ack wakes the sender's event loop, which on a
+# busy host competes for the GIL with the thread that submits the next layer.
+ACK_BATCH = 64
+ACK_DELAY_S = 0.002
+
 
 @dataclass
 class _Link:
@@ -51,6 +58,8 @@ class _Link:
     staging_address: int = 0  # of the ring, in the sender's address space
     staging_bytes: int = 0
     staging_mapped: int = 0  # where the ring is mapped here (0: not mapped, fetch by RMA get)
+    acks: list[int] = field(default_factory=list)  # due, not yet sent
+    ack_timer: asyncio.TimerHandle | None = None
     ended: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -231,11 +240,8 @@ class KVReceiver:
             link.staging.close()
             link.staging = None
         if link.data is not None:
-            try:
-                link.data.send(kv_pb2.KVAck(closing=True).SerializeToString())
-                link.data.close(flush_timeout_s=0.1)
-            except native.NativeError:
-                link.data.close()
+            self._send_acks(-1, link, closing=True)
+            link.data.close(flush_timeout_s=0.1)
         link.ep.abort()
 
     def _drop(self, conn: int, error: TransferError) -> None:
@@ -248,11 +254,11 @@ class KVReceiver:
     # ---- headers ----------------------------------------------------------------------------
 
     def _on_events(self, conn: int, events: list[tuple[int, int, bytes]]) -> None:
-        """Every header that arrived on one connection since the last wake-up; one ack for them all."""
+        """Every header that arrived on one connection since the last wake-up."""
         link = self._conns.get(conn)
         if link is None or link.data is None or link.ended.done():
             return
-        acks = []
+        completed = False
         for kind, status, payload in events:
             if kind == native.EVENT_PEER_FAILED:
                 self._drop(
@@ -272,7 +278,7 @@ class KVReceiver:
                 self._drop(conn, TransferError("bad_header", problem))
                 return
             try:
-                self._fetch(conn, link, hdr, exp)
+                completed = self._fetch(conn, link, hdr, exp) or completed
             except native.NativeError as exc:
                 message = f"fetching KV of {hdr.request_id!r}: {exc}"
                 timed_out = exc.status == native.UCS_ERR_TIMED_OUT
@@ -280,11 +286,25 @@ class KVReceiver:
                     conn, TransferError("timeout", message) if timed_out else TransferError("peer_gone", message)
                 )
                 return
-            acks.append(hdr.sequence)
+            link.acks.append(hdr.sequence)
+        if completed or len(link.acks) >= ACK_BATCH:
+            self._send_acks(conn, link)
+        elif link.acks and link.ack_timer is None:
+            link.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._send_acks, conn, link)
+
+    def _send_acks(self, conn: int, link: _Link, closing: bool = False) -> None:
+        if link.ack_timer is not None:
+            link.ack_timer.cancel()
+            link.ack_timer = None
+        if not (link.acks or closing) or link.data is None:
+            return
+        ack = kv_pb2.KVAck(sequences=link.acks, closing=closing)
+        link.acks = []
         try:
-            link.data.send(kv_pb2.KVAck(sequences=acks).SerializeToString())
+            link.data.send(ack.SerializeToString())
         except native.NativeError as exc:
-            self._drop(conn, TransferError("peer_gone", f"acknowledging on KV connection {conn}: {exc}"))
+            if not closing:
+                self._drop(conn, TransferError("peer_gone", f"acknowledging on KV connection {conn}: {exc}"))
 
     def _check(self, hdr: Any, link: _Link) -> str:
         """Why a header cannot be trusted, or ""."""
@@ -307,9 +327,10 @@ class KVReceiver:
                 return "header points outside the sender's staging ring"
         return ""
 
-    def _fetch(self, conn: int, link: _Link, hdr: Any, exp: ExpectedRequest | None) -> None:
+    def _fetch(self, conn: int, link: _Link, hdr: Any, exp: ExpectedRequest | None) -> bool:
+        """Copy the header's K and V into place; True when that completed its request."""
         if exp is None or exp.done or self._expected.get(exp.request_id) is not exp:
-            return  # unknown, cancelled, failed or timed-out request: nothing to fetch
+            return False  # unknown, cancelled, failed or timed-out request: nothing to fetch
         exp.sources.add(conn)
         rng = exp.local_range(hdr.token_start, hdr.num_tokens)
         if rng is None:
@@ -320,7 +341,7 @@ class KVReceiver:
                     f" fall outside the expected [{exp.token_start}, {exp.token_end})",
                 )
             )
-            return
+            return False
         pieces = exp.pieces(*rng, self._token_bytes)
         k_plane = self._kv_cache.data_ptr() + 2 * hdr.layer * self._plane_bytes
         sources = ((hdr.k_address, k_plane), (hdr.v_address, k_plane + self._plane_bytes))
@@ -342,6 +363,7 @@ class KVReceiver:
         if self._kv_cache.is_cuda:
             torch.cuda.synchronize(self._kv_cache.device)
         exp.mark(hdr.layer, *rng)
+        return exp.done
 
     def _fail_sourced(self, conn: int, error: TransferError) -> None:
         for exp in self._expected.values():
