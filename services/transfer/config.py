@@ -78,6 +78,11 @@ class TransferConfig:
         """The UCX environment variables this configuration implies."""
         return {
             "UCX_TLS": self.ucx_tls,
+            # Without shared memory or cma (another host, another pod), UCX emulates the gets over
+            # tcp in segments of this size: 256k moved 8 and 64 MiB requests 1.5-2.5x faster than
+            # the 8k default here.
+            "UCX_TCP_TX_SEG_SIZE": "256k",
+            "UCX_TCP_RX_SEG_SIZE": "256k",
             "UCX_WARN_UNUSED_ENV_VARS": "n",
         }
 

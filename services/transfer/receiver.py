@@ -189,6 +189,7 @@ class KVReceiver:
 
         conn = next(self._conn_ids)
         link = self._conns[conn] = _Link(ep, asyncio.current_task())
+        watch = None
         try:
             if await self._handshake(conn, link):
                 # Nothing more comes on the control endpoint: this receive ends when it does.
@@ -204,6 +205,8 @@ class KVReceiver:
             self._conns.pop(conn, None)
             self._fail_sourced(conn, TransferError("peer_gone", f"KV sender connection {conn} closed"))
             self._end(link)
+            if watch is not None:  # the abort ends it; let that happen while the loop still runs
+                await asyncio.wait([watch], timeout=1.0)
 
     async def _handshake(self, conn: int, link: _Link) -> bool:
         """Check the sender's fingerprint and connect back to its worker; True when the link is up."""
@@ -218,10 +221,16 @@ class KVReceiver:
             link.tag = ucx_runtime.subscribe(lambda events: self._on_events(conn, events))
             link.data = node.connect(hello.worker_address, hello.tag, link.tag)
             if hello.staging_rkey:
-                link.staging = link.data.unpack(hello.staging_rkey)
-                link.staging_address, link.staging_bytes = hello.staging_address, hello.staging_bytes
-                link.staging_mapped = link.staging.local_address(hello.staging_address)
-            reply = kv_pb2.HandshakeReply(ok=True, worker_address=node.address, tag=link.tag)
+                try:
+                    link.staging = link.data.unpack(hello.staging_rkey)
+                except native.NativeError as exc:
+                    log.warning("KV connection %d: cannot reach the sender's staging ring (%s)", conn, exc)
+                else:
+                    link.staging_address, link.staging_bytes = hello.staging_address, hello.staging_bytes
+                    link.staging_mapped = link.staging.local_address(hello.staging_address)
+            reply = kv_pb2.HandshakeReply(
+                ok=True, worker_address=node.address, tag=link.tag, staging=link.staging is not None
+            )
         except (KVIncompatible, ValueError, native.NativeError) as exc:
             reply = kv_pb2.HandshakeReply(ok=False, error=str(exc))
         await asyncio.wait_for(post_send(link.ep, encode_frame(reply)), self._config.timeout_s)

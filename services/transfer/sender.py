@@ -51,6 +51,7 @@ class _Connection:
     ep: Any  # ucxx control endpoint
     data: native.Connection
     tag: int
+    staged: bool  # the receiver reads the staging ring (else tensors are registered in place)
     watch: asyncio.Task[None] | None = None
 
 
@@ -116,7 +117,7 @@ class KVSender:
         parse_peer(peer)
         conn = await self._connection(peer)
         offset = None
-        nbytes = self._staged_bytes(k)
+        nbytes = self._staged_bytes(conn, k)
         if nbytes:
             offset = self._ring.take(nbytes, 0) if self._ring else None
             if offset is None:  # the ring is full: wait for acks without blocking the loop
@@ -139,7 +140,7 @@ class KVSender:
             return asyncio.run_coroutine_threadsafe(self.send(peer, request_id, layer, token_start, k, v), loop)
         try:
             header = self._header(request_id, layer, token_start, k, v)
-            nbytes = self._staged_bytes(k)
+            nbytes = self._staged_bytes(conn, k)
             offset = self._take(nbytes) if nbytes else None
         except (ValueError, TransferError) as exc:
             failed: concurrent.futures.Future[int] = concurrent.futures.Future()
@@ -152,8 +153,13 @@ class KVSender:
         if self._closed:
             return
         self._closed = True
-        for conn in list(self._conns.values()):
+        conns = list(self._conns.values())
+        for conn in conns:
             self._drop(conn, TransferError("cancelled", "the KV sender closed"))
+        # Let the aborted control endpoints' receives end while the loop still runs.
+        watches = [c.watch for c in conns if c.watch is not None]
+        if watches:
+            await asyncio.wait(watches, timeout=1.0)
         for _, pending in self._retired:
             pending.release()
         self._retired.clear()
@@ -194,11 +200,12 @@ class KVSender:
             request_id=request_id, layer=layer, token_start=token_start, num_tokens=n, payload_bytes=fp.payload_bytes(n)
         )
 
-    def _staged_bytes(self, k: torch.Tensor) -> int:
-        """Ring space K and V need, or 0 when they go in place (CUDA, no ring, too big)."""
+    def _staged_bytes(self, conn: _Connection, k: torch.Tensor) -> int:
+        """Ring space K and V need, or 0 when they go in place (CUDA, no usable ring, too big)."""
         nbytes = 2 * k.numel() * k.element_size()
         ring = self._ring
-        return nbytes if ring is not None and k.device.type == "cpu" and nbytes <= ring.size // 2 else 0
+        usable = conn.staged and ring is not None and k.device.type == "cpu"
+        return nbytes if usable and ring is not None and nbytes <= ring.size // 2 else 0
 
     def _take(self, nbytes: int) -> int:
         assert self._ring is not None
@@ -351,7 +358,8 @@ class KVSender:
             reply = decode_frame(reply_frame, kv_pb2.HandshakeReply)
             if not reply.ok:
                 raise KVIncompatible(f"decode worker at {peer} refused the KV hand-off: {reply.error}")
-            box.append(_Connection(peer, ep, node.connect(reply.worker_address, reply.tag, tag), tag))
+            data = node.connect(reply.worker_address, reply.tag, tag)
+            box.append(_Connection(peer, ep, data, tag, staged=reply.staging and self._ring is not None))
             return box[0]
         except BaseException as exc:
             ucx_runtime.unsubscribe(tag)
@@ -373,16 +381,15 @@ class KVSender:
             return
         except Exception as exc:
             reason = repr(exc)
-        self._drop(conn, TransferError("peer_gone", f"connection to {conn.peer} ended: {reason}"))
+        if self._conns.get(conn.peer) is conn:
+            self._drop(conn, TransferError("peer_gone", f"connection to {conn.peer} ended: {reason}"))
 
     def _drop(self, conn: _Connection, error: TransferError) -> None:
         """Forget the connection; its sends fail with `error`, their memory is held another timeout_s."""
         if self._conns.get(conn.peer) is conn:
             del self._conns[conn.peer]
         ucx_runtime.unsubscribe(conn.tag)
-        if conn.watch is not None and conn.watch is not asyncio.current_task():
-            conn.watch.cancel()
-        conn.ep.abort()
+        conn.ep.abort()  # which also ends the watch's receive
         conn.data.close()
         until = time.monotonic() + self._config.timeout_s
         for sequence, pending in list(self._pending.items()):

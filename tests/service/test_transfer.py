@@ -403,3 +403,33 @@ def test_staging_ring_hands_out_space_in_order_and_reuses_it() -> None:
     finally:
         ring.region.close()
         node.close()
+
+
+async def test_ring_the_receiver_cannot_reach_means_in_place_for_that_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.transfer import native
+
+    unpack = native.Connection.unpack
+    calls = []
+
+    def first_fails(self: native.Connection, rkey: bytes) -> native.RemoteKey:
+        calls.append(rkey)
+        if len(calls) == 1:  # the handshake's: the sender's ring
+            raise native.NativeError("unpacking a remote key failed", -6)
+        return unpack(self, rkey)
+
+    monkeypatch.setattr(native.Connection, "unpack", first_fails)
+    p = Pair(CFG)
+    try:
+        p.addr = await p.receiver.start()
+        p.receiver.expect("apart", [5, 9], 0, 8)
+        kv = make_kv(FP, 8, seed=13)
+        await send_all(p.sender, p.addr, "apart", 0, kv, chunk=8)
+        await p.receiver.wait("apart")
+        assert torch.equal(stored(p.cache, [5, 9], 0, 8), kv)
+        assert not p.sender._conns[p.addr].staged
+        assert len(calls) == 1 + 2 * FP.num_layers  # then a key for K and for V of every layer
+    finally:
+        await p.sender.close()
+        await p.receiver.close()
