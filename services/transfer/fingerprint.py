@@ -38,7 +38,7 @@ class KVFingerprint:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.torch_dtype.itemsize
 
     @property
     def token_bytes(self) -> int:
