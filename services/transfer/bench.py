@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ucx-tls", default=DEFAULT_UCX_TLS)
     parser.add_argument("--progress-mode", default="thread", choices=PROGRESS_MODES)
     parser.add_argument("--perftest-test", default="tag_bw", help="ucx_perftest test (tag_bw, ucp_put_bw, ...)")
+    parser.add_argument(
+        "--perftest-runs", type=int, default=3, help="ucx_perftest runs per size and transport (median)"
+    )
     parser.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest reference")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
 
@@ -76,12 +79,18 @@ def run(args: argparse.Namespace) -> int:
         fp = KVFingerprint("bench", "float32", args.block_size, args.layers, args.kv_heads, args.head_dim)
         if not sizes or min(sizes) < fp.num_layers * fp.payload_bytes(1) or args.repeats < 1:
             raise ValueError("need --repeats >= 1 and sizes of at least one token of every layer")
+        if args.perftest_runs < 1:
+            raise ValueError("need --perftest-runs >= 1")
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
     # ucx_perftest first, while nothing else runs: Ray's processes take a while to go after shutdown.
+    # Its figure at one size swings by 2x from run to run here (cache effects), hence the median.
     reference = {
-        size: {tls: run_perftest(size, tls, args.perftest_test).gbps for tls in ("posix", "tcp")}
+        size: {
+            tls: statistics.median(run_perftest(size, tls, args.perftest_test).gbps for _ in range(args.perftest_runs))
+            for tls in ("posix", "tcp")
+        }
         for size in ([] if args.no_perftest else sizes)
     }
     pdserve = _pdserve_bandwidth(args, fp, sizes)
@@ -102,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"KV hand-off, {args.layers} layers x {args.kv_heads} kv heads x {args.head_dim} dim float32, "
-        f"median of {args.repeats}; ucx_perftest {args.perftest_test}; GB/s = 1e9 B/s"
+        f"median of {args.repeats}; ucx_perftest {args.perftest_test}, median of {args.perftest_runs}; GB/s = 1e9 B/s"
     )
     print(f"{'size MiB':>9} {'pdserve':>9} {'pt posix':>9} {'pt tcp':>9} {'ratio':>6}")
     for r in rows:

@@ -433,3 +433,13 @@ async def test_ring_the_receiver_cannot_reach_means_in_place_for_that_connection
     finally:
         await p.sender.close()
         await p.receiver.close()
+
+
+def test_bench_transfer_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
+    from services.transfer.bench import main
+
+    for argv in (["--repeats", "0"], ["--perftest-runs", "0"], ["--sizes-mib", "0.0001"], ["--sizes-mib", "x"]):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("sys.argv", ["pdserve bench transfer", *argv])
+            assert main() == 2, argv
+        assert "error:" in capsys.readouterr().out
