@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from services.proto_gen import kv_pb2
@@ -85,6 +86,7 @@ class KVReceiver:
         self._token_bytes = fp.payload_bytes(1) // 2  # K (or V) of one token of one layer
         self._plane_bytes = self._num_blocks * fp.block_size * self._token_bytes  # [layer, k/v] plane
         self._expected: dict[str, ExpectedRequest] = {}
+        self._bounce = torch.empty(0, dtype=torch.uint8)  # see _fetch: rings on another host
         self._conns: dict[int, _Link] = {}
         self._conn_ids = itertools.count()
         self._listener: Any = None
@@ -332,7 +334,7 @@ class KVReceiver:
         if not hdr.k_rkey:  # in the staging ring: it must lie inside it
             half = want // 2
             ring = range(link.staging_address, link.staging_address + link.staging_bytes - half + 1)
-            if link.staging is None or hdr.k_address not in ring or hdr.v_address not in ring:
+            if link.staging is None or hdr.k_address not in ring or hdr.v_address != hdr.k_address + half:
                 return "header points outside the sender's staging ring"
         return ""
 
@@ -354,21 +356,35 @@ class KVReceiver:
         pieces = exp.pieces(*rng, self._token_bytes)
         k_plane = self._kv_cache.data_ptr() + 2 * hdr.layer * self._plane_bytes
         sources = ((hdr.k_address, k_plane), (hdr.v_address, k_plane + self._plane_bytes))
+        timeout = self._config.timeout_s
         assert link.data is not None
         if hdr.k_rkey:  # registered in place
             for rkey, (address, plane) in zip((hdr.k_rkey, hdr.v_rkey), sources, strict=True):
                 key = link.data.unpack(rkey)
                 try:
-                    link.data.fetch(key, address, plane, pieces, self._config.timeout_s)
+                    link.data.fetch(key, address, plane, pieces, timeout)
                 finally:
                     key.close()
-        elif link.staging_mapped and not self._kv_cache.is_cuda:
+            return self._mark(hdr, exp, rng)
+        assert link.staging is not None  # _check saw to it
+        if self._kv_cache.is_cuda:  # UCX copies host to device
+            for address, plane in sources:
+                link.data.fetch(link.staging, address, plane, pieces, timeout)
+        elif link.staging_mapped:
             for address, plane in sources:
                 native.copy(link.staging_mapped + (address - link.staging_address), plane, pieces)
-        else:
-            assert link.staging is not None
-            for address, plane in sources:
-                link.data.fetch(link.staging, address, plane, pieces, self._config.timeout_s)
+        else:  # a ring this process cannot map: one get of K and V into a bounce buffer, then copies
+            half = int(hdr.payload_bytes) // 2
+            if self._bounce.numel() < 2 * half:
+                self._bounce = torch.empty(2 * half, dtype=torch.uint8)
+            bounce = self._bounce.data_ptr()
+            whole = np.array([[0], [0], [2 * half]], dtype=np.uint64)
+            link.data.fetch(link.staging, hdr.k_address, bounce, whole, timeout)
+            native.copy(bounce, k_plane, pieces)
+            native.copy(bounce + half, k_plane + self._plane_bytes, pieces)
+        return self._mark(hdr, exp, rng)
+
+    def _mark(self, hdr: Any, exp: ExpectedRequest, rng: tuple[int, int]) -> bool:
         if self._kv_cache.is_cuda:
             torch.cuda.synchronize(self._kv_cache.device)
         exp.mark(hdr.layer, *rng)
