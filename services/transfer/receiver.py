@@ -1,21 +1,25 @@
-"""Decode side of the KV hand-off: accepts prefill connections and fetches their KV into `kv_cache`.
+"""Decode side of the KV hand-off: accepts prefill connections and copies their KV into `kv_cache`.
 
 For each KVHeader a sender announces (see sender.py), the receiver checks it against the
-request's expectation, then copies K and V straight into the request's slots, one piece per run
-of consecutive slots, and acknowledges so the sender can let go of its memory. The copy reads the
-sender's staging ring through the mapping UCX gives of it (same host), or else is an RMA get
-(a ring on another host, or tensors registered in place). The gets
-are waited for synchronously on the event loop (ctypes drops the GIL while UCX copies), so once
-a header is handled its KV is in place, and when a request is cancelled nothing is left in
-flight that could still write into blocks that may already belong to someone else. Headers of
-unknown, cancelled or failed requests are acknowledged without fetching.
+request's expectation, copies K and V straight into the request's slots, one piece per run of
+consecutive slots, and acknowledges, so the sender can let go of its memory. The copy comes
+from the sender's staging ring through the mapping UCX gives of it (same host); from a ring it
+cannot map (another host), as one RMA get into a bounce buffer and then copies; from tensors
+registered in place (CUDA), as RMA gets, piece by piece. All of it happens synchronously on the
+event loop (ctypes drops the GIL while C copies), so once a header is handled its KV is in
+place, and when a request is cancelled nothing is left in flight that could still write into
+blocks that may already belong to someone else. Headers of unknown, cancelled or failed
+requests are acknowledged without copying.
 
-Why this shape (`pdserve bench transfer`, 2-core host): the earlier design received each layer
-into a ring of staging buffers over tag messages and scattered it with index_copy_. UCX endpoints
-opened with error handling leave out shared memory and cma, so those bytes crossed tcp loopback,
-then were copied again, with a Python wake-up per burst on both sides: 0.7 GB/s at 8 MiB. Gets
-over cma read the prefill's tensors directly (one copy, in the kernel): 1.9 GB/s at 8 MiB in
-Ray actors. Staging into UCX-allocated shared memory and copying out of its mapping: see staging.py.
+Why this shape (`pdserve bench transfer`, 2-core host, two Ray actors, 8 / 64 MiB requests): the
+earlier design received each layer over ucxx tag messages into a ring of staging buffers and
+scattered it with index_copy_. ucxx opens endpoints with error handling on, which leaves out
+shared memory and cma, so those bytes crossed tcp loopback and were copied again: 0.8 / 1.7 GB/s.
+RMA gets over cma straight from the prefill's tensors (the data path's endpoints have error
+handling off): about 2 / 4 GB/s, bound by process_vm_readv into scattered 64 KiB pieces. Copying
+out of the mapped staging ring: 3.5 / 6.2 GB/s. Tried and not kept: having the progress thread
+send queued headers in batches (no better), and acking every header at once (the sender's event
+loop then wakes per layer and takes the GIL from the thread submitting the next one).
 """
 
 from __future__ import annotations
