@@ -25,6 +25,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -97,6 +98,7 @@ class KVSender:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sweeping = False
         self._ring: StagingRing | None = None
+        self._ring_lock = threading.Lock()  # close() unmaps the ring only between two stagings
         self._ucxx: Any = None
         self._closed = False
         self.connects = 0  # connections opened so far (reuse means this stays at one per peer)
@@ -163,9 +165,10 @@ class KVSender:
         for _, pending in self._retired:
             pending.release()
         self._retired.clear()
-        if self._ring is not None:
-            self._ring.region.close()
-            self._ring = None
+        with self._ring_lock:
+            if self._ring is not None:
+                self._ring.region.close()
+                self._ring = None
         if self._ucxx is not None:
             self._ucxx = None
             ucx_runtime.release()
@@ -223,12 +226,16 @@ class KVSender:
         sequence = next(self._sequence)
         try:
             if offset is not None:
-                ring = pending.ring = self._ring
-                assert ring is not None
-                pending.offset = offset
                 half = k.numel() * k.element_size()
                 k, v = k.contiguous(), v.contiguous()
-                native.stage(ring.region.address + offset, k.data_ptr(), v.data_ptr(), half)
+                with self._ring_lock:
+                    ring = pending.ring = self._ring
+                    if ring is None:
+                        raise native.NativeError(
+                            "staging KV failed: the sender is closed", native.UCS_ERR_NOT_CONNECTED
+                        )
+                    pending.offset = offset
+                    native.stage(ring.region.address + offset, k.data_ptr(), v.data_ptr(), half)
                 header.k_address = ring.region.address + offset
                 header.v_address = header.k_address + half
             else:
