@@ -15,9 +15,10 @@ from dataclasses import dataclass
 FAILURE_POLICIES = ("recompute", "fail")
 PROGRESS_MODES = ("thread", "thread-polling")
 # Shared memory (posix/sysv), cross-memory attach (cma), loopback (self) and tcp. tcp is needed
-# even on one host: UCX's sockaddr connection manager rides on it. The KV itself moves by RMA get
-# on the data path's own endpoints (native/kvx.c), over cma between processes of one host (seen
-# with UCX_PROTO_INFO=y); the ucxx control endpoints only carry the handshake.
+# even on one host: UCX's sockaddr connection manager rides on it. On one host the data path's
+# own endpoints (native/kvx.c, error handling off) carry headers and acks over sysv shared
+# memory, the decode side maps the sender's staging ring, and tensors registered in place are
+# read over cma (all seen with UCX_PROTO_INFO=y); the ucxx control endpoints carry the handshake.
 DEFAULT_UCX_TLS = "posix,sysv,cma,self,tcp"
 
 
