@@ -5,7 +5,8 @@
  * in ucp_worker_wait. It offers three things:
  *   - short messages (UCP active messages, eager): every message a connection sends carries the
  *     tag its peer gave it, and lands in the receiving node's event queue;
- *   - memory regions: ucp_mem_map of existing memory, with the packed rkey a peer needs;
+ *   - memory regions: existing memory registered with ucp_mem_map, or new memory that UCX
+ *     allocates itself (shared memory a peer on the host can map), with the rkey a peer needs;
  *   - fetch: RMA gets from a peer's region into local memory, waited for in the calling thread;
  *     or, when the peer's region is shared memory that UCX maps into this process (ucp_rkey_ptr),
  *     a plain copy from the mapping (kvx_copy), which on one host is the fastest way across.
