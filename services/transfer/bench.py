@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--ucx-tls", default=DEFAULT_UCX_TLS)
     parser.add_argument("--progress-mode", default="thread", choices=PROGRESS_MODES)
+    parser.add_argument(
+        "--staging-mib", type=int, default=TransferConfig.staging_mib, help="0: register the tensors in place"
+    )
     parser.add_argument("--perftest-test", default="tag_bw", help="ucx_perftest test (tag_bw, ucp_put_bw, ...)")
     parser.add_argument(
         "--perftest-runs", type=int, default=3, help="ucx_perftest runs per size and transport (median)"
@@ -41,7 +44,9 @@ def _pdserve_bandwidth(args: argparse.Namespace, fp: KVFingerprint, sizes: list[
 
     from services.transfer.bench_actors import DecodeSide, PrefillSide
 
-    config = TransferConfig(timeout_s=60.0, ucx_tls=args.ucx_tls, progress_mode=args.progress_mode)
+    config = TransferConfig(
+        timeout_s=60.0, ucx_tls=args.ucx_tls, progress_mode=args.progress_mode, staging_mib=args.staging_mib
+    )
     token_bytes = fp.num_layers * fp.payload_bytes(1)
     max_tokens = max(sizes) // token_bytes
     num_blocks = 2 * (max_tokens // fp.block_size + 1)
@@ -81,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("need --repeats >= 1 and sizes of at least one token of every layer")
         if args.perftest_runs < 1:
             raise ValueError("need --perftest-runs >= 1")
+        TransferConfig(ucx_tls=args.ucx_tls, staging_mib=args.staging_mib)
     except ValueError as exc:
         print(f"error: {exc}")
         return 2

@@ -438,7 +438,8 @@ async def test_ring_the_receiver_cannot_reach_means_in_place_for_that_connection
 def test_bench_transfer_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     from services.transfer.bench import main
 
-    for argv in (["--repeats", "0"], ["--perftest-runs", "0"], ["--sizes-mib", "0.0001"], ["--sizes-mib", "x"]):
+    bad = (["--repeats", "0"], ["--perftest-runs", "0"], ["--sizes-mib", "0.0001"], ["--sizes-mib", "x"])
+    for argv in (*bad, ["--staging-mib", "-1"], ["--ucx-tls", "posix"]):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr("sys.argv", ["pdserve bench transfer", *argv])
             assert main() == 2, argv
