@@ -31,8 +31,8 @@ class DecodeSide:
     def __init__(self, fp: KVFingerprint, config: TransferConfig, num_blocks: int) -> None:
         self.fp = fp
         shape = (fp.num_layers, 2, num_blocks, fp.block_size, fp.num_kv_heads, fp.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=fp.torch_dtype)
-        self.kv_cache.fill_(0)  # touch every page now, as a serving worker's cache is once warm
+        # zero_() writes every page now (torch.zeros may map untouched ones), as a serving worker's cache is once warm
+        self.kv_cache = torch.empty(shape, dtype=fp.torch_dtype).zero_()
         self.receiver = KVReceiver(self.kv_cache, fp, config)
         self.slots: dict[str, torch.Tensor] = {}
 

@@ -325,6 +325,21 @@ static void wait_request(kvx_node *node, void *request)
     ucp_request_free(request);
 }
 
+/* Closes conn's endpoint at once: operations in flight on it complete with an error. Call with
+ * conn->lock held. */
+static void close_endpoint(kvx_conn *conn)
+{
+    ucp_request_param_t param = {0};
+    void *request;
+    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
+    request = ucp_ep_close_nbx(conn->ep, &param);
+    conn->ep = NULL;
+    if (request != NULL && !UCS_PTR_IS_ERR(request)) {
+        wait_request(conn->node, request);
+    }
+}
+
 /* Closes the endpoint and frees conn. With flush_timeout_s > 0, what was sent is first given that
  * long to go out (a peer that is gone cannot make it hang); then the endpoint is closed at once,
  * and operations still in flight complete with an error. */
@@ -347,13 +362,7 @@ void kvx_disconnect(kvx_conn *conn, double flush_timeout_s)
         }
     }
     if (conn->ep != NULL) {
-        param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-        param.flags = UCP_EP_CLOSE_FLAG_FORCE;
-        request = ucp_ep_close_nbx(conn->ep, &param);
-        if (request != NULL && !UCS_PTR_IS_ERR(request)) {
-            wait_request(conn->node, request);
-        }
-        conn->ep = NULL;
+        close_endpoint(conn);
     }
     pthread_mutex_unlock(&conn->lock);
     pthread_mutex_destroy(&conn->lock);
@@ -401,9 +410,14 @@ int kvx_send(kvx_conn *conn, const void *data, size_t length)
     return status;
 }
 
-kvx_region *kvx_register(kvx_node *node, void *address, size_t length, int *status_out)
+void kvx_unregister(kvx_region *region)
 {
-    ucp_mem_map_params_t params = {0};
+    ucp_mem_unmap(region->node->context, region->memh);
+    free(region);
+}
+
+static kvx_region *map_region(kvx_node *node, const ucp_mem_map_params_t *params, int *status_out)
+{
     ucs_status_t status;
     kvx_region *region = calloc(1, sizeof(*region));
     if (region == NULL) {
@@ -411,17 +425,22 @@ kvx_region *kvx_register(kvx_node *node, void *address, size_t length, int *stat
         return NULL;
     }
     region->node = node;
+    status = ucp_mem_map(node->context, params, &region->memh);
+    if (status != UCS_OK) {
+        free(region);
+        region = NULL;
+    }
+    *status_out = status;
+    return region;
+}
+
+kvx_region *kvx_register(kvx_node *node, void *address, size_t length, int *status_out)
+{
+    ucp_mem_map_params_t params = {0};
     params.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
     params.address = address;
     params.length = length;
-    status = ucp_mem_map(node->context, &params, &region->memh);
-    if (status != UCS_OK) {
-        free(region);
-        *status_out = status;
-        return NULL;
-    }
-    *status_out = UCS_OK;
-    return region;
+    return map_region(node, &params, status_out);
 }
 
 /* New memory of `length` bytes that UCX allocates itself, so that peers on this host can map it
@@ -430,32 +449,21 @@ kvx_region *kvx_allocate(kvx_node *node, size_t length, uint64_t *address_out, i
 {
     ucp_mem_map_params_t params = {0};
     ucp_mem_attr_t attr = {0};
-    ucs_status_t status;
-    kvx_region *region = calloc(1, sizeof(*region));
-    if (region == NULL) {
-        *status_out = UCS_ERR_NO_MEMORY;
-        return NULL;
-    }
-    region->node = node;
+    kvx_region *region;
     params.field_mask = UCP_MEM_MAP_PARAM_FIELD_LENGTH | UCP_MEM_MAP_PARAM_FIELD_FLAGS;
     params.length = length;
     params.flags = UCP_MEM_MAP_ALLOCATE;
-    status = ucp_mem_map(node->context, &params, &region->memh);
-    if (status != UCS_OK) {
-        free(region);
-        *status_out = status;
+    region = map_region(node, &params, status_out);
+    if (region == NULL) {
         return NULL;
     }
     attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS;
-    status = ucp_mem_query(region->memh, &attr);
-    if (status != UCS_OK) {
-        ucp_mem_unmap(node->context, region->memh);
-        free(region);
-        *status_out = status;
+    *status_out = ucp_mem_query(region->memh, &attr);
+    if (*status_out != UCS_OK) {
+        kvx_unregister(region);
         return NULL;
     }
     *address_out = (uint64_t)(uintptr_t)attr.address;
-    *status_out = UCS_OK;
     return region;
 }
 
@@ -478,11 +486,6 @@ long kvx_region_rkey(kvx_region *region, void *out, size_t capacity)
     return length;
 }
 
-void kvx_unregister(kvx_region *region)
-{
-    ucp_mem_unmap(region->node->context, region->memh);
-    free(region);
-}
 
 /* A peer's packed rkey, unpacked for use with kvx_fetch on this connection (for shared memory
  * this maps the peer's segment, so unpack once and reuse). Destroy before the connection. */
@@ -590,15 +593,7 @@ int kvx_fetch(kvx_conn *conn, kvx_rkey *remote_key, uint64_t remote_base, uint64
         if (ucp_worker_progress(conn->node->worker) != 0) {
             idle = 0;
         } else if (++idle % 64 == 0 && now_s() > deadline) {
-            ucp_request_param_t close_param = {0};
-            void *request;
-            close_param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-            close_param.flags = UCP_EP_CLOSE_FLAG_FORCE;
-            request = ucp_ep_close_nbx(conn->ep, &close_param);
-            conn->ep = NULL;
-            if (request != NULL && !UCS_PTR_IS_ERR(request)) {
-                wait_request(conn->node, request);
-            }
+            close_endpoint(conn);
             while (__atomic_load_n(&batch.pending, __ATOMIC_ACQUIRE) > 0) {
                 ucp_worker_progress(conn->node->worker);
             }
