@@ -2,8 +2,14 @@
 
 One request is every layer of a token range, sent layer by layer from a "compute" thread with
 `KVSender.submit`, exactly as a prefill worker does, into a decode actor's real kv_cache at random
-block ids. A request's time runs from the first layer's submission (prefill actor) to
-the return of `KVReceiver.wait` (decode actor), both on the host's monotonic clock.
+block ids. A request's time runs from the first layer's submission (prefill actor) to the moment
+`KVReceiver.wait` sees all of it in place (decode actor), both on the host's monotonic clock. The
+decode actor starts waiting when the request is announced, so no Ray call reaches it mid-transfer.
+
+The reference and the hand-off take turns: each round of a size runs ucx_perftest once per
+transport, then `--repeats` requests, and the ratio is taken within the round. On a shared host
+whose speed drifts by 2x over minutes, that keeps each ratio side by side; the table gives the
+median over rounds of every column.
 """
 
 from __future__ import annotations
@@ -31,49 +37,95 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--staging-mib", type=int, default=TransferConfig.staging_mib, help="0: register the tensors in place"
     )
+    parser.add_argument(
+        "--spin-us", type=int, default=TransferConfig.spin_us, help="receiver polling window (0: sleep at once)"
+    )
     parser.add_argument("--perftest-test", default="tag_bw", help="ucx_perftest test (tag_bw, ucp_put_bw, ...)")
     parser.add_argument(
-        "--perftest-runs", type=int, default=3, help="ucx_perftest runs per size and transport (median)"
+        "--rounds", type=int, default=3, help="per size: ucx_perftest once per transport, then --repeats requests"
     )
     parser.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest reference")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
 
 
-def _pdserve_bandwidth(args: argparse.Namespace, fp: KVFingerprint, sizes: list[int]) -> dict[int, float]:
+class _Pair:
+    """A prefill and a decode actor with a connection between them (Ray must be up)."""
+
+    def __init__(self, args: argparse.Namespace, fp: KVFingerprint, sizes: list[int]) -> None:
+        import ray
+
+        from services.transfer.bench_actors import DecodeSide, PrefillSide
+
+        config = TransferConfig(
+            timeout_s=60.0,
+            ucx_tls=args.ucx_tls,
+            progress_mode=args.progress_mode,
+            staging_mib=args.staging_mib,
+            spin_us=args.spin_us,
+        )
+        self.fp = fp
+        self.token_bytes = fp.num_layers * fp.payload_bytes(1)
+        max_tokens = max(sizes) // self.token_bytes
+        self.num_blocks = 2 * (max_tokens // fp.block_size + 1)
+        decode: Any = ray.remote(num_cpus=1)(DecodeSide).remote(fp, config, self.num_blocks)
+        prefill: Any = ray.remote(num_cpus=1)(PrefillSide).remote(fp, config)
+        self.decode, self.prefill = decode, prefill
+        self.peer = ray.get(decode.start.remote())
+        self.rng = random.Random(0)
+        self.requests = 0
+
+    def bandwidth(self, size: int, repeats: int) -> float:
+        """Median GB/s of `repeats` requests of `size` bytes (after one that warms buffers up)."""
+        import ray
+
+        fp = self.fp
+        tokens = max(1, size // self.token_bytes)
+        ray.get(self.prefill.prepare.remote(tokens, size))
+        samples = []
+        for rep in range(repeats + 1):
+            rid = f"bench-{self.requests}"
+            self.requests += 1
+            blocks = self.rng.sample(range(self.num_blocks), (tokens + fp.block_size - 1) // fp.block_size)
+            ray.get(self.decode.expect.remote(rid, blocks, 0, tokens))
+            t0 = ray.get(self.prefill.send_request.remote(self.peer, rid, 0, tokens, size))
+            t1 = ray.get(self.decode.wait.remote(rid))
+            ray.get(self.decode.read.remote(rid))
+            if rep:
+                samples.append(tokens * self.token_bytes / (t1 - t0) / 1e9)
+        return statistics.median(samples)
+
+    def close(self) -> None:
+        import ray
+
+        ray.get([self.prefill.close.remote(), self.decode.close.remote()])
+
+
+def _measure(args: argparse.Namespace, fp: KVFingerprint, sizes: list[int]) -> list[dict[str, Any]]:
     import ray
 
-    from services.transfer.bench_actors import DecodeSide, PrefillSide
-
-    config = TransferConfig(
-        timeout_s=60.0, ucx_tls=args.ucx_tls, progress_mode=args.progress_mode, staging_mib=args.staging_mib
-    )
-    token_bytes = fp.num_layers * fp.payload_bytes(1)
-    max_tokens = max(sizes) // token_bytes
-    num_blocks = 2 * (max_tokens // fp.block_size + 1)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        decode: Any = ray.remote(num_cpus=1)(DecodeSide).remote(fp, config, num_blocks)
-        prefill: Any = ray.remote(num_cpus=1)(PrefillSide).remote(fp, config)
-        peer = ray.get(decode.start.remote())
-        rng = random.Random(0)
-        results: dict[int, float] = {}
+        pair = _Pair(args, fp, sizes)
+        rows = []
         for size in sizes:
-            tokens = max(1, size // token_bytes)
-            ray.get(prefill.prepare.remote(tokens, size))
-            samples = []
-            for rep in range(args.repeats + 1):  # the first one warms up buffers and registrations
-                rid = f"bench-{size}-{rep}"
-                blocks = rng.sample(range(num_blocks), (tokens + fp.block_size - 1) // fp.block_size)
-                ray.get(decode.expect.remote(rid, blocks, 0, tokens))
-                done = decode.wait.remote(rid)
-                t0 = ray.get(prefill.send_request.remote(peer, rid, 0, tokens, size))
-                t1 = ray.get(done)
-                ray.get(decode.read.remote(rid))
-                if rep:
-                    samples.append(tokens * token_bytes / (t1 - t0) / 1e9)
-            results[size] = statistics.median(samples)
-        ray.get([prefill.close.remote(), decode.close.remote()])
-        return results
+            rounds = []
+            for _ in range(args.rounds):
+                reference = {} if args.no_perftest else {
+                    tls: run_perftest(size, tls, args.perftest_test).gbps for tls in ("posix", "tcp")
+                }  # fmt: skip
+                gbps = pair.bandwidth(size, args.repeats)
+                rounds.append((gbps, reference))
+            row: dict[str, Any] = {"size_mib": size / MIB, "pdserve_gbps": statistics.median(g for g, _ in rounds)}
+            if not args.no_perftest:
+                for tls in ("posix", "tcp"):
+                    row[f"perftest_{tls}_gbps"] = statistics.median(ref[tls] for _, ref in rounds)
+                row["ratio_to_best"] = statistics.median(g / max(ref.values()) for g, ref in rounds)
+                row["rounds"] = [
+                    {"pdserve_gbps": g, **{f"perftest_{t}_gbps": v for t, v in ref.items()}} for g, ref in rounds
+                ]
+            rows.append(row)
+        pair.close()
+        return rows
     finally:
         ray.shutdown()
 
@@ -84,29 +136,13 @@ def run(args: argparse.Namespace) -> int:
         fp = KVFingerprint("bench", "float32", args.block_size, args.layers, args.kv_heads, args.head_dim)
         if not sizes or min(sizes) < fp.num_layers * fp.payload_bytes(1) or args.repeats < 1:
             raise ValueError("need --repeats >= 1 and sizes of at least one token of every layer")
-        if args.perftest_runs < 1:
-            raise ValueError("need --perftest-runs >= 1")
-        TransferConfig(ucx_tls=args.ucx_tls, staging_mib=args.staging_mib)
+        if args.rounds < 1:
+            raise ValueError("need --rounds >= 1")
+        TransferConfig(ucx_tls=args.ucx_tls, staging_mib=args.staging_mib, spin_us=args.spin_us)
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
-    # ucx_perftest first, while nothing else runs: Ray's processes take a while to go after shutdown.
-    # Its figure at one size swings by 2x from run to run here (cache effects), hence the median.
-    reference = {
-        size: {
-            tls: statistics.median(run_perftest(size, tls, args.perftest_test).gbps for _ in range(args.perftest_runs))
-            for tls in ("posix", "tcp")
-        }
-        for size in ([] if args.no_perftest else sizes)
-    }
-    pdserve = _pdserve_bandwidth(args, fp, sizes)
-    rows: list[dict[str, Any]] = []
-    for size in sizes:
-        row: dict[str, Any] = {"size_mib": size / MIB, "pdserve_gbps": pdserve[size]}
-        if size in reference:
-            row.update({f"perftest_{tls}_gbps": gbps for tls, gbps in reference[size].items()})
-            row["ratio_to_best"] = pdserve[size] / max(reference[size].values())
-        rows.append(row)
+    rows = _measure(args, fp, sizes)
     _print_table(rows, args)
     if args.json:
         with open(args.json, "w") as f:
@@ -117,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
 def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
         f"KV hand-off, {args.layers} layers x {args.kv_heads} kv heads x {args.head_dim} dim float32, "
-        f"median of {args.repeats}; ucx_perftest {args.perftest_test}, median of {args.perftest_runs}; GB/s = 1e9 B/s"
+        f"{args.rounds} rounds of ucx_perftest {args.perftest_test} then {args.repeats} requests; medians over rounds "
+        "(ratio: within each round); GB/s = 1e9 B/s"
     )
     print(f"{'size MiB':>9} {'pdserve':>9} {'pt posix':>9} {'pt tcp':>9} {'ratio':>6}")
     for r in rows:

@@ -35,20 +35,26 @@ class DecodeSide:
         self.kv_cache = torch.empty(shape, dtype=fp.torch_dtype).zero_()
         self.receiver = KVReceiver(self.kv_cache, fp, config)
         self.slots: dict[str, torch.Tensor] = {}
+        self.completions: dict[str, asyncio.Future[float]] = {}
 
     async def start(self) -> str:
         return await self.receiver.start()
 
     async def expect(self, request_id: str, block_ids: list[int], token_start: int, token_end: int) -> None:
+        """Announce the request and start waiting for it here, so that no call reaches this actor mid-transfer."""
         self.receiver.expect(request_id, block_ids, token_start, token_end)
         bs = self.fp.block_size
         pos = torch.arange(token_start, token_end)
         self.slots[request_id] = torch.as_tensor(block_ids)[pos // bs] * bs + pos % bs
+        self.completions[request_id] = asyncio.ensure_future(self._completion(request_id))
 
-    async def wait(self, request_id: str, timeout: float | None = None) -> float:
-        """Waits for the request; returns the monotonic time at which it completed."""
-        await self.receiver.wait(request_id, timeout)
+    async def _completion(self, request_id: str) -> float:
+        await self.receiver.wait(request_id)
         return time.monotonic()
+
+    async def wait(self, request_id: str) -> float:
+        """Waits for the request; returns the monotonic time at which its KV was all in place."""
+        return await self.completions.pop(request_id)
 
     async def read(self, request_id: str) -> torch.Tensor:
         """The request's KV as stored in the cache: [num_layers, 2, num_tokens, heads, dim]."""

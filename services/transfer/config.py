@@ -37,6 +37,10 @@ class TransferConfig:
         (see staging.py); 0 registers every tensor in place instead, as CUDA tensors always are.
     progress_mode: ucxx progress thread of the control endpoints, which sleeps in epoll
         ("thread") or spins ("thread-polling", costs one core per process); see ucx_runtime.
+    spin_us: how long the receiving event loop keeps polling for the next header of a request
+        whose layers are arriving, before it goes back to sleep (0: never poll). Headers that
+        find it polling need no wake-up: the sender's post takes about 2 us instead of 12 here.
+        The loop is busy for at most this long after each header.
     """
 
     timeout_s: float = 30.0
@@ -46,6 +50,7 @@ class TransferConfig:
     ucx_tls: str = DEFAULT_UCX_TLS
     staging_mib: int = 256
     progress_mode: str = "thread"
+    spin_us: int = 200
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
@@ -70,6 +75,9 @@ class TransferConfig:
         mib = self.staging_mib
         if not isinstance(mib, int) or isinstance(mib, bool) or not 0 <= mib <= 1 << 16:
             raise ValueError(f"TransferConfig.staging_mib must be an int in [0, 65536], got {mib!r}")
+        spin = self.spin_us
+        if not isinstance(spin, int) or isinstance(spin, bool) or not 0 <= spin <= 100_000:
+            raise ValueError(f"TransferConfig.spin_us must be an int in [0, 100000], got {spin!r}")
         if self.progress_mode not in PROGRESS_MODES:
             raise ValueError(
                 f"TransferConfig.progress_mode must be one of {PROGRESS_MODES}, got {self.progress_mode!r}"

@@ -7,7 +7,8 @@
 
 A header's tokens are fetched as pieces, one per run of consecutive slots (a block, or several
 blocks that happen to be adjacent): `pieces()` lists them once per distinct range, which every
-layer then reuses.
+layer then reuses. What has arrived is one bit per token per layer, kept in Python ints, so
+marking a layer costs a few integer operations whatever the range.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-import torch
 
 from services.transfer.errors import TransferError
+from services.transfer.native import Pieces
 
 
 class ExpectedRequest:
@@ -43,17 +44,17 @@ class ExpectedRequest:
                 f"request {request_id!r}: tokens up to {token_end} need {needed} blocks of {block_size}, "
                 f"got {len(block_ids)} block ids"
             )
-        ids = torch.as_tensor(block_ids, dtype=torch.int64)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        ids = np.asarray(block_ids, dtype=np.int64)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
             raise ValueError(f"request {request_id!r}: block ids must lie in [0, {num_blocks})")
-        pos = torch.arange(token_start, token_end, dtype=torch.int64)
+        pos = np.arange(token_start, token_end, dtype=np.int64)
         self.request_id = request_id
         self.token_start = token_start
         self.token_end = token_end
-        self.slots = (ids[pos // block_size] * block_size + pos % block_size).numpy()
-        self._pieces: dict[tuple[int, int], np.ndarray] = {}
-        self._missing = np.ones((num_layers, token_end - token_start), dtype=bool)
-        self._remaining = int(self._missing.size)
+        self.slots = ids[pos // block_size] * block_size + pos % block_size
+        self._pieces: dict[tuple[int, int], Pieces] = {}
+        self._missing = [(1 << (token_end - token_start)) - 1] * num_layers  # bit i: offset i not written yet
+        self._remaining = num_layers * (token_end - token_start)
         self.sources: set[int] = set()  # ids of the connections that delivered data for it
         self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A failure nobody waits for must not be logged as "exception never retrieved".
@@ -75,23 +76,24 @@ class ExpectedRequest:
             return None
         return a, b
 
-    def pieces(self, a: int, b: int, token_bytes: int) -> np.ndarray:
-        """Offsets [a, b) as [3, runs] uint64 rows: source offset, slot offset, length (bytes)."""
+    def pieces(self, a: int, b: int, token_bytes: int) -> Pieces:
+        """Offsets [a, b) as pieces: source offset (from the range's first token), slot offset, length, in bytes."""
         key = (a, b)
-        if key not in self._pieces:
+        pieces = self._pieces.get(key)
+        if pieces is None:
             slots = self.slots[a:b]
             breaks = np.flatnonzero(np.diff(slots) != 1) + 1
             starts = np.concatenate(([0], breaks))
             ends = np.concatenate((breaks, [b - a]))
-            rows = np.stack([starts, slots[starts], ends - starts]) * token_bytes
-            self._pieces[key] = np.ascontiguousarray(rows, dtype=np.uint64)
-        return self._pieces[key]
+            pieces = self._pieces[key] = Pieces(np.stack([starts, slots[starts], ends - starts]) * token_bytes)
+        return pieces
 
     def mark(self, layer: int, a: int, b: int) -> None:
         """Record that layer `layer` of offsets [a, b) has been written; completes when all have."""
-        row = self._missing[layer, a:b]
-        self._remaining -= int(row.sum())
-        row[:] = False
+        bits = ((1 << (b - a)) - 1) << a
+        missing = self._missing[layer]
+        self._remaining -= (missing & bits).bit_count()
+        self._missing[layer] = missing & ~bits
         if self._remaining == 0 and not self.future.done():
             self.future.set_result(None)
 

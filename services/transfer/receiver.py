@@ -86,10 +86,13 @@ class KVReceiver:
         self._fp = fp
         self._config = config
         self._kv_cache = kv_cache
+        self._cache_address = kv_cache.data_ptr()
+        self._on_cuda = kv_cache.is_cuda
         self._num_blocks = int(kv_cache.shape[2])
         self._token_bytes = fp.payload_bytes(1) // 2  # K (or V) of one token of one layer
         self._plane_bytes = self._num_blocks * fp.block_size * self._token_bytes  # [layer, k/v] plane
         self._expected: dict[str, ExpectedRequest] = {}
+        self._partial: set[ExpectedRequest] = set()  # requests with some of their KV, waiting for the rest
         self._bounce = torch.empty(0, dtype=torch.uint8)  # see _fetch: rings on another host
         self._conns: dict[int, _Link] = {}
         self._conn_ids = itertools.count()
@@ -124,9 +127,11 @@ class KVReceiver:
             raise RuntimeError("KVReceiver is closed")
         if request_id in self._expected:
             raise ValueError(f"request {request_id!r} is already expected")
-        self._expected[request_id] = ExpectedRequest(
+        exp = ExpectedRequest(
             request_id, block_ids, token_start, token_end, self._fp.block_size, self._fp.num_layers, self._num_blocks
         )
+        exp.pieces(0, exp.num_tokens, self._token_bytes)  # worked out now, not when the first layer lands
+        self._expected[request_id] = exp
 
     async def wait(self, request_id: str, timeout: float | None = None) -> None:
         """Return once every layer of the expected range has been written; raise TransferError otherwise.
@@ -268,30 +273,30 @@ class KVReceiver:
 
     # ---- headers ----------------------------------------------------------------------------
 
-    def _on_events(self, conn: int, events: list[tuple[int, int, bytes]]) -> None:
-        """Every header that arrived on one connection since the last wake-up."""
+    def _on_events(self, conn: int, events: list[tuple[int, int, bytes]]) -> bool:
+        """Every header that arrived on one connection since the last wake-up; True while more are due."""
         link = self._conns.get(conn)
         if link is None or link.data is None or link.ended.done():
-            return
+            return False
         completed = False
         for kind, status, payload in events:
             if kind == native.EVENT_PEER_FAILED:
                 self._drop(
                     conn, TransferError("peer_gone", f"KV sender connection {conn}: {native.status_string(status)}")
                 )
-                return
+                return False
             try:
                 hdr = parse(payload, kv_pb2.KVHeader)
             except ValueError as exc:
                 self._drop(conn, TransferError("bad_header", f"malformed KV header: {exc}"))
-                return
+                return False
             exp = self._expected.get(hdr.request_id)
             problem = self._check(hdr, link)
             if problem:
                 if exp is not None:
                     exp.fail(TransferError("bad_header", problem))
                 self._drop(conn, TransferError("bad_header", problem))
-                return
+                return False
             try:
                 completed = self._fetch(conn, link, hdr, exp) or completed
             except native.NativeError as exc:
@@ -300,12 +305,18 @@ class KVReceiver:
                 self._drop(
                     conn, TransferError("timeout", message) if timed_out else TransferError("peer_gone", message)
                 )
-                return
+                return False
             link.acks.append(hdr.sequence)
         if completed or len(link.acks) >= ACK_BATCH:
             self._send_acks(conn, link)
         elif link.acks and link.ack_timer is None:
             link.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._send_acks, conn, link)
+        return self._arriving()
+
+    def _arriving(self) -> bool:
+        """Whether some request has part of its KV and waits for the rest (more headers are due)."""
+        self._partial = {exp for exp in self._partial if not exp.done}
+        return bool(self._partial)
 
     def _send_acks(self, conn: int, link: _Link, closing: bool = False) -> None:
         if link.ack_timer is not None:
@@ -328,17 +339,18 @@ class KVReceiver:
             return f"header layer {hdr.layer} out of range (num_layers={fp.num_layers})"
         if hdr.num_tokens == 0:
             return "header with num_tokens=0"
-        want = fp.payload_bytes(hdr.num_tokens)
-        if hdr.payload_bytes != want:
+        half = hdr.num_tokens * self._token_bytes
+        if hdr.payload_bytes != 2 * half:
             return (
-                f"header payload_bytes={hdr.payload_bytes} but {hdr.num_tokens} tokens of this layout take {want} bytes"
+                f"header payload_bytes={hdr.payload_bytes} but {hdr.num_tokens} tokens of this layout take "
+                f"{2 * half} bytes"
             )
         if bool(hdr.k_rkey) != bool(hdr.v_rkey) or not hdr.k_address or not hdr.v_address:
             return "header without the addresses of its K and V, or with only one key"
         if not hdr.k_rkey:  # in the staging ring: it must lie inside it
-            half = want // 2
-            ring = range(link.staging_address, link.staging_address + link.staging_bytes - half + 1)
-            if link.staging is None or hdr.k_address not in ring or hdr.v_address != hdr.k_address + half:
+            start = hdr.k_address - link.staging_address
+            inside = link.staging is not None and 0 <= start <= link.staging_bytes - 2 * half
+            if not inside or hdr.v_address != hdr.k_address + half:
                 return "header points outside the sender's staging ring"
         return ""
 
@@ -358,41 +370,44 @@ class KVReceiver:
             )
             return False
         pieces = exp.pieces(*rng, self._token_bytes)
-        k_plane = self._kv_cache.data_ptr() + 2 * hdr.layer * self._plane_bytes
-        sources = ((hdr.k_address, k_plane), (hdr.v_address, k_plane + self._plane_bytes))
+        k_plane = self._cache_address + 2 * hdr.layer * self._plane_bytes
+        v_plane = k_plane + self._plane_bytes
         timeout = self._config.timeout_s
         assert link.data is not None
         if hdr.k_rkey:  # registered in place
-            for rkey, (address, plane) in zip((hdr.k_rkey, hdr.v_rkey), sources, strict=True):
+            for rkey, address, plane in ((hdr.k_rkey, hdr.k_address, k_plane), (hdr.v_rkey, hdr.v_address, v_plane)):
                 key = link.data.unpack(rkey)
                 try:
                     link.data.fetch(key, address, plane, pieces, timeout)
                 finally:
                     key.close()
-            return self._mark(hdr, exp, rng)
-        assert link.staging is not None  # _check saw to it
-        if self._kv_cache.is_cuda:  # UCX copies host to device
-            for address, plane in sources:
-                link.data.fetch(link.staging, address, plane, pieces, timeout)
+        elif self._on_cuda:  # from the staging ring; UCX copies host to device
+            assert link.staging is not None  # _check saw to it
+            link.data.fetch(link.staging, hdr.k_address, k_plane, pieces, timeout)
+            link.data.fetch(link.staging, hdr.v_address, v_plane, pieces, timeout)
         elif link.staging_mapped:
-            for address, plane in sources:
-                native.copy(link.staging_mapped + (address - link.staging_address), plane, pieces)
+            mapped = link.staging_mapped - link.staging_address
+            native.copy_kv(mapped + hdr.k_address, mapped + hdr.v_address, k_plane, v_plane, pieces)
         else:  # a ring this process cannot map: one get of K and V into a bounce buffer, then copies
+            assert link.staging is not None
             half = int(hdr.payload_bytes) // 2
             if self._bounce.numel() < 2 * half:
                 self._bounce = torch.empty(2 * half, dtype=torch.uint8)
             bounce = self._bounce.data_ptr()
-            whole = np.array([[0], [0], [2 * half]], dtype=np.uint64)
+            whole = native.Pieces(np.array([[0], [0], [2 * half]]))
             link.data.fetch(link.staging, hdr.k_address, bounce, whole, timeout)
-            native.copy(bounce, k_plane, pieces)
-            native.copy(bounce + half, k_plane + self._plane_bytes, pieces)
+            native.copy_kv(bounce, bounce + half, k_plane, v_plane, pieces)
         return self._mark(hdr, exp, rng)
 
     def _mark(self, hdr: Any, exp: ExpectedRequest, rng: tuple[int, int]) -> bool:
-        if self._kv_cache.is_cuda:
+        if self._on_cuda:
             torch.cuda.synchronize(self._kv_cache.device)
         exp.mark(hdr.layer, *rng)
-        return exp.done
+        if exp.done:
+            self._partial.discard(exp)
+            return True
+        self._partial.add(exp)
+        return False
 
     def _fail_sourced(self, conn: int, error: TransferError) -> None:
         for exp in self._expected.values():

@@ -56,7 +56,7 @@ class _Connection:
     watch: asyncio.Task[None] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     future: concurrent.futures.Future[int]
     conn: _Connection
@@ -89,6 +89,8 @@ class KVSender:
 
     def __init__(self, fingerprint: KVFingerprint, config: TransferConfig) -> None:
         self._fp = fingerprint
+        self._token_shape = (fingerprint.num_kv_heads, fingerprint.head_dim)
+        self._dtype = fingerprint.torch_dtype
         self._config = config
         self._conns: dict[str, _Connection] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
@@ -180,6 +182,7 @@ class KVSender:
     # ---- internals --------------------------------------------------------------------------
 
     def _header(self, request_id: str, layer: int, token_start: int, k: torch.Tensor, v: torch.Tensor) -> Any:
+        """The layer's KVHeader, its addresses and sequence still to fill in; ValueError for bad arguments."""
         fp = self._fp
         if not request_id:
             raise ValueError("request_id must be a non-empty string")
@@ -187,28 +190,30 @@ class KVSender:
             raise ValueError(f"layer {layer} out of range [0, {fp.num_layers})")
         if token_start < 0:
             raise ValueError(f"token_start must be >= 0, got {token_start}")
+        shape = k.shape
         for name, t in (("k", k), ("v", v)):
-            if t.dim() != 3 or tuple(t.shape[1:]) != (fp.num_kv_heads, fp.head_dim) or t.shape[0] == 0:
+            if len(t.shape) != 3 or t.shape[1:] != self._token_shape or t.shape[0] == 0:
                 raise ValueError(
                     f"{name} must have shape [n>0, {fp.num_kv_heads}, {fp.head_dim}], got {tuple(t.shape)}"
                 )
-            if t.dtype != fp.torch_dtype:
-                raise ValueError(f"{name} has dtype {t.dtype}, the fingerprint says {fp.torch_dtype}")
-        if k.shape != v.shape:
-            raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
-        if len(request_id.encode()) > MAX_HEADER_BYTES // 2:
+            if t.dtype != self._dtype:
+                raise ValueError(f"{name} has dtype {t.dtype}, the fingerprint says {self._dtype}")
+        if v.shape != shape:
+            raise ValueError(f"k {tuple(shape)} and v {tuple(v.shape)} differ in shape")
+        if len(request_id) > MAX_HEADER_BYTES // 8 and len(request_id.encode()) > MAX_HEADER_BYTES // 2:
             raise ValueError(f"request_id is too long ({len(request_id)} chars) for a KV header")
-        n = int(k.shape[0])
+        n = shape[0]
         return kv_pb2.KVHeader(
             request_id=request_id, layer=layer, token_start=token_start, num_tokens=n, payload_bytes=fp.payload_bytes(n)
         )
 
     def _staged_bytes(self, conn: _Connection, k: torch.Tensor) -> int:
         """Ring space K and V need, or 0 when they go in place (CUDA, no usable ring, too big)."""
-        nbytes = 2 * k.numel() * k.element_size()
         ring = self._ring
-        usable = conn.staged and ring is not None and k.device.type == "cpu"
-        return nbytes if usable and ring is not None and nbytes <= ring.size // 2 else 0
+        if not conn.staged or ring is None or k.is_cuda:
+            return 0
+        nbytes = 2 * k.numel() * k.element_size()
+        return nbytes if nbytes <= ring.size // 2 else 0
 
     def _take(self, nbytes: int) -> int:
         assert self._ring is not None
@@ -235,9 +240,13 @@ class KVSender:
                             "staging KV failed: the sender is closed", native.UCS_ERR_NOT_CONNECTED
                         )
                     pending.offset = offset
-                    native.stage(ring.region.address + offset, k.data_ptr(), v.data_ptr(), half)
-                header.k_address = ring.region.address + offset
-                header.v_address = header.k_address + half
+                    header.k_address = ring.region.address + offset
+                    header.v_address = header.k_address + half
+                    header.sequence = sequence
+                    self._pending[sequence] = pending
+                    conn.data.send_staged(
+                        header.k_address, k.data_ptr(), v.data_ptr(), half, header.SerializeToString()
+                    )
             else:
                 k, v = pending.tensors = (k.contiguous(), v.contiguous())
                 if k.is_cuda:
@@ -247,9 +256,9 @@ class KVSender:
                     pending.regions.append(node.register(t.data_ptr(), t.numel() * t.element_size()))
                 header.k_address, header.v_address = k.data_ptr(), v.data_ptr()
                 header.k_rkey, header.v_rkey = pending.regions[0].rkey, pending.regions[1].rkey
-            header.sequence = sequence
-            self._pending[sequence] = pending
-            conn.data.send(header.SerializeToString())
+                header.sequence = sequence
+                self._pending[sequence] = pending
+                conn.data.send(header.SerializeToString())
         except native.NativeError as exc:
             self._pending.pop(sequence, None)
             pending.release()

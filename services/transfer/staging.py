@@ -29,7 +29,7 @@ class StagingRing:
         self.region = region
         self.size = region.length
         self.buffer = torch.frombuffer((ctypes.c_uint8 * self.size).from_address(region.address), dtype=torch.uint8)
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._live: OrderedDict[int, list[int]] = OrderedDict()  # offset -> [size, given back]
         self._head = 0  # offset of the oldest live allocation
         self._tail = 0  # where the next allocation starts (or wraps to 0)
@@ -40,10 +40,12 @@ class StagingRing:
             raise ValueError(f"{nbytes} bytes do not fit a staging ring of {self.size}")
         size = -(-nbytes // ALIGN) * ALIGN
         with self._cond:
-            if not self._cond.wait_for(lambda: self._fits(size) is not None, timeout_s):
-                return None
             offset = self._fits(size)
-            assert offset is not None
+            if offset is None:
+                if not self._cond.wait_for(lambda: self._fits(size) is not None, timeout_s):
+                    return None
+                offset = self._fits(size)
+                assert offset is not None
             self._live[offset] = [size, 0]
             self._tail = offset + size
             return offset

@@ -15,7 +15,10 @@ notifier to a new loop once every earlier user has released (e.g. two `asyncio.r
 The data path's own UCX worker (services/transfer/native) is process-wide too: `node()` returns
 it, and its events reach the loop through one reader on its eventfd. Each connection end
 subscribes a handler under a tag of its own (`subscribe`), which is what the peer's messages carry;
-a handler gets, once per wake-up, every event that arrived for its tag, oldest first.
+a handler gets, once per wake-up, every event that arrived for its tag, oldest first. While a
+handler says more are due (a receiver whose request is mid-transfer), the loop keeps polling the
+worker for up to `TransferConfig.spin_us` instead of sleeping, so that the next header needs no
+wake-up on either side.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from types import ModuleType
 
@@ -37,15 +41,19 @@ _users = 0
 _loop: asyncio.AbstractEventLoop | None = None
 _env: dict[str, str] | None = None
 _node: native.Node | None = None
-_handlers: dict[int, Callable[[list[tuple[int, int, bytes]]], None]] = {}
+_spin_s = 0.0
+SPIN_BUDGET_S = 0.002
 _tags = itertools.count(1)
 
-Handler = Callable[[list[tuple[int, int, bytes]]], None]
+# Gets one wake-up's events for its tag; returns True when more are due in a moment (a request's
+# layers are arriving), which keeps the loop polling for up to `spin_us` (see TransferConfig).
+Handler = Callable[[list[tuple[int, int, bytes]]], bool | None]
+_handlers: dict[int, Handler] = {}
 
 
 def acquire(config: TransferConfig) -> ModuleType:
     """Initialise UCX on the running loop if needed and return the `ucxx` module. Pair with `release()`."""
-    global _users, _loop, _env
+    global _users, _loop, _env, _spin_s
     loop = asyncio.get_running_loop()
     with _lock:
         if _users > 0 and _loop is not loop:
@@ -77,6 +85,7 @@ def acquire(config: TransferConfig) -> ModuleType:
             assert _node is not None
             loop.add_reader(_node.event_fd, _dispatch)
         _loop = loop
+        _spin_s = config.spin_us * 1e-6  # a process-wide setting: the latest user's applies
         _users += 1
         return ucxx
 
@@ -100,14 +109,32 @@ def unsubscribe(tag: int) -> None:
 
 
 def _dispatch() -> None:
+    """Hand every queued event to its handler; while one expects more soon, poll for them.
+
+    Polling ends after SPIN_BUDGET_S per wake-up even if headers keep coming, so the loop's other
+    callbacks still run; what arrives meanwhile wakes the loop again through the eventfd.
+    """
     assert _node is not None
-    by_tag: dict[int, list[tuple[int, int, bytes]]] = {}
-    for kind, status, tag, payload in _node.poll():
-        by_tag.setdefault(tag, []).append((kind, status, payload))
-    for tag, events in by_tag.items():
-        handler = _handlers.get(tag)
-        if handler is not None:
-            handler(events)
+    spun = False
+    until = time.monotonic() + SPIN_BUDGET_S
+    try:
+        while True:
+            by_tag: dict[int, list[tuple[int, int, bytes]]] = {}
+            for kind, status, tag, payload in _node.poll():
+                by_tag.setdefault(tag, []).append((kind, status, payload))
+            more = False
+            for tag, events in by_tag.items():
+                handler = _handlers.get(tag)
+                if handler is not None:
+                    more = bool(handler(events)) or more
+            if not (more and _spin_s) or time.monotonic() > until:
+                return
+            spun = True
+            if not _node.spin(_spin_s):
+                return
+    finally:
+        if spun:
+            _node.spin_end()
 
 
 def release() -> None:

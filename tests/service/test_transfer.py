@@ -47,10 +47,18 @@ class Pair:
 
 
 # Every pair test runs both ways KV can travel: staged in the sender's shared-memory ring and
-# copied out of its mapping, or registered in place and fetched by RMA get (as CUDA tensors are).
-@pytest.fixture(params=["staged", "in_place"])
+# copied out of its mapping, or registered in place and fetched by RMA get (as CUDA tensors are);
+# and staged once more with a receiver that sleeps between headers instead of polling for them.
+PAIR_CONFIGS = {
+    "staged": CFG,
+    "in_place": TransferConfig(timeout_s=CFG.timeout_s, staging_mib=0),
+    "no_spin": TransferConfig(timeout_s=CFG.timeout_s, spin_us=0),
+}
+
+
+@pytest.fixture(params=list(PAIR_CONFIGS))
 async def pair(request: pytest.FixtureRequest) -> AsyncIterator[Pair]:
-    p = Pair(CFG if request.param == "staged" else TransferConfig(timeout_s=CFG.timeout_s, staging_mib=0))
+    p = Pair(PAIR_CONFIGS[request.param])
     p.addr = await p.receiver.start()
     yield p
     await p.sender.close()

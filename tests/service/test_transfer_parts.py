@@ -14,6 +14,25 @@ def test_staging_mib_is_validated() -> None:
             TransferConfig(staging_mib=bad)  # type: ignore[arg-type]
 
 
+def test_spin_us_is_validated() -> None:
+    assert TransferConfig(spin_us=0).spin_us == 0
+    for bad in (-1, 100_001, 0.5, True):
+        with pytest.raises(ValueError, match="spin_us"):
+            TransferConfig(spin_us=bad)  # type: ignore[arg-type]
+
+
+def test_pieces_hold_their_rows_pointers() -> None:
+    import numpy as np
+
+    from services.transfer.native import Pieces
+
+    p = Pieces(np.array([[0, 8], [16, 64], [8, 8]]))
+    assert p.count == 2 and p.rows.dtype == np.uint64
+    assert p.pointers == (p.rows.ctypes.data, p.rows.ctypes.data + 16, p.rows.ctypes.data + 32)
+    with pytest.raises(ValueError, match="rows"):
+        Pieces(np.zeros((2, 3)))
+
+
 def test_staging_ring_hands_out_space_in_order_and_reuses_it() -> None:
     from services.transfer.native import Node
     from services.transfer.staging import ALIGN, StagingRing
@@ -44,7 +63,7 @@ def test_staging_ring_hands_out_space_in_order_and_reuses_it() -> None:
 def test_bench_transfer_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     from services.transfer.bench import main
 
-    bad = (["--repeats", "0"], ["--perftest-runs", "0"], ["--sizes-mib", "0.0001"], ["--sizes-mib", "x"])
+    bad = (["--repeats", "0"], ["--rounds", "0"], ["--spin-us", "-1"], ["--sizes-mib", "0.0001"], ["--sizes-mib", "x"])
     for argv in (*bad, ["--staging-mib", "-1"], ["--ucx-tls", "posix"]):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr("sys.argv", ["pdserve bench transfer", *argv])
