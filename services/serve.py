@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--transfer-staging-mib", type=int, default=256,
         help="each prefill worker's staging ring for host KV (shared memory); 0 registers tensors in place",
     )
+    parser.add_argument(
+        "--transfer-spin-us", type=int, default=200,
+        help="how long a decode worker polls for a request's next KV layer before sleeping; 0 never polls",
+    )
     parser.add_argument("--slo-ttft-ms", type=float, default=None)
     parser.add_argument("--slo-tpot-ms", type=float, default=None)
     parser.add_argument("--cpus-per-worker", type=float, default=None, help="default: the cores shared out evenly")
@@ -107,7 +111,7 @@ class Service:
         )
         model = load_model_config(a.model)
         transfer = TransferConfig(timeout_s=a.transfer_timeout_s, failure_policy=a.transfer_failure_policy,
-                                  staging_mib=a.transfer_staging_mib,
+                                  staging_mib=a.transfer_staging_mib, spin_us=a.transfer_spin_us,
                                   host=a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1")
         self.metrics = Metrics(model_name=model.name, slo_ttft_ms=a.slo_ttft_ms, slo_tpot_ms=a.slo_tpot_ms)
         spec = PoolSpec(a.prefill_workers, a.decode_workers, colocated, cpus_per_worker=cpus,

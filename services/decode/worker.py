@@ -51,9 +51,12 @@ class DecodeWorker(EngineWorker):
         self.expired_leases = 0
 
     async def ready(self) -> WorkerInfo:
-        self._ensure_started()
+        # UCX reads the environment while it comes up; bring it up before the engine thread starts,
+        # so that no thread of ours can be changing the environment meanwhile (a getenv racing a
+        # setenv crashed a worker at start-up once).
         if self.address is None and self.role == "decode":
             self.address = await self.receiver.start()
+        self._ensure_started()
         bm = self.engine.block_manager
         return WorkerInfo(self.name, self.role, self.address, bm.block_size, bm.num_blocks)
 

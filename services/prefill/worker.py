@@ -64,6 +64,7 @@ class PrefillWorker(EngineWorker):
         self.async_engine.layer_hook = self._layer_hook
 
     async def ready(self) -> WorkerInfo:
+        await self.sender.start()  # before the engine thread: see DecodeWorker.ready
         self._ensure_started()
         bm = self.engine.block_manager
         return WorkerInfo(self.name, self.role, None, bm.block_size, bm.num_blocks)

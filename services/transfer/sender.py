@@ -152,6 +152,15 @@ class KVSender:
             return failed
         return self._offer(conn, header, k, v, offset)
 
+    async def start(self) -> None:
+        """Bring UCX and the staging ring up now; otherwise the first connection does."""
+        if self._closed:
+            raise RuntimeError("KVSender is closed")
+        if self._ucxx is None:
+            self._ucxx = ucx_runtime.acquire(self._config)
+            self._loop = asyncio.get_running_loop()
+            self._ring = self._new_ring()
+
     async def close(self) -> None:
         """Close every connection (the receivers see them end)."""
         if self._closed:
@@ -327,10 +336,7 @@ class KVSender:
             conn = self._conns.get(peer)
             if conn is not None:
                 return conn
-            if self._ucxx is None:
-                self._ucxx = ucx_runtime.acquire(self._config)
-                self._loop = asyncio.get_running_loop()
-                self._ring = self._new_ring()
+            await self.start()
             try:
                 conn = await asyncio.wait_for(self._connect(peer, host, port), self._config.timeout_s)
             except TimeoutError:
