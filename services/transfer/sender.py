@@ -91,6 +91,7 @@ class KVSender:
         self._fp = fingerprint
         self._token_shape = (fingerprint.num_kv_heads, fingerprint.head_dim)
         self._dtype = fingerprint.torch_dtype
+        self._token_payload = fingerprint.payload_bytes(1)
         self._config = config
         self._conns: dict[str, _Connection] = {}
         self._connecting: dict[str, asyncio.Lock] = {}
@@ -212,8 +213,9 @@ class KVSender:
         if len(request_id) > MAX_HEADER_BYTES // 8 and len(request_id.encode()) > MAX_HEADER_BYTES // 2:
             raise ValueError(f"request_id is too long ({len(request_id)} chars) for a KV header")
         n = shape[0]
+        payload = n * self._token_payload
         return kv_pb2.KVHeader(
-            request_id=request_id, layer=layer, token_start=token_start, num_tokens=n, payload_bytes=fp.payload_bytes(n)
+            request_id=request_id, layer=layer, token_start=token_start, num_tokens=n, payload_bytes=payload
         )
 
     def _staged_bytes(self, conn: _Connection, k: torch.Tensor) -> int:

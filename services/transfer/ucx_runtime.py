@@ -120,7 +120,7 @@ def _dispatch() -> None:
     try:
         while True:
             by_tag: dict[int, list[tuple[int, int, bytes]]] = {}
-            for kind, status, tag, payload in _node.poll():
+            for kind, status, tag, payload in _node.poll(woken=not spun):
                 by_tag.setdefault(tag, []).append((kind, status, payload))
             more = False
             for tag, events in by_tag.items():

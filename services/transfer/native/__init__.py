@@ -151,12 +151,16 @@ class Node:
         self.address = _sized(self._lib.kvx_address, self._h)
         self._poll_buf = ctypes.create_string_buffer(1 << 16)
 
-    def poll(self) -> list[tuple[int, int, int, bytes]]:
-        """Every queued event as (kind, status, tag, payload), oldest first."""
-        try:
-            os.read(self.event_fd, 8)
-        except BlockingIOError:
-            pass
+    def poll(self, woken: bool = True) -> list[tuple[int, int, int, bytes]]:
+        """Every queued event as (kind, status, tag, payload), oldest first.
+
+        `woken`: the caller woke on `event_fd`, which this clears (after `spin`, pass False).
+        """
+        if woken:
+            try:
+                os.read(self.event_fd, 8)
+            except BlockingIOError:
+                pass
         events: list[tuple[int, int, int, bytes]] = []
         while True:
             n = self._lib.kvx_poll(self._h, self._poll_buf, len(self._poll_buf))
@@ -165,7 +169,7 @@ class Node:
             if n < 0:
                 self._poll_buf = ctypes.create_string_buffer(-n)
                 continue
-            raw = self._poll_buf.raw[:n]
+            raw = ctypes.string_at(self._poll_buf, n)
             at = 0
             while at < n:
                 kind, status, tag, length = _RECORD.unpack_from(raw, at)
