@@ -182,7 +182,7 @@ def run_subbench(name: str, args: list[str], timeout_s: float) -> list[str]:
 
 SUBBENCHES: dict[str, list[str]] = {
     "offline": ["--num-prompts", "32", "--input-len", "64:256", "--output-len", "16:64"],
-    "transfer": ["--sizes-mib", "1,4,16", "--repeats", "3"],
+    "transfer": ["--sizes-mib", "1,4,16", "--repeats", "3", "--rounds", "1"],
 }
 
 

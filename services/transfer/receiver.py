@@ -11,6 +11,13 @@ place, and when a request is cancelled nothing is left in flight that could stil
 blocks that may already belong to someone else. Headers of unknown, cancelled or failed
 requests are acknowledged without copying.
 
+While a request's layers are arriving, the event loop does not go back to sleep between
+headers: it polls the data-path worker for up to `spin_us` (ucx_runtime), so the next header
+lands without a wake-up on either side. Measured here, a header posted to a sleeping receiver
+costs the prefill thread about 12 us (UCX signals the peer through a socket), and 2 us to a
+polling one. `pdserve bench transfer` with it against `--spin-us 0`, back to back: 1.7x faster at
+8 MiB per request, 1.35x at 16 MiB, 1.1x at 64 MiB.
+
 Why this shape (`pdserve bench transfer`, 2-core host, two Ray actors, 8 / 64 MiB requests): the
 earlier design received each layer over ucxx tag messages into a ring of staging buffers and
 scattered it with index_copy_. ucxx opens endpoints with error handling on, which leaves out
