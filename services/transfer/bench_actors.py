@@ -13,6 +13,7 @@ import time
 import torch
 
 from services.transfer.config import TransferConfig
+from services.transfer.expected import slot_ids
 from services.transfer.fingerprint import KVFingerprint
 from services.transfer.receiver import KVReceiver
 from services.transfer.sender import KVSender
@@ -43,9 +44,7 @@ class DecodeSide:
     async def expect(self, request_id: str, block_ids: list[int], token_start: int, token_end: int) -> None:
         """Announce the request and start waiting for it here, so that no call reaches this actor mid-transfer."""
         self.receiver.expect(request_id, block_ids, token_start, token_end)
-        bs = self.fp.block_size
-        pos = torch.arange(token_start, token_end)
-        self.slots[request_id] = torch.as_tensor(block_ids)[pos // bs] * bs + pos % bs
+        self.slots[request_id] = torch.from_numpy(slot_ids(block_ids, token_start, token_end, self.fp.block_size))
         self.completions[request_id] = asyncio.ensure_future(self._completion(request_id))
 
     async def _completion(self, request_id: str) -> float:

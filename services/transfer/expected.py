@@ -21,6 +21,12 @@ from services.transfer.errors import TransferError
 from services.transfer.native import Pieces
 
 
+def slot_ids(block_ids: np.ndarray | list[int], token_start: int, token_end: int, block_size: int) -> np.ndarray:
+    """The cache slot of every token position in [token_start, token_end), given the request's blocks."""
+    pos = np.arange(token_start, token_end, dtype=np.int64)
+    return np.asarray(block_ids, dtype=np.int64)[pos // block_size] * block_size + pos % block_size
+
+
 class ExpectedRequest:
     """Bookkeeping of one request: destination slots, per-layer arrival mask, completion future."""
 
@@ -47,11 +53,10 @@ class ExpectedRequest:
         ids = np.asarray(block_ids, dtype=np.int64)
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
             raise ValueError(f"request {request_id!r}: block ids must lie in [0, {num_blocks})")
-        pos = np.arange(token_start, token_end, dtype=np.int64)
         self.request_id = request_id
         self.token_start = token_start
         self.token_end = token_end
-        self.slots = ids[pos // block_size] * block_size + pos % block_size
+        self.slots = slot_ids(ids, token_start, token_end, block_size)
         self._pieces: dict[tuple[int, int], Pieces] = {}
         self._missing = [(1 << (token_end - token_start)) - 1] * num_layers  # bit i: offset i not written yet
         self._remaining = num_layers * (token_end - token_start)
