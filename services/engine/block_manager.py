@@ -151,6 +151,20 @@ class BlockManager:
             self.cached_blocks.setdefault(parent, block.block_id)
         self.req_num_hashed[rid] = num_full
 
+    def hold(self, holder: str, block_ids: list[int]) -> None:
+        """Takes a reference, under `holder`, on each of block_ids it does not hold yet; `free(holder)` drops them.
+
+        Blocks that something outside the engine still reads (KV being sent) stay out of reuse
+        that way after their request has finished.
+        """
+        held = self.req_blocks.setdefault(holder, [])
+        have = set(held)
+        for block_id in block_ids:
+            if block_id not in have:
+                self._take(block_id)
+                held.append(block_id)
+                have.add(block_id)
+
     def free(self, request_id: str) -> None:
         """Drops the request's references. Tail blocks are queued first so they are evicted first."""
         held = self.req_blocks.pop(request_id, [])

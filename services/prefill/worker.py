@@ -4,6 +4,13 @@ For every chunk the engine computes, the per-layer hook hands that layer's new K
 the UCX sender while the next layer computes, so the transfer overlaps the compute. Prompt
 tokens that the prefill side's own prefix cache already held are sent from the cache with
 the first chunk.
+
+On CPU the engine's KV cache lives in shared memory that the sender allocates
+(`KVSender.allocate_cache`), and a layer goes as the cache blocks it was just written to: the
+decode side copies straight out of them, with no staging copy here. The request's blocks are
+then held (`BlockManager.hold`) until every send of it has been acknowledged, so that no other
+request reuses them while they are read. Elsewhere (CUDA, or no shared memory) the layer's K and
+V go as tensors, which the sender stages or registers.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import dataclasses
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,7 +35,12 @@ from services.env import ENV
 from services.transfer.config import TransferConfig
 from services.transfer.errors import TransferError
 from services.transfer.fingerprint import KVFingerprint
-from services.transfer.sender import KVSender
+from services.transfer.sender import MAX_SOURCE_BLOCKS, KVSender
+
+
+def _sending(request_id: str) -> str:
+    """Who holds a request's blocks while its KV is being sent (BlockManager.hold)."""
+    return f"kv-send:{request_id}"
 
 
 @dataclass
@@ -61,10 +74,18 @@ class PrefillWorker(EngineWorker):
         self.transfer_config = transfer
         self.sender = KVSender(kv_fingerprint(self), transfer)
         self.plans: dict[str, SendPlan] = {}
+        self.shared_cache = False  # the engine's KV cache is the sender's shared one (set by ready)
+        self._releases: set[asyncio.Task[None]] = set()
         self.async_engine.layer_hook = self._layer_hook
 
     async def ready(self) -> WorkerInfo:
         await self.sender.start()  # before the engine thread: see DecodeWorker.ready
+        runner = self.engine.runner
+        if not self._started and runner.kv_cache.device.type == "cpu":
+            shared = self.sender.allocate_cache(tuple(runner.kv_cache.shape))
+            if shared is not None:
+                runner.kv_cache = shared  # nothing has been computed into the old one yet
+                self.shared_cache = True
         self._ensure_started()
         bm = self.engine.block_manager
         return WorkerInfo(self.name, self.role, None, bm.block_size, bm.num_blocks)
@@ -77,6 +98,7 @@ class PrefillWorker(EngineWorker):
         Raises TransferError when the KV could not be delivered.
         """
         self._ensure_started()
+        released: asyncio.Task[None] | None = None
         first_params = dataclasses.replace(params, max_tokens=1)
         stream = self.async_engine.open_stream(request_id)
         self.plans[request_id] = SendPlan(peer, token_start, token_start)
@@ -98,7 +120,7 @@ class PrefillWorker(EngineWorker):
                 raise failure if isinstance(failure, TransferError) else TransferError("peer_gone", str(failure))
             out = outputs[-1]
             first_token = outputs[0].new_token_ids[0]
-            return PrefillResult(
+            result = PrefillResult(
                 request_id=request_id,
                 first_token=first_token,
                 finish_reason=out.finish_reason if out.finish_reason != "length" or params.max_tokens == 1 else None,
@@ -107,7 +129,27 @@ class PrefillWorker(EngineWorker):
                 bytes_sent=sum(r for r in results if isinstance(r, int)),
             )
         finally:
-            self.plans.pop(request_id, None)
+            planned = self.plans.pop(request_id, None)
+            if planned is not None and self.shared_cache:
+                released = asyncio.ensure_future(self._release_blocks(request_id, planned))
+                self._releases.add(released)
+                released.add_done_callback(self._releases.discard)
+        if released is not None:
+            await asyncio.shield(released)  # so that the KV is whole again once this returns
+        return result
+
+    async def _release_blocks(self, request_id: str, plan: SendPlan) -> None:
+        """Give back the blocks held for the request's sends once nothing reads them any more.
+
+        That is after every send has resolved (the plan is gone, so the step in progress, if
+        any, adds the last ones), and another timeout_s after a failed one: its decode side
+        might still be reading.
+        """
+        await self.async_engine.call(lambda engine: None)  # the step in progress is over
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in plan.sends), return_exceptions=True)
+        if any(isinstance(r, BaseException) for r in results):
+            await asyncio.sleep(self.transfer_config.timeout_s)
+        await self.async_engine.call(lambda engine: engine.block_manager.free(_sending(request_id)))
 
     # ---- runs on the engine thread -----------------------------------------------------
     def _layer_hook(self, sched: SchedulerOutput) -> LayerKVHook | None:
@@ -131,6 +173,8 @@ class PrefillWorker(EngineWorker):
             row += n
         if not jobs or loop is None or ENV.fault == "drop_kv":
             return None
+        if self.shared_cache:
+            return self._cache_sends(loop, sched, jobs)
         kv_cache = self.engine.runner.kv_cache
 
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -143,8 +187,37 @@ class PrefillWorker(EngineWorker):
 
         return on_layer
 
+    def _cache_sends(self, loop: asyncio.AbstractEventLoop, sched: SchedulerOutput, jobs: list[Any]) -> LayerKVHook:
+        """The per-layer hook with a shared cache: each layer goes as the blocks it was written to.
+
+        Per request, the positions from token_start on that are not sent yet, up to the end of
+        this step, go in sends of at most MAX_SOURCE_BLOCKS blocks; its blocks are held until
+        those sends are over.
+        """
+        bs = self.engine.block_manager.block_size
+        tables = {s.request_id: s.block_ids for s in sched.scheduled}
+        ranges = []  # (plan, request id, first position, tokens, block table)
+        for plan, rid, _, _, _, cached_start, _ in jobs:
+            table = tables[rid]
+            self.engine.block_manager.hold(_sending(rid), table)
+            step = (MAX_SOURCE_BLOCKS - 1) * bs
+            for start in range(max(cached_start, plan.token_start), plan.sent_until, step):
+                ranges.append((plan, rid, start, min(step, plan.sent_until - start), table))
+
+        def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            for plan, rid, start, n, table in ranges:
+                plan.sends.append(self.sender.submit_cached(loop, plan.peer, rid, layer, start, n, table))
+
+        return on_layer
+
     def _send(
-        self, loop: asyncio.AbstractEventLoop, plan: SendPlan, rid: str, layer: int, start: int,
-        k: torch.Tensor, v: torch.Tensor,
+        self,
+        loop: asyncio.AbstractEventLoop,
+        plan: SendPlan,
+        rid: str,
+        layer: int,
+        start: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
     ) -> None:
         plan.sends.append(self.sender.submit(loop, plan.peer, rid, layer, start, k, v))

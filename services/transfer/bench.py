@@ -1,8 +1,11 @@
 """`pdserve bench transfer`: KV hand-off bandwidth between two Ray actors, beside ucx_perftest.
 
-One request is every layer of a token range, sent layer by layer from a "compute" thread with
-`KVSender.submit`, exactly as a prefill worker does, into a decode actor's real kv_cache at random
-block ids. A request's time runs from the first layer's submission (prefill actor) to the moment
+One request is every layer of a token range, sent layer by layer from a "compute" thread, exactly
+as a prefill worker does, into a decode actor's real kv_cache at random block ids. By default
+the prefill actor's KV sits at random blocks of a KV cache in shared memory and goes with
+`KVSender.submit_cached`, as a prefill worker on CPU sends it; `--source tensors` sends it as
+tensors with `KVSender.submit`, which stages them (or registers them in place, `--staging-mib 0`).
+A request's time runs from the first layer's submission (prefill actor) to the moment
 `KVReceiver.wait` sees all of it in place (decode actor), both on the host's monotonic clock. The
 decode actor starts waiting when the request is announced, so no Ray call reaches it mid-transfer.
 
@@ -40,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spin-us", type=int, default=TransferConfig.spin_us, help="receiver polling window (0: sleep at once)"
     )
+    parser.add_argument(
+        "--source",
+        default="cache",
+        choices=("cache", "tensors"),
+        help="send from a shared KV cache (as prefill workers on CPU do) or as tensors (staged)",
+    )
     parser.add_argument("--perftest-test", default="tag_bw", help="ucx_perftest test (tag_bw, ucp_put_bw, ...)")
     parser.add_argument(
         "--rounds", type=int, default=3, help="per size: ucx_perftest once per transport, then --repeats requests"
@@ -68,9 +77,12 @@ class _Pair:
         max_tokens = max(sizes) // self.token_bytes
         self.num_blocks = 2 * (max_tokens // fp.block_size + 1)
         decode: Any = ray.remote(num_cpus=1)(DecodeSide).remote(fp, config, self.num_blocks)
-        prefill: Any = ray.remote(num_cpus=1)(PrefillSide).remote(fp, config)
+        cache_blocks = self.num_blocks if args.source == "cache" else 0
+        prefill: Any = ray.remote(num_cpus=1)(PrefillSide).remote(fp, config, cache_blocks)
         self.decode, self.prefill = decode, prefill
         self.peer = ray.get(decode.start.remote())
+        if ray.get(prefill.start.remote()) != bool(cache_blocks):
+            raise RuntimeError("the prefill actor could not allocate its KV cache in shared memory")
         self.rng = random.Random(0)
         self.requests = 0
 
@@ -152,7 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_table(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     print(
-        f"KV hand-off, {args.layers} layers x {args.kv_heads} kv heads x {args.head_dim} dim float32, "
+        f"KV hand-off from {args.source}, {args.layers} layers x {args.kv_heads} kv heads x {args.head_dim} dim "
+        "float32, "
         f"{args.rounds} rounds of ucx_perftest {args.perftest_test} then {args.repeats} requests; medians over rounds "
         "(ratio: within each round); GB/s = 1e9 B/s"
     )

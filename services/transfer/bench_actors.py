@@ -8,6 +8,8 @@ is one clock for every process of a host.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import random
 import time
 
 import torch
@@ -66,12 +68,29 @@ class DecodeSide:
 
 
 class PrefillSide:
-    """Holds a KVSender and sends requests layer by layer, as a prefill worker's compute thread would."""
+    """Holds a KVSender and sends requests layer by layer, as a prefill worker's compute thread would.
 
-    def __init__(self, fp: KVFingerprint, config: TransferConfig) -> None:
+    With `cache_blocks`, the KV comes from a KV cache of that many blocks in shared memory
+    (`KVSender.allocate_cache`), into which each request is first written at random blocks, as
+    the prefill worker's layers write theirs; without, it goes as tensors, which are staged.
+    """
+
+    def __init__(self, fp: KVFingerprint, config: TransferConfig, cache_blocks: int = 0) -> None:
         self.fp = fp
         self.sender = KVSender(fp, config)
         self.data: dict[tuple[int, int], torch.Tensor] = {}
+        self.cache_blocks = cache_blocks
+        self.cache: torch.Tensor | None = None
+        self.rng = random.Random(0)
+
+    async def start(self) -> bool:
+        """Bring the sender (and the shared cache) up; returns whether the cache is shared."""
+        await self.sender.start()
+        if self.cache_blocks and self.cache is None:
+            fp = self.fp
+            shape = (fp.num_layers, 2, self.cache_blocks, fp.block_size, fp.num_kv_heads, fp.head_dim)
+            self.cache = self.sender.allocate_cache(shape)
+        return self.cache is not None
 
     async def prepare(self, num_tokens: int, seed: int) -> None:
         self.data[(num_tokens, seed)] = make_kv(self.fp, num_tokens, seed)
@@ -79,25 +98,39 @@ class PrefillSide:
     async def send_request(self, peer: str, request_id: str, token_start: int, num_tokens: int, seed: int) -> float:
         """Send all layers; returns the monotonic time just before the first layer was submitted.
 
-        A separate thread submits one `sender.submit` per layer and does not wait between layers,
-        which is how the prefill worker overlaps transfer with compute.
+        A separate thread submits one send per layer and does not wait between layers, which is
+        how the prefill worker overlaps transfer with compute.
         """
+        await self.start()
         kv = self.data.get((num_tokens, seed))
         if kv is None:
             kv = make_kv(self.fp, num_tokens, seed)
         loop = asyncio.get_running_loop()
+        table = self._write(kv, token_start) if self.cache is not None else []
+
+        def submit(layer: int) -> concurrent.futures.Future[int]:
+            if self.cache is not None:
+                return self.sender.submit_cached(loop, peer, request_id, layer, token_start, num_tokens, table)
+            return self.sender.submit(loop, peer, request_id, layer, token_start, kv[layer, 0], kv[layer, 1])
 
         def compute_thread() -> float:
             t0 = time.monotonic()
-            futures = [
-                self.sender.submit(loop, peer, request_id, layer, token_start, kv[layer, 0], kv[layer, 1])
-                for layer in range(self.fp.num_layers)
-            ]
+            futures = [submit(layer) for layer in range(self.fp.num_layers)]
             for f in futures:
                 f.result()
             return t0
 
         return await loop.run_in_executor(None, compute_thread)
+
+    def _write(self, kv: torch.Tensor, token_start: int) -> list[int]:
+        """Write a request's KV into random blocks of the cache; returns its block table (from position 0)."""
+        assert self.cache is not None
+        fp = self.fp
+        end = token_start + kv.shape[2]
+        table = self.rng.sample(range(self.cache_blocks), -(-end // fp.block_size))
+        flat = self.cache.view(fp.num_layers, 2, -1, fp.num_kv_heads, fp.head_dim)
+        flat[:, :, torch.from_numpy(slot_ids(table, token_start, end, fp.block_size))] = kv
+        return table
 
     async def connects(self) -> int:
         return self.sender.connects

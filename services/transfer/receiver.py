@@ -59,6 +59,19 @@ ACK_DELAY_S = 0.002
 
 
 @dataclass
+class _Shared:
+    """A region of the sender's memory that this side reads: its staging ring or its KV cache."""
+
+    key: native.RemoteKey
+    address: int  # in the sender's address space
+    length: int
+    mapped: int  # where it is mapped here (0: not mapped, fetch by RMA get)
+
+    def holds(self, address: int, length: int) -> bool:
+        return self.address <= address and address + length <= self.address + self.length
+
+
+@dataclass
 class _Link:
     """One accepted connection: the ucxx control endpoint and the data-path connection back."""
 
@@ -66,10 +79,8 @@ class _Link:
     task: asyncio.Task[Any] | None
     data: native.Connection | None = None
     tag: int = 0
-    staging: native.RemoteKey | None = None  # the sender's staging ring, if it has one
-    staging_address: int = 0  # of the ring, in the sender's address space
-    staging_bytes: int = 0
-    staging_mapped: int = 0  # where the ring is mapped here (0: not mapped, fetch by RMA get)
+    staging: _Shared | None = None  # the sender's staging ring, if it has one
+    cache: _Shared | None = None  # the sender's shared KV cache, if it has one
     acks: list[int] = field(default_factory=list)  # due, not yet sent
     ack_timer: asyncio.TimerHandle | None = None
     ended: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -238,16 +249,16 @@ class KVReceiver:
             node = ucx_runtime.node()
             link.tag = ucx_runtime.subscribe(lambda events: self._on_events(conn, events))
             link.data = node.connect(hello.worker_address, hello.tag, link.tag)
-            if hello.staging_rkey:
-                try:
-                    link.staging = link.data.unpack(hello.staging_rkey)
-                except native.NativeError as exc:
-                    log.warning("KV connection %d: cannot reach the sender's staging ring (%s)", conn, exc)
-                else:
-                    link.staging_address, link.staging_bytes = hello.staging_address, hello.staging_bytes
-                    link.staging_mapped = link.staging.local_address(hello.staging_address)
+            if hello.HasField("staging"):
+                link.staging = self._share(conn, link.data, hello.staging, "staging ring")
+            if hello.HasField("cache"):
+                link.cache = self._share(conn, link.data, hello.cache, "KV cache", prefault=True)
             reply = kv_pb2.HandshakeReply(
-                ok=True, worker_address=node.address, tag=link.tag, staging=link.staging is not None
+                ok=True,
+                worker_address=node.address,
+                tag=link.tag,
+                staging=link.staging is not None,
+                cache=link.cache is not None,
             )
         except (KVIncompatible, ValueError, native.NativeError) as exc:
             reply = kv_pb2.HandshakeReply(ok=False, error=str(exc))
@@ -257,15 +268,35 @@ class KVReceiver:
             await asyncio.sleep(0.05)
         return bool(reply.ok)
 
+    @staticmethod
+    def _share(conn: int, data: native.Connection, region: Any, what: str, prefault: bool = False) -> _Shared | None:
+        """Unpack a shared region of the sender's (mapping it when on this host); None if unreachable.
+
+        The first touch of each page of a mapping costs a fault: about 2 ms per 8 MiB here, which
+        requests read from random blocks of the sender's KV cache would pay for a long while.
+        `prefault` maps all of it now instead (about 80 ms per 512 MiB). The staging ring needs
+        none of that: it is reused from its start, so its first pages are warm after one request.
+        """
+        try:
+            key = data.unpack(region.rkey)
+        except native.NativeError as exc:
+            log.warning("KV connection %d: cannot reach the sender's %s (%s)", conn, what, exc)
+            return None
+        shared = _Shared(key, region.address, region.bytes, key.local_address(region.address))
+        if shared.mapped and prefault:
+            native.prefault(shared.mapped, shared.length)
+        return shared
+
     def _end(self, link: _Link) -> None:
         """Say goodbye on the data path, then close both endpoints (its _serve task then finishes)."""
         if not link.ended.done():
             link.ended.set_result(None)
         if link.tag:
             ucx_runtime.unsubscribe(link.tag)
-        if link.staging is not None:
-            link.staging.close()
-            link.staging = None
+        for shared in (link.staging, link.cache):
+            if shared is not None:
+                shared.key.close()
+        link.staging = link.cache = None
         if link.data is not None:
             self._send_acks(-1, link, closing=True)
             link.data.close(flush_timeout_s=0.1)
@@ -354,10 +385,17 @@ class KVReceiver:
             )
         if bool(hdr.k_rkey) != bool(hdr.v_rkey) or not hdr.k_address or not hdr.v_address:
             return "header without the addresses of its K and V, or with only one key"
-        if not hdr.k_rkey:  # in the staging ring: it must lie inside it
-            start = hdr.k_address - link.staging_address
-            inside = link.staging is not None and 0 <= start <= link.staging_bytes - 2 * half
-            if not inside or hdr.v_address != hdr.k_address + half:
+        if hdr.source_blocks:  # in the shared KV cache: every block named must lie inside it
+            blocks = hdr.source_blocks
+            if hdr.k_rkey or len(blocks) * fp.block_size < hdr.source_offset + hdr.num_tokens:
+                return "header with cache blocks that do not hold its tokens, or with keys as well"
+            plane = (max(blocks) + 1) * fp.block_size * self._token_bytes
+            cache = link.cache
+            if cache is None or not (cache.holds(hdr.k_address, plane) and cache.holds(hdr.v_address, plane)):
+                return "header points outside the sender's shared KV cache"
+        elif not hdr.k_rkey:  # in the staging ring: it must lie inside it
+            staging = link.staging
+            if staging is None or not staging.holds(hdr.k_address, 2 * half) or hdr.v_address != hdr.k_address + half:
                 return "header points outside the sender's staging ring"
         return ""
 
@@ -376,7 +414,12 @@ class KVReceiver:
                 )
             )
             return False
-        pieces = exp.pieces(*rng, self._token_bytes)
+        if hdr.source_blocks:
+            shared = link.cache
+            pieces = exp.pieces(*rng, self._token_bytes, tuple(hdr.source_blocks), hdr.source_offset)
+        else:
+            shared = link.staging
+            pieces = exp.pieces(*rng, self._token_bytes)
         k_plane = self._cache_address + 2 * hdr.layer * self._plane_bytes
         v_plane = k_plane + self._plane_bytes
         timeout = self._config.timeout_s
@@ -388,21 +431,21 @@ class KVReceiver:
                     link.data.fetch(key, address, plane, pieces, timeout)
                 finally:
                     key.close()
-        elif self._on_cuda:  # from the staging ring; UCX copies host to device
-            assert link.staging is not None  # _check saw to it
-            link.data.fetch(link.staging, hdr.k_address, k_plane, pieces, timeout)
-            link.data.fetch(link.staging, hdr.v_address, v_plane, pieces, timeout)
-        elif link.staging_mapped:
-            mapped = link.staging_mapped - link.staging_address
+            return self._mark(hdr, exp, rng)
+        assert shared is not None  # _check saw to it
+        if shared.mapped and not self._on_cuda:
+            mapped = shared.mapped - shared.address
             native.copy_kv(mapped + hdr.k_address, mapped + hdr.v_address, k_plane, v_plane, pieces)
+        elif self._on_cuda or hdr.source_blocks:  # RMA gets straight into place (UCX copies host to device)
+            link.data.fetch(shared.key, hdr.k_address, k_plane, pieces, timeout)
+            link.data.fetch(shared.key, hdr.v_address, v_plane, pieces, timeout)
         else:  # a ring this process cannot map: one get of K and V into a bounce buffer, then copies
-            assert link.staging is not None
             half = int(hdr.payload_bytes) // 2
             if self._bounce.numel() < 2 * half:
                 self._bounce = torch.empty(2 * half, dtype=torch.uint8)
             bounce = self._bounce.data_ptr()
             whole = native.Pieces(np.array([[0], [0], [2 * half]]))
-            link.data.fetch(link.staging, hdr.k_address, bounce, whole, timeout)
+            link.data.fetch(shared.key, hdr.k_address, bounce, whole, timeout)
             native.copy_kv(bounce, bounce + half, k_plane, v_plane, pieces)
         return self._mark(hdr, exp, rng)
 

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ctypes
 import itertools
 import logging
+import math
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,14 +39,17 @@ from services.proto_gen import kv_pb2
 from services.transfer import native, ucx_runtime
 from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
+from services.transfer.expected import slot_ids
 from services.transfer.fingerprint import KVFingerprint
 from services.transfer.staging import StagingRing
 from services.transfer.wire import decode_frame, encode_frame, new_frame_buffer, parse
 
 log = logging.getLogger(__name__)
 
-# Headers go as eager messages; a request id long enough to break that is refused.
+# Headers go as eager messages; a request id long enough to break that is refused, and so is a
+# send from the shared cache that spans more blocks than this.
 MAX_HEADER_BYTES = 4096
+MAX_SOURCE_BLOCKS = 256
 
 
 @dataclass
@@ -53,6 +59,7 @@ class _Connection:
     data: native.Connection
     tag: int
     staged: bool  # the receiver reads the staging ring (else tensors are registered in place)
+    cached: bool  # the receiver reads the shared KV cache (else what is sent from it is staged)
     watch: asyncio.Task[None] | None = None
 
 
@@ -74,6 +81,23 @@ class _Pending:
         if self.ring is not None:
             self.ring.give(self.offset)
             self.ring = None
+
+
+@dataclass
+class _SharedCache:
+    """The KV cache in shared memory (`KVSender.allocate_cache`): [layers, 2, blocks, block_size, heads, dim]."""
+
+    region: native.Region
+    tensor: torch.Tensor
+    plane_bytes: int  # one [layer, k/v] plane
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.tensor.shape[2])
+
+
+def _shared_region(region: native.Region) -> Any:
+    return kv_pb2.SharedRegion(rkey=region.rkey, address=region.address, bytes=region.length)
 
 
 def parse_peer(peer: str) -> tuple[str, int]:
@@ -102,6 +126,7 @@ class KVSender:
         self._sweeping = False
         self._ring: StagingRing | None = None
         self._ring_lock = threading.Lock()  # close() unmaps the ring only between two stagings
+        self._cache: _SharedCache | None = None
         self._ucxx: Any = None
         self._closed = False
         self.connects = 0  # connections opened so far (reuse means this stays at one per peer)
@@ -118,7 +143,7 @@ class KVSender:
         """
         if self._closed:
             raise RuntimeError("KVSender is closed")
-        header = self._header(request_id, layer, token_start, k, v)
+        header = self._tensor_header(request_id, layer, token_start, k, v)
         parse_peer(peer)
         conn = await self._connection(peer)
         offset = None
@@ -144,7 +169,7 @@ class KVSender:
         if conn is None or self._closed:
             return asyncio.run_coroutine_threadsafe(self.send(peer, request_id, layer, token_start, k, v), loop)
         try:
-            header = self._header(request_id, layer, token_start, k, v)
+            header = self._tensor_header(request_id, layer, token_start, k, v)
             nbytes = self._staged_bytes(conn, k)
             offset = self._take(nbytes) if nbytes else None
         except (ValueError, TransferError) as exc:
@@ -152,6 +177,77 @@ class KVSender:
             failed.set_exception(exc)
             return failed
         return self._offer(conn, header, k, v, offset)
+
+    async def send_cached(
+        self, peer: str, request_id: str, layer: int, token_start: int, num_tokens: int, block_table: list[int]
+    ) -> int:
+        """`send` of K and V of tokens [token_start, token_start+num_tokens) of one layer, from the shared cache.
+
+        `block_table` lists the request's blocks in the cache of `allocate_cache`, from position 0.
+        The decode side copies straight out of those blocks, so they must keep their contents until
+        this returns, or, when it raises, for another timeout_s. At most MAX_SOURCE_BLOCKS blocks
+        per call. A decode side that cannot read the cache gets the tokens staged instead.
+        """
+        if self._closed:
+            raise RuntimeError("KVSender is closed")
+        header = self._cached_header(request_id, layer, token_start, num_tokens, block_table)
+        parse_peer(peer)
+        conn = await self._connection(peer)
+        if not conn.cached:
+            k, v = self._gather(header, block_table)
+            return await self.send(peer, request_id, layer, token_start, k, v)
+        return await asyncio.wrap_future(self._offer(conn, header, None, None, None))
+
+    def submit_cached(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        peer: str,
+        request_id: str,
+        layer: int,
+        token_start: int,
+        num_tokens: int,
+        block_table: list[int],
+    ) -> concurrent.futures.Future[int]:
+        """`send_cached` for a thread other than `loop`'s: offers at once when connected, else via the loop."""
+        conn = self._conns.get(peer)
+        if conn is None or not conn.cached or self._closed:
+            coro = self.send_cached(peer, request_id, layer, token_start, num_tokens, block_table)
+            return asyncio.run_coroutine_threadsafe(coro, loop)
+        try:
+            header = self._cached_header(request_id, layer, token_start, num_tokens, block_table)
+        except ValueError as exc:
+            failed: concurrent.futures.Future[int] = concurrent.futures.Future()
+            failed.set_exception(exc)
+            return failed
+        return self._offer(conn, header, None, None, None)
+
+    def allocate_cache(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """A zeroed host KV cache that decode workers read straight from; None when UCX cannot allocate it.
+
+        `shape` is [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim], as the
+        fingerprint says. Sends from it (`send_cached`) need no staging copy: on one host the
+        decode side maps this memory, elsewhere it fetches by RMA get. Call after `start()` and
+        before the first connection (the handshake describes the cache). The memory lives as
+        long as the tensor and its views.
+        """
+        fp = self._fp
+        expected = (fp.num_layers, 2, shape[2] if len(shape) == 6 else -1, fp.block_size, *self._token_shape)
+        if tuple(shape) != expected or shape[2] < 1:
+            raise ValueError(f"a KV cache for this fingerprint has shape {expected} with num_blocks >= 1, got {shape}")
+        if self._ucxx is None or self._conns or self._cache is not None:
+            raise RuntimeError("allocate_cache comes once, after start() and before the first connection")
+        nbytes = math.prod(shape) * self._dtype.itemsize
+        try:
+            region = ucx_runtime.node().allocate(nbytes)
+        except native.NativeError as exc:
+            log.warning("no shared KV cache (%s): sends from the cache are staged", exc)
+            return None
+        memory = (ctypes.c_uint8 * nbytes).from_address(region.address)
+        finalizer = weakref.finalize(memory, region.close)
+        finalizer.atexit = False  # at exit the process's memory goes anyway, UCX possibly first
+        tensor = torch.frombuffer(memory, dtype=self._dtype).view(shape).zero_()  # maps every page now
+        self._cache = _SharedCache(region, tensor, nbytes // (2 * fp.num_layers))
+        return tensor
 
     async def start(self) -> None:
         """Bring UCX and the staging ring up now; otherwise the first connection does."""
@@ -191,8 +287,8 @@ class KVSender:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _header(self, request_id: str, layer: int, token_start: int, k: torch.Tensor, v: torch.Tensor) -> Any:
-        """The layer's KVHeader, its addresses and sequence still to fill in; ValueError for bad arguments."""
+    def _header(self, request_id: str, layer: int, token_start: int, num_tokens: int) -> Any:
+        """A KVHeader of `num_tokens` tokens, addresses and sequence still to fill in; ValueError for bad arguments."""
         fp = self._fp
         if not request_id:
             raise ValueError("request_id must be a non-empty string")
@@ -200,6 +296,21 @@ class KVSender:
             raise ValueError(f"layer {layer} out of range [0, {fp.num_layers})")
         if token_start < 0:
             raise ValueError(f"token_start must be >= 0, got {token_start}")
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
+        if len(request_id) > MAX_HEADER_BYTES // 8 and len(request_id.encode()) > MAX_HEADER_BYTES // 2:
+            raise ValueError(f"request_id is too long ({len(request_id)} chars) for a KV header")
+        return kv_pb2.KVHeader(
+            request_id=request_id,
+            layer=layer,
+            token_start=token_start,
+            num_tokens=num_tokens,
+            payload_bytes=num_tokens * self._token_payload,
+        )
+
+    def _tensor_header(self, request_id: str, layer: int, token_start: int, k: torch.Tensor, v: torch.Tensor) -> Any:
+        """`_header` for K and V given as tensors, which it checks too."""
+        fp = self._fp
         shape = k.shape
         for name, t in (("k", k), ("v", v)):
             if len(t.shape) != 3 or t.shape[1:] != self._token_shape or t.shape[0] == 0:
@@ -210,13 +321,40 @@ class KVSender:
                 raise ValueError(f"{name} has dtype {t.dtype}, the fingerprint says {self._dtype}")
         if v.shape != shape:
             raise ValueError(f"k {tuple(shape)} and v {tuple(v.shape)} differ in shape")
-        if len(request_id) > MAX_HEADER_BYTES // 8 and len(request_id.encode()) > MAX_HEADER_BYTES // 2:
-            raise ValueError(f"request_id is too long ({len(request_id)} chars) for a KV header")
-        n = shape[0]
-        payload = n * self._token_payload
-        return kv_pb2.KVHeader(
-            request_id=request_id, layer=layer, token_start=token_start, num_tokens=n, payload_bytes=payload
-        )
+        return self._header(request_id, layer, token_start, shape[0])
+
+    def _cached_header(
+        self, request_id: str, layer: int, token_start: int, num_tokens: int, block_table: list[int]
+    ) -> Any:
+        """The KVHeader of a send from the shared cache, its sequence still to fill in; ValueError for bad arguments."""
+        cache = self._cache
+        if cache is None:
+            raise ValueError("no shared KV cache: allocate_cache() first (or it could not be allocated)")
+        header = self._header(request_id, layer, token_start, num_tokens)
+        bs = self._fp.block_size
+        first, last = token_start // bs, (token_start + num_tokens - 1) // bs
+        blocks = block_table[first : last + 1]
+        if len(blocks) < last - first + 1:
+            raise ValueError(
+                f"block_table has {len(block_table)} blocks; tokens up to {token_start + num_tokens} need {last + 1}"
+            )
+        if len(blocks) > MAX_SOURCE_BLOCKS:
+            raise ValueError(f"one send spans at most {MAX_SOURCE_BLOCKS} blocks, this one {len(blocks)}")
+        if any(not 0 <= b < cache.num_blocks for b in blocks):
+            raise ValueError(f"block ids must lie in [0, {cache.num_blocks})")
+        header.k_address = cache.region.address + 2 * layer * cache.plane_bytes
+        header.v_address = header.k_address + cache.plane_bytes
+        header.source_blocks.extend(blocks)
+        header.source_offset = token_start % bs
+        return header
+
+    def _gather(self, header: Any, block_table: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V that a cached header names, copied out of the cache (for a peer that cannot read it)."""
+        assert self._cache is not None
+        start, n = int(header.token_start), int(header.num_tokens)
+        slots = torch.from_numpy(slot_ids(block_table, start, start + n, self._fp.block_size))
+        planes = self._cache.tensor[header.layer].flatten(1, 2)
+        return planes[0][slots], planes[1][slots]
 
     def _staged_bytes(self, conn: _Connection, k: torch.Tensor) -> int:
         """Ring space K and V need, or 0 when they go in place (CUDA, no usable ring, too big)."""
@@ -234,14 +372,21 @@ class KVSender:
         return offset
 
     def _offer(
-        self, conn: _Connection, header: Any, k: torch.Tensor, v: torch.Tensor, offset: int | None
+        self, conn: _Connection, header: Any, k: torch.Tensor | None, v: torch.Tensor | None, offset: int | None
     ) -> concurrent.futures.Future[int]:
-        """Stage (at `offset` of the ring) or register K and V, announce them; the ack resolves the future."""
+        """Stage (at `offset` of the ring) or register K and V, announce them; the ack resolves the future.
+
+        Without K and V, the header points into the shared cache already.
+        """
         future: concurrent.futures.Future[int] = concurrent.futures.Future()
         pending = _Pending(future, conn, [], (), int(header.payload_bytes), time.monotonic() + self._config.timeout_s)
         sequence = next(self._sequence)
         try:
-            if offset is not None:
+            if k is None or v is None:
+                header.sequence = sequence
+                self._pending[sequence] = pending
+                conn.data.send(header.SerializeToString())
+            elif offset is not None:
                 half = k.numel() * k.element_size()
                 k, v = k.contiguous(), v.contiguous()
                 with self._ring_lock:
@@ -370,12 +515,9 @@ class KVSender:
             node = ucx_runtime.node()
             hello = kv_pb2.HandshakeRequest(fingerprint=self._fp.to_proto(), worker_address=node.address, tag=tag)
             if self._ring is not None:
-                region = self._ring.region
-                hello.staging_rkey, hello.staging_address, hello.staging_bytes = (
-                    region.rkey,
-                    region.address,
-                    region.length,
-                )
+                hello.staging.CopyFrom(_shared_region(self._ring.region))
+            if self._cache is not None:
+                hello.cache.CopyFrom(_shared_region(self._cache.region))
             reply_frame = new_frame_buffer()
             await post_send(ep, encode_frame(hello))
             await post_recv(ep, reply_frame)
@@ -383,7 +525,8 @@ class KVSender:
             if not reply.ok:
                 raise KVIncompatible(f"decode worker at {peer} refused the KV hand-off: {reply.error}")
             data = node.connect(reply.worker_address, reply.tag, tag)
-            box.append(_Connection(peer, ep, data, tag, staged=reply.staging and self._ring is not None))
+            staged, cached = reply.staging and self._ring is not None, reply.cache and self._cache is not None
+            box.append(_Connection(peer, ep, data, tag, staged, cached))
             return box[0]
         except BaseException as exc:
             ucx_runtime.unsubscribe(tag)

@@ -373,7 +373,7 @@ async def test_ring_on_another_host_is_fetched_by_rma_get(monkeypatch: pytest.Mo
         await p.receiver.wait("remote")
         assert torch.equal(stored(p.cache, blocks, 1, 11), kv)
         link = next(iter(p.receiver._conns.values()))
-        assert link.staging is not None and link.staging_mapped == 0
+        assert link.staging is not None and link.staging.mapped == 0
     finally:
         await p.sender.close()
         await p.receiver.close()

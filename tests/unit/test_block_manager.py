@@ -213,3 +213,22 @@ def test_double_free_of_a_block_is_refused() -> None:
     bm.free("a")
     with pytest.raises(AssertionError, match="freed twice"):
         bm.free("b")
+
+
+def test_hold_keeps_a_finished_requests_blocks_out_of_reuse_until_freed() -> None:
+    """KV still being sent from a finished request's blocks: no new request may take them meanwhile."""
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    a = req("a", list(range(8)))
+    run_prefill(bm, a)
+    blocks = list(bm.block_ids("a"))
+    bm.hold("sending:a", blocks)
+    bm.hold("sending:a", blocks)  # again (a later chunk): no second reference
+    bm.free("a")
+    assert bm.num_used_blocks == 2 and bm.num_free_blocks == 2
+    b = req("b", list(range(100, 116)))  # needs all four blocks
+    assert not bm.allocate_slots(b, b.num_tokens)
+    bm.check_integrity()
+    bm.free("sending:a")
+    assert bm.num_free_blocks == 4
+    assert bm.allocate_slots(b, b.num_tokens)
+    bm.check_integrity()

@@ -97,6 +97,7 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         ("kvx_unpack", p, [p, p, status]),
         ("kvx_rkey_destroy", None, [p]),
         ("kvx_rkey_ptr", u64, [p, u64]),
+        ("kvx_prefault", i, [u64, sz]),
         ("kvx_fetch", i, [p, p, u64, u64, sz, p, p, p, ctypes.c_double]),
         ("kvx_copy_kv", None, [u64, u64, u64, u64, sz, p, p, p]),
         ("kvx_spin", i, [p, ctypes.c_double]),
@@ -283,6 +284,13 @@ class Connection:
 def copy_kv(k_source: int, v_source: int, k_local: int, v_local: int, pieces: Pieces) -> None:
     """`Connection.fetch` of K and of V from memory mapped into this process (`RemoteKey.local_address`)."""
     lib().kvx_copy_kv(k_source, v_source, k_local, v_local, pieces.count, *pieces.pointers)
+
+
+def prefault(address: int, length: int) -> None:
+    """Map every page of memory mapped from a peer now, so that no copy takes a fault on first touch."""
+    err = lib().kvx_prefault(address, length)
+    if err:
+        raise OSError(err, f"mapping {length} bytes of a peer's region: {os.strerror(err)}")
 
 
 class RemoteKey:

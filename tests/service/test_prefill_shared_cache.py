@@ -1,0 +1,54 @@
+"""A prefill worker on CPU keeps its KV cache in shared memory and sends layers straight from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.decode.worker import DecodeWorker
+from services.engine import LLM
+from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from services.engine.sampling_params import SamplingParams
+from services.prefill.worker import PrefillWorker
+from services.transfer.config import TransferConfig
+
+
+async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> None:
+    # Chunks of 40 tokens: the 100-token prompt goes in three steps, each from the blocks it filled,
+    # two of them starting mid-block.
+    config = EngineConfig(
+        model=str(small_model),
+        cache=CacheConfig(num_blocks=160),
+        scheduler=SchedulerConfig(max_num_batched_tokens=40),
+    )
+    transfer = TransferConfig(timeout_s=10)
+    decode = DecodeWorker(config, transfer, "decode-test")
+    prefill = PrefillWorker(config, transfer, "prefill-test")
+    try:
+        peer = (await decode.ready()).kv_address
+        await prefill.ready()
+        assert prefill.shared_cache
+        assert prefill.engine.runner.kv_cache.data_ptr() == prefill.sender._cache.tensor.data_ptr()
+
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        want = LLM(str(small_model)).generate([list(range(10, 110))], params, use_tqdm=False)[0].token_ids
+        for rid, prompt in (("first", list(range(10, 110))), ("again", list(range(10, 110)))):
+            reservation = await decode.reserve(rid, prompt, params, lease_s=30)
+            result = await prefill.prefill(rid, prompt, params, peer, reservation.cached_tokens)
+            tokens = [result.first_token]
+            async for batch in decode.generate(rid, None, None, first_token=result.first_token):
+                tokens += batch.token_ids
+            assert tokens == want, rid
+            # Every send was acknowledged, and the blocks held for them are back.
+            load = await prefill.load(check_integrity=True)
+            assert load.integrity_error is None
+            assert not any(h.startswith("kv-send:") for h in prefill.engine.block_manager.req_blocks)
+        assert reservation.cached_tokens == 96  # the decode side had the second prompt cached
+        conn = prefill.sender._conns[peer]
+        assert conn.cached and not prefill.sender._pending
+        ring = prefill.sender._ring
+        assert ring is not None and int(ring.buffer[: 1 << 16].count_nonzero()) == 0  # nothing was staged
+    finally:
+        prefill.async_engine.stop()
+        decode.async_engine.stop()
+        await prefill.sender.close()
+        await decode.receiver.close()
