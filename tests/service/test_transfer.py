@@ -260,15 +260,17 @@ async def test_bad_arguments_are_clear_errors(pair: Pair) -> None:
         KVReceiver(torch.zeros(3, 2, 4, 4, 2, 4), FP, CFG)
 
 
-def test_two_ray_actors_move_kv() -> None:
+@pytest.mark.parametrize("cache_blocks", [0, NUM_BLOCKS], ids=["tensors", "shared_cache"])
+def test_two_ray_actors_move_kv(cache_blocks: int) -> None:
     ray = pytest.importorskip("ray")
     from services.transfer.bench_actors import DecodeSide, PrefillSide
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         decode = ray.remote(num_cpus=0)(DecodeSide).remote(FP, CFG, NUM_BLOCKS)
-        prefill = ray.remote(num_cpus=0)(PrefillSide).remote(FP, CFG)
+        prefill = ray.remote(num_cpus=0)(PrefillSide).remote(FP, CFG, cache_blocks)
         addr = ray.get(decode.start.remote())
+        assert ray.get(prefill.start.remote()) == bool(cache_blocks)
         for i, (start, end) in enumerate([(0, 13), (3, 40)]):
             blocks = random.Random(i).sample(range(NUM_BLOCKS), (end + 3) // 4)
             ray.get(decode.expect.remote(f"q{i}", blocks, start, end))
@@ -407,3 +409,169 @@ async def test_ring_the_receiver_cannot_reach_means_in_place_for_that_connection
     finally:
         await p.sender.close()
         await p.receiver.close()
+
+
+# ---- sends from the prefill's KV cache in shared memory (KVSender.allocate_cache) ------------------
+
+CACHE_BLOCKS = 40
+
+
+async def cache_pair(config: TransferConfig = CFG) -> tuple[Pair, torch.Tensor]:
+    p = Pair(config)
+    await p.sender.start()
+    shape = (FP.num_layers, 2, CACHE_BLOCKS, FP.block_size, FP.num_kv_heads, FP.head_dim)
+    source = p.sender.allocate_cache(shape)
+    assert source is not None and source.shape == shape and not source.any()
+    p.addr = await p.receiver.start()
+    return p, source
+
+
+def put(source: torch.Tensor, table: list[int], start: int, kv: torch.Tensor) -> None:
+    """Write a request's KV (tokens from `start`) into the sender's cache at its block table."""
+    flat = source.view(FP.num_layers, 2, -1, FP.num_kv_heads, FP.head_dim)
+    flat[:, :, slots_of(table, start, start + kv.shape[2])] = kv
+
+
+async def send_cached_all(p: Pair, rid: str, start: int, n: int, table: list[int], chunk: int) -> int:
+    sent = 0
+    for lo in range(start, start + n, chunk):
+        for layer in range(FP.num_layers):
+            sent += await p.sender.send_cached(p.addr, rid, layer, lo, min(chunk, start + n - lo), table)
+    return sent
+
+
+async def check_cache_round_trip(p: Pair, source: torch.Tensor) -> None:
+    rng = random.Random(3)
+    # Scattered source blocks, adjacent ones (which merge into longer pieces), ranges starting mid-block.
+    cases = [(0, 9, 4), (5, 23, 5), (13, 14, 1), (2, 31, 7)]
+    for i, (start, end, chunk) in enumerate(cases):
+        nblocks = (end + FP.block_size - 1) // FP.block_size
+        table = rng.sample(range(CACHE_BLOCKS), nblocks)
+        if i == 3:
+            first = rng.randrange(CACHE_BLOCKS - nblocks)
+            table = list(range(first, first + nblocks))
+        blocks = rng.sample(range(NUM_BLOCKS), nblocks)
+        kv = make_kv(FP, end - start, seed=40 + i)
+        put(source, table, start, kv)
+        p.receiver.expect(f"c{i}", blocks, start, end)
+        sent = await send_cached_all(p, f"c{i}", start, end - start, table, chunk)
+        await p.receiver.wait(f"c{i}")
+        assert sent == FP.num_layers * FP.payload_bytes(end - start)
+        assert torch.equal(stored(p.cache, blocks, start, end), kv), i
+        p.cache.zero_()
+    assert p.sender.connects == 1 and not p.sender._pending
+
+
+async def test_sends_from_the_shared_cache_land_exactly() -> None:
+    p, source = await cache_pair()
+    try:
+        await check_cache_round_trip(p, source)
+        assert p.sender._conns[p.addr].cached
+        ring = p.sender._ring
+        assert ring is not None and int(ring.buffer[: 1 << 16].count_nonzero()) == 0  # nothing was staged
+        link = next(iter(p.receiver._conns.values()))
+        assert link.cache is not None and link.cache.mapped
+    finally:
+        await p.sender.close()
+        await p.receiver.close()
+
+
+async def test_shared_cache_on_another_host_is_fetched_by_rma_get(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.transfer import native
+
+    monkeypatch.setattr(native.RemoteKey, "local_address", lambda self, remote: 0)
+    p, source = await cache_pair()
+    try:
+        await check_cache_round_trip(p, source)
+        link = next(iter(p.receiver._conns.values()))
+        assert link.cache is not None and link.cache.mapped == 0
+    finally:
+        await p.sender.close()
+        await p.receiver.close()
+
+
+async def test_shared_cache_the_receiver_cannot_reach_is_staged_instead(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.transfer import native
+
+    unpack = native.Connection.unpack
+    calls: list[bytes] = []
+
+    def cache_fails(self: native.Connection, rkey: bytes) -> native.RemoteKey:
+        calls.append(rkey)
+        if len(calls) == 2:  # the handshake's second: the sender's cache (the ring comes first)
+            raise native.NativeError("unpacking a remote key failed", -6)
+        return unpack(self, rkey)
+
+    monkeypatch.setattr(native.Connection, "unpack", cache_fails)
+    p, source = await cache_pair()
+    try:
+        await check_cache_round_trip(p, source)
+        assert not p.sender._conns[p.addr].cached and p.sender._conns[p.addr].staged
+    finally:
+        await p.sender.close()
+        await p.receiver.close()
+
+
+async def test_header_pointing_outside_the_shared_cache_is_refused() -> None:
+    p, source = await cache_pair()
+    try:
+        p.receiver.expect("far", [1, 2], 0, 8)
+        await p.sender.send_cached(p.addr, "far", 0, 0, 1, [3])  # opens the connection
+        good = kv_pb2.KVHeader()
+        header = p.sender._cached_header("far", 1, 0, 4, [3])
+        good.CopyFrom(header)
+        header.sequence, header.source_blocks[0] = 98, 2 * FP.num_layers * CACHE_BLOCKS  # past the whole region
+        p.sender._conns[p.addr].data.send(header.SerializeToString())
+        with pytest.raises(TransferError) as info:
+            await p.receiver.wait("far")
+        assert info.value.reason == "bad_header" and "shared KV cache" in str(info.value)
+
+        p2, _ = await cache_pair()
+        try:
+            p2.receiver.expect("short", [1, 2], 0, 8)
+            await p2.sender.send_cached(p2.addr, "short", 0, 0, 1, [3])
+            good.sequence, good.request_id, good.num_tokens, good.payload_bytes = 99, "short", 6, FP.payload_bytes(6)
+            p2.sender._conns[p2.addr].data.send(good.SerializeToString())  # one block cannot hold 6 tokens
+            with pytest.raises(TransferError) as info:
+                await p2.receiver.wait("short")
+            assert info.value.reason == "bad_header" and "do not hold its tokens" in str(info.value)
+        finally:
+            await p2.sender.close()
+            await p2.receiver.close()
+    finally:
+        await p.sender.close()
+        await p.receiver.close()
+
+
+async def test_shared_cache_bad_arguments_are_clear_errors(pair: Pair) -> None:
+    with pytest.raises(ValueError, match="allocate_cache"):
+        await pair.sender.send_cached(pair.addr, "r", 0, 0, 4, [1])
+    p, source = await cache_pair()
+    try:
+        with pytest.raises(RuntimeError, match="once"):
+            p.sender.allocate_cache(tuple(source.shape))
+        with pytest.raises(ValueError, match="need 3"):
+            await p.sender.send_cached(p.addr, "r", 0, 4, 6, [1, 2])  # tokens up to 10 need 3 blocks
+        with pytest.raises(ValueError, match="block ids"):
+            await p.sender.send_cached(p.addr, "r", 0, 0, 4, [CACHE_BLOCKS])
+        with pytest.raises(ValueError, match="at most"):
+            await p.sender.send_cached(p.addr, "r", 0, 0, 257 * FP.block_size, [0] * 257)
+        with pytest.raises(ValueError, match="num_tokens"):
+            await p.sender.send_cached(p.addr, "r", 0, 0, 0, [1])
+        with pytest.raises(ValueError, match="layer 3 out of range"):
+            await p.sender.send_cached(p.addr, "r", 3, 0, 4, [1])
+        failed = p.sender.submit_cached(asyncio.get_running_loop(), p.addr, "r", 0, -1, 4, [1])
+        with pytest.raises(ValueError, match="token_start"):
+            await asyncio.wrap_future(failed)
+    finally:
+        await p.sender.close()
+        await p.receiver.close()
+    fresh = KVSender(FP, CFG)
+    try:
+        with pytest.raises(RuntimeError, match="after start"):
+            fresh.allocate_cache((FP.num_layers, 2, 4, FP.block_size, FP.num_kv_heads, FP.head_dim))
+        await fresh.start()
+        with pytest.raises(ValueError, match="shape"):
+            fresh.allocate_cache((FP.num_layers, 2, 4, FP.block_size, FP.num_kv_heads, 7))
+    finally:
+        await fresh.close()
