@@ -5,18 +5,22 @@
                                                           request's blocks
     release K, V; the send's future resolves   ◄───────  KVAck(seq)
 
-Host tensors are first copied into the staging ring (staging.py), shared memory that the decode
-side maps and copies from; CUDA tensors (and every tensor when staging_mib is 0, or a part too
-big for the ring) are registered in place and fetched by RMA get. Either way the decode side
-writes into its KV cache only what it asked for, and a cancelled request simply fetches no
-more. Headers and acks are short messages on the data-path worker (native/); the ucxx endpoint
-that carried the handshake stays open as the control connection whose failure tells this side
-the peer is gone.
+The fastest way is from a KV cache that lives in shared memory (`allocate_cache`, which a
+prefill worker on CPU uses as its engine's cache): a header names the blocks a layer's tokens
+are in (`send_cached`), the decode side maps the whole cache once and copies out of those
+blocks, and nothing is copied here. Host tensors are first copied into the staging ring
+(staging.py), shared memory that the decode side maps and copies from in the same way; CUDA
+tensors (and every tensor when staging_mib is 0, or a part too big for the ring) are
+registered in place and fetched by RMA get. Either way the decode side writes into its KV
+cache only what it asked for, and a cancelled request simply fetches no more. Headers and acks
+are short messages on the data-path worker (native/); the ucxx endpoint that carried the
+handshake stays open as the control connection whose failure tells this side the peer is gone.
 
-A compute thread calls `submit` (thread-safe; it registers and posts in the calling thread, so
-layer N's transfer runs while layer N+1 computes); coroutines call `send`. K and V are held
-until the ack, a failure, or, once a send has failed or timed out, for another `timeout_s`
-(the peer might still be reading them).
+A compute thread calls `submit` or `submit_cached` (thread-safe; they stage or register and post
+in the calling thread, so layer N's transfer runs while layer N+1 computes); coroutines call
+`send` or `send_cached`. K and V are held until the ack, a failure, or, once a send has failed
+or timed out, for another `timeout_s` (the peer might still be reading them); blocks of the
+shared cache are the caller's to hold for that long.
 """
 
 from __future__ import annotations
