@@ -20,7 +20,6 @@ import dataclasses
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -154,6 +153,8 @@ class PrefillWorker(EngineWorker):
     # ---- runs on the engine thread -----------------------------------------------------
     def _layer_hook(self, sched: SchedulerOutput) -> LayerKVHook | None:
         """Plans this step's sends: which rows of the batch (and which cached tokens) go where."""
+        if self.shared_cache:
+            return self._cache_hook(sched)
         loop = self.async_engine.loop
         jobs = []  # (plan, request_id, batch rows lo:hi, first position, cached-prefix start and slots)
         row = 0
@@ -173,8 +174,6 @@ class PrefillWorker(EngineWorker):
             row += n
         if not jobs or loop is None or ENV.fault == "drop_kv":
             return None
-        if self.shared_cache:
-            return self._cache_sends(loop, sched, jobs)
         kv_cache = self.engine.runner.kv_cache
 
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -187,25 +186,32 @@ class PrefillWorker(EngineWorker):
 
         return on_layer
 
-    def _cache_sends(self, loop: asyncio.AbstractEventLoop, sched: SchedulerOutput, jobs: list[Any]) -> LayerKVHook:
-        """The per-layer hook with a shared cache: each layer goes as the blocks it was written to.
+    def _cache_hook(self, sched: SchedulerOutput) -> LayerKVHook | None:
+        """`_layer_hook` with a shared cache: each layer goes as the blocks it has just been written to.
 
         Per request, the positions from token_start on that are not sent yet, up to the end of
-        this step, go in sends of at most MAX_SOURCE_BLOCKS blocks; its blocks are held until
-        those sends are over.
+        this step (a cached prefix included), go in sends of at most MAX_SOURCE_BLOCKS blocks, and
+        the request's blocks are held until those sends are over (see `_release_blocks`).
         """
-        bs = self.engine.block_manager.block_size
-        tables = {s.request_id: s.block_ids for s in sched.scheduled}
-        ranges = []  # (plan, request id, first position, tokens, block table)
-        for plan, rid, _, _, _, cached_start, _ in jobs:
-            table = tables[rid]
-            self.engine.block_manager.hold(_sending(rid), table)
-            step = (MAX_SOURCE_BLOCKS - 1) * bs
-            for start in range(max(cached_start, plan.token_start), plan.sent_until, step):
-                ranges.append((plan, rid, start, min(step, plan.sent_until - start), table))
+        loop = self.async_engine.loop
+        bm = self.engine.block_manager
+        step = (MAX_SOURCE_BLOCKS - 1) * bm.block_size
+        sends = []  # (plan, request id, first position, tokens, block table from position 0)
+        for s in sched.scheduled:
+            plan = self.plans.get(s.request_id)
+            if plan is None:
+                continue
+            start, end = max(plan.sent_until, plan.token_start), s.start_pos + len(s.token_ids)
+            plan.sent_until = end
+            for lo in range(start, end, step):
+                sends.append((plan, s.request_id, lo, min(step, end - lo), s.block_ids))
+        if not sends or loop is None or ENV.fault == "drop_kv":
+            return None
+        for _, rid, _, _, table in sends:
+            bm.hold(_sending(rid), table)
 
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            for plan, rid, start, n, table in ranges:
+            for plan, rid, start, n, table in sends:
                 plan.sends.append(self.sender.submit_cached(loop, plan.peer, rid, layer, start, n, table))
 
         return on_layer

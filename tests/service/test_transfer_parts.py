@@ -69,3 +69,8 @@ def test_bench_transfer_refuses_bad_options(capsys: pytest.CaptureFixture[str]) 
             mp.setattr("sys.argv", ["pdserve bench transfer", *argv])
             assert main() == 2, argv
         assert "error:" in capsys.readouterr().out
+    with pytest.MonkeyPatch.context() as mp:  # argparse's own refusal: exit status 2, message on stderr
+        mp.setattr("sys.argv", ["pdserve bench transfer", "--source", "disk"])
+        with pytest.raises(SystemExit) as info:
+            main()
+        assert info.value.code == 2 and "invalid choice: 'disk'" in capsys.readouterr().err
