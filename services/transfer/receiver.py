@@ -7,11 +7,11 @@ copy comes from the sender's shared KV cache or its staging ring, through the ma
 of them (same host; the cache is mapped in full when the connection opens); from a cache it
 cannot map (another host), as RMA gets straight into place; from a ring it cannot map, as one
 RMA get into a bounce buffer and then copies; from tensors registered in place (CUDA), as RMA
-gets, piece by piece. All of it happens synchronously on the
-event loop (ctypes drops the GIL while C copies), so once a header is handled its KV is in
-place, and when a request is cancelled nothing is left in flight that could still write into
-blocks that may already belong to someone else. Headers of unknown, cancelled or failed
-requests are acknowledged without copying.
+gets, piece by piece. All of it happens synchronously on the event loop (ctypes drops the GIL
+while C copies), so once a header is handled its KV is in place, and when a request is
+cancelled nothing is left in flight that could still write into blocks that may already belong
+to someone else. Headers of unknown, cancelled or failed requests are acknowledged without
+copying.
 
 While a request's layers are arriving, the event loop does not go back to sleep between
 headers: it polls the data-path worker for up to `spin_us` (ucx_runtime), so the next header
@@ -288,7 +288,10 @@ class KVReceiver:
             return None
         shared = _Shared(key, region.address, region.bytes, key.local_address(region.address))
         if shared.mapped and prefault:
-            native.prefault(shared.mapped, shared.length)
+            try:
+                native.prefault(shared.mapped, shared.length)
+            except OSError as exc:  # only slower: pages then map on first touch
+                log.warning("KV connection %d: %s", conn, exc)
         return shared
 
     def _end(self, link: _Link) -> None:
