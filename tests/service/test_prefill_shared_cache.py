@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+
+import pytest
 
 from services.decode.worker import DecodeWorker
 from services.engine import LLM
@@ -10,6 +13,7 @@ from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from services.engine.sampling_params import SamplingParams
 from services.prefill.worker import PrefillWorker
 from services.transfer.config import TransferConfig
+from services.transfer.errors import TransferError
 
 
 async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> None:
@@ -47,6 +51,38 @@ async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> 
         assert conn.cached and not prefill.sender._pending
         ring = prefill.sender._ring
         assert ring is not None and int(ring.buffer[: 1 << 16].count_nonzero()) == 0  # nothing was staged
+    finally:
+        prefill.async_engine.stop()
+        decode.async_engine.stop()
+        await prefill.sender.close()
+        await decode.receiver.close()
+
+
+async def test_blocks_of_a_failed_send_are_held_another_timeout_then_released(small_model: Path) -> None:
+    """A decode side that never acknowledges: the prefill fails, and its blocks stay out of reuse a while."""
+    config = EngineConfig(model=str(small_model), cache=CacheConfig(num_blocks=160))
+    transfer = TransferConfig(timeout_s=0.5)
+    decode = DecodeWorker(config, transfer, "decode-mute")
+    prefill = PrefillWorker(config, transfer, "prefill-test")
+    try:
+        peer = (await decode.ready()).kv_address
+        await prefill.ready()
+        decode.receiver._on_events = lambda conn, events: False  # type: ignore[method-assign]
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        prompt = list(range(10, 60))
+        reservation = await decode.reserve("mute", prompt, params, lease_s=30)
+        with pytest.raises(TransferError) as info:
+            await prefill.prefill("mute", prompt, params, peer, reservation.cached_tokens)
+        assert info.value.reason == "timeout"
+        held = prefill.engine.block_manager.req_blocks.get("kv-send:mute")
+        assert held and len(held) == 4  # 50 tokens in blocks of 16: the decode side might still read them
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if "kv-send:mute" not in prefill.engine.block_manager.req_blocks:
+                break
+        load = await prefill.load(check_integrity=True)
+        assert "kv-send:mute" not in prefill.engine.block_manager.req_blocks
+        assert load.integrity_error is None
     finally:
         prefill.async_engine.stop()
         decode.async_engine.stop()
