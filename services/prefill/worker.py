@@ -217,13 +217,7 @@ class PrefillWorker(EngineWorker):
         return on_layer
 
     def _send(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        plan: SendPlan,
-        rid: str,
-        layer: int,
-        start: int,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        self, loop: asyncio.AbstractEventLoop, plan: SendPlan, rid: str, layer: int, start: int,
+        k: torch.Tensor, v: torch.Tensor,
     ) -> None:
         plan.sends.append(self.sender.submit(loop, plan.peer, rid, layer, start, k, v))
