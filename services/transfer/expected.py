@@ -60,10 +60,10 @@ class ExpectedRequest:
         self.token_start = token_start
         self.token_end = token_end
         self.block_size = block_size
-        self.slots = slot_ids(ids, token_start, token_end, block_size)
-        # Offsets at which a run of consecutive slots starts (besides 0), and each offset's slot.
-        self._slot_breaks = (np.flatnonzero(np.diff(self.slots) != 1) + 1).tolist()
-        self._slot_list = self.slots.tolist()
+        slots = slot_ids(ids, token_start, token_end, block_size)
+        # Each offset's slot, and the offsets at which a run of consecutive slots starts (besides 0).
+        self._slots: list[int] = slots.tolist()
+        self._slot_breaks: list[int] = (np.flatnonzero(np.diff(slots) != 1) + 1).tolist()
         self._pieces: dict[tuple[int, int, tuple[int, ...], int], Pieces] = {}
         self._missing = [(1 << (token_end - token_start)) - 1] * num_layers  # bit i: offset i not written yet
         self._remaining = num_layers * (token_end - token_start)
@@ -118,7 +118,7 @@ class ExpectedRequest:
                 else:
                     source = start
                 rows.append(
-                    (source * token_bytes, self._slot_list[a + start] * token_bytes, (end - start) * token_bytes)
+                    (source * token_bytes, self._slots[a + start] * token_bytes, (end - start) * token_bytes)
                 )
             pieces = self._pieces[key] = Pieces(np.array(rows, dtype=np.uint64).T)
         return pieces

@@ -100,6 +100,13 @@ class _SharedCache:
         return int(self.tensor.shape[2])
 
 
+def _failed(exc: BaseException) -> concurrent.futures.Future[int]:
+    """A send's future that failed before anything went out."""
+    failed: concurrent.futures.Future[int] = concurrent.futures.Future()
+    failed.set_exception(exc)
+    return failed
+
+
 def _shared_region(region: native.Region) -> Any:
     return kv_pb2.SharedRegion(rkey=region.rkey, address=region.address, bytes=region.length)
 
@@ -177,9 +184,7 @@ class KVSender:
             nbytes = self._staged_bytes(conn, k)
             offset = self._take(nbytes) if nbytes else None
         except (ValueError, TransferError) as exc:
-            failed: concurrent.futures.Future[int] = concurrent.futures.Future()
-            failed.set_exception(exc)
-            return failed
+            return _failed(exc)
         return self._offer(conn, header, k, v, offset)
 
     async def send_cached(
@@ -220,9 +225,7 @@ class KVSender:
         try:
             header = self._cached_header(request_id, layer, token_start, num_tokens, block_table)
         except ValueError as exc:
-            failed: concurrent.futures.Future[int] = concurrent.futures.Future()
-            failed.set_exception(exc)
-            return failed
+            return _failed(exc)
         return self._offer(conn, header, None, None, None)
 
     def allocate_cache(self, shape: tuple[int, ...]) -> torch.Tensor | None:

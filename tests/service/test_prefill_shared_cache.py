@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,25 @@ from services.transfer.config import TransferConfig
 from services.transfer.errors import TransferError
 
 
+@asynccontextmanager
+async def worker_pair(
+    config: EngineConfig, transfer: TransferConfig
+) -> AsyncIterator[tuple[PrefillWorker, DecodeWorker, str]]:
+    """A ready prefill and decode worker in this process, and the decode side's KV address."""
+    decode = DecodeWorker(config, transfer, "decode-test")
+    prefill = PrefillWorker(config, transfer, "prefill-test")
+    try:
+        peer = (await decode.ready()).kv_address
+        await prefill.ready()
+        assert peer is not None
+        yield prefill, decode, peer
+    finally:
+        prefill.async_engine.stop()
+        decode.async_engine.stop()
+        await prefill.sender.close()
+        await decode.receiver.close()
+
+
 async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> None:
     # Chunks of 40 tokens: the 100-token prompt goes in three steps, each from the blocks it filled,
     # two of them starting mid-block.
@@ -24,12 +45,7 @@ async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> 
         cache=CacheConfig(num_blocks=160),
         scheduler=SchedulerConfig(max_num_batched_tokens=40),
     )
-    transfer = TransferConfig(timeout_s=10)
-    decode = DecodeWorker(config, transfer, "decode-test")
-    prefill = PrefillWorker(config, transfer, "prefill-test")
-    try:
-        peer = (await decode.ready()).kv_address
-        await prefill.ready()
+    async with worker_pair(config, TransferConfig(timeout_s=10)) as (prefill, decode, peer):
         assert prefill.shared_cache
         assert prefill.engine.runner.kv_cache.data_ptr() == prefill.sender._cache.tensor.data_ptr()
 
@@ -51,22 +67,12 @@ async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> 
         assert conn.cached and not prefill.sender._pending
         ring = prefill.sender._ring
         assert ring is not None and int(ring.buffer[: 1 << 16].count_nonzero()) == 0  # nothing was staged
-    finally:
-        prefill.async_engine.stop()
-        decode.async_engine.stop()
-        await prefill.sender.close()
-        await decode.receiver.close()
 
 
 async def test_blocks_of_a_failed_send_are_held_another_timeout_then_released(small_model: Path) -> None:
     """A decode side that never acknowledges: the prefill fails, and its blocks stay out of reuse a while."""
     config = EngineConfig(model=str(small_model), cache=CacheConfig(num_blocks=160))
-    transfer = TransferConfig(timeout_s=0.5)
-    decode = DecodeWorker(config, transfer, "decode-mute")
-    prefill = PrefillWorker(config, transfer, "prefill-test")
-    try:
-        peer = (await decode.ready()).kv_address
-        await prefill.ready()
+    async with worker_pair(config, TransferConfig(timeout_s=0.5)) as (prefill, decode, peer):
         decode.receiver._on_events = lambda conn, events: False  # type: ignore[method-assign]
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
         prompt = list(range(10, 60))
@@ -83,8 +89,3 @@ async def test_blocks_of_a_failed_send_are_held_another_timeout_then_released(sm
         load = await prefill.load(check_integrity=True)
         assert "kv-send:mute" not in prefill.engine.block_manager.req_blocks
         assert load.integrity_error is None
-    finally:
-        prefill.async_engine.stop()
-        decode.async_engine.stop()
-        await prefill.sender.close()
-        await decode.receiver.close()
