@@ -5,9 +5,11 @@ as a prefill worker does, into a decode actor's real kv_cache at random block id
 the prefill actor's KV sits at random blocks of a KV cache in shared memory and goes with
 `KVSender.submit_cached`, as a prefill worker on CPU sends it; `--source tensors` sends it as
 tensors with `KVSender.submit`, which stages them (or registers them in place, `--staging-mib 0`).
-A request's time runs from the first layer's submission (prefill actor) to the moment
-`KVReceiver.wait` sees all of it in place (decode actor), both on the host's monotonic clock. The
-decode actor starts waiting when the request is announced, so no Ray call reaches it mid-transfer.
+A request's time runs from the first layer's submission (prefill actor) to the moment the last
+of it is in place (decode actor; `KVReceiver.wait` reports when that was), both on the host's
+monotonic clock. The decode actor starts waiting when the request is announced, so no Ray call
+reaches it mid-transfer. Each actor is pinned to a core of its own (see
+`bench_actors.pin_process`; `--no-pin` leaves them be); ucx_perftest runs as shipped.
 
 The reference and the hand-off take turns: each round of a size runs ucx_perftest once per
 transport, then `--repeats` requests, and the ratio is taken within the round. On a shared host
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 from typing import Any
@@ -54,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rounds", type=int, default=3, help="per size: ucx_perftest once per transport, then --repeats requests"
     )
     parser.add_argument("--no-perftest", action="store_true", help="skip the ucx_perftest reference")
+    parser.add_argument(
+        "--no-pin", action="store_true", help="leave the two actors unpinned (by default each gets a core of its own)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
 
 
@@ -80,6 +86,9 @@ class _Pair:
         cache_blocks = self.num_blocks if args.source == "cache" else 0
         prefill: Any = ray.remote(num_cpus=1)(PrefillSide).remote(fp, config, cache_blocks)
         self.decode, self.prefill = decode, prefill
+        cpus = sorted(os.sched_getaffinity(0))
+        if not args.no_pin and len(cpus) >= 2:
+            ray.get([prefill.pin.remote({cpus[0]}), decode.pin.remote({cpus[1]})])
         self.peer = ray.get(decode.start.remote())
         if ray.get(prefill.start.remote()) != bool(cache_blocks):
             raise RuntimeError("the prefill actor could not allocate its KV cache in shared memory")

@@ -10,12 +10,15 @@ blocks that happen to be adjacent) on both sides: the source is either contiguou
 registered tensor) or blocks of the sender's shared KV cache. `pieces()` lists them once per
 distinct range and source, which every layer then reuses. What has arrived is one bit per token
 per layer, kept in Python ints, so marking a layer costs a few integer operations whatever the
-range.
+range. A request that the receiver routes (see receiver.py) is tracked in C instead, and `route`
+holds its handle; `complete` then ends it. The future's result is the monotonic time at which
+the last of the KV was in place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -62,13 +65,14 @@ class ExpectedRequest:
         self.block_size = block_size
         slots = slot_ids(ids, token_start, token_end, block_size)
         # Each offset's slot, and the offsets at which a run of consecutive slots starts (besides 0).
-        self._slots: list[int] = slots.tolist()
+        self.slots: list[int] = slots.tolist()
         self._slot_breaks: list[int] = (np.flatnonzero(np.diff(slots) != 1) + 1).tolist()
         self._pieces: dict[tuple[int, int, tuple[int, ...], int], Pieces] = {}
         self._missing = [(1 << (token_end - token_start)) - 1] * num_layers  # bit i: offset i not written yet
         self._remaining = num_layers * (token_end - token_start)
         self.sources: set[int] = set()  # ids of the connections that delivered data for it
-        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.route = 0  # the key of its route in the receiver's sink (0: none)
+        self.future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         # A failure nobody waits for must not be logged as "exception never retrieved".
         self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
@@ -117,9 +121,7 @@ class ExpectedRequest:
                     source = source_blocks[p // bs] * bs + p % bs
                 else:
                     source = start
-                rows.append(
-                    (source * token_bytes, self._slots[a + start] * token_bytes, (end - start) * token_bytes)
-                )
+                rows.append((source * token_bytes, self.slots[a + start] * token_bytes, (end - start) * token_bytes))
             pieces = self._pieces[key] = Pieces(np.array(rows, dtype=np.uint64).T)
         return pieces
 
@@ -129,8 +131,13 @@ class ExpectedRequest:
         missing = self._missing[layer]
         self._remaining -= (missing & bits).bit_count()
         self._missing[layer] = missing & ~bits
-        if self._remaining == 0 and not self.future.done():
-            self.future.set_result(None)
+        if self._remaining == 0:
+            self.complete(time.monotonic())
+
+    def complete(self, at: float) -> None:
+        """Every layer is in place since monotonic time `at`."""
+        if not self.future.done():
+            self.future.set_result(at)
 
     def fail(self, error: TransferError) -> None:
         if not self.future.done():

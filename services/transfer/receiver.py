@@ -13,6 +13,16 @@ cancelled nothing is left in flight that could still write into blocks that may 
 to someone else. Headers of unknown, cancelled or failed requests are acknowledged without
 copying.
 
+On a host KV cache the common case skips Python altogether: each expected request is a route,
+and each connection whose sender's cache is mapped here a source, of a native.Sink. A header
+from a source for a routed request is checked, copied and kept for its ack by the data path's
+message callback (kvx.c), as this module would; Python wakes once, when the request's KV is all
+in place (and when acks fall due). Anything else (malformed, out of bounds, from a ring, for a
+request not routed) reaches `_on_events` as before, which also refuses what is bad. Removing a
+route or a source waits for a placement in progress, so cancelling still leaves nothing in
+flight. `pdserve bench transfer`, 8 MiB requests: 4.79 to 5.8 GB/s through Python, with routes
+see bench/README.md.
+
 While a request's layers are arriving, the event loop does not go back to sleep between
 headers: it polls the data-path worker for up to `spin_us` (ucx_runtime), so the next header
 lands without a wake-up on either side. Measured here, a header posted to a sleeping receiver
@@ -38,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +127,9 @@ class KVReceiver:
         self._expected: dict[str, ExpectedRequest] = {}
         self._partial: set[ExpectedRequest] = set()  # requests with some of their KV, waiting for the rest
         self._bounce = torch.empty(0, dtype=torch.uint8)  # see _fetch: rings on another host
+        self._sink: native.Sink | None = None  # routes straight into kv_cache (host memory only)
+        self._routes: dict[int, tuple[int, ExpectedRequest]] = {}  # route key: (route handle, request)
+        self._route_keys = itertools.count(1)
         self._conns: dict[int, _Link] = {}
         self._conn_ids = itertools.count()
         self._listener: Any = None
@@ -140,6 +154,11 @@ class KVReceiver:
             ucx_runtime.release()
             self._ucxx = None
             raise
+        if not self._on_cuda:
+            fp = self._fp
+            self._sink = ucx_runtime.node().sink(
+                self._cache_address, fp.num_layers, self._plane_bytes, self._token_bytes, fp.block_size
+            )
         self._address = f"{self._config.host}:{self._listener.port}"
         return self._address
 
@@ -153,10 +172,14 @@ class KVReceiver:
             request_id, block_ids, token_start, token_end, self._fp.block_size, self._fp.num_layers, self._num_blocks
         )
         exp.pieces(0, exp.num_tokens, self._token_bytes)  # worked out now, not when the first layer lands
+        if self._sink is not None:
+            key = next(self._route_keys)
+            self._routes[key] = (self._sink.route(key, request_id.encode(), token_start, exp.slots), exp)
+            exp.route = key
         self._expected[request_id] = exp
 
-    async def wait(self, request_id: str, timeout: float | None = None) -> None:
-        """Return once every layer of the expected range has been written; raise TransferError otherwise.
+    async def wait(self, request_id: str, timeout: float | None = None) -> float:
+        """Once every layer of the expected range has been written, the monotonic time it was; else TransferError.
 
         `timeout` defaults to the config's timeout_s. The request is forgotten afterwards either way,
         so headers that still arrive for it are acknowledged and dropped.
@@ -166,13 +189,12 @@ class KVReceiver:
             raise KeyError(f"request {request_id!r} is not expected (never announced, or already waited for)")
         limit = self._config.timeout_s if timeout is None else timeout
         try:
-            await asyncio.wait_for(asyncio.shield(exp.future), limit)
+            return await asyncio.wait_for(asyncio.shield(exp.future), limit)
         except TimeoutError:
-            exp.fail(TransferError("timeout", f"request {request_id!r}: KV did not arrive within {limit}s"))
-            error = exp.future.exception()
-            if error is not None:
-                raise error from None
+            self._fail(exp, TransferError("timeout", f"request {request_id!r}: KV did not arrive within {limit}s"))
+            return exp.future.result()  # it completed just in time, or this raises its error
         finally:
+            self._unroute(exp)
             if self._expected.get(request_id) is exp:
                 del self._expected[request_id]
 
@@ -180,7 +202,7 @@ class KVReceiver:
         """Forget the request; its waiter gets TransferError("cancelled"), later headers are dropped."""
         exp = self._expected.pop(request_id, None)
         if exp is not None:
-            exp.fail(TransferError("cancelled", f"request {request_id!r} was cancelled"))
+            self._fail(exp, TransferError("cancelled", f"request {request_id!r} was cancelled"))
 
     def pending(self) -> list[str]:
         """Ids of expected requests whose KV has not fully arrived (and that have not failed)."""
@@ -204,6 +226,9 @@ class KVReceiver:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._conns.clear()
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
         if self._listener is not None:
             await asyncio.sleep(0)  # let ucxx retire its handler bookkeeping first
             self._listener.close()
@@ -236,8 +261,8 @@ class KVReceiver:
             log.debug("KV connection %d ended: %r", conn, exc)
         finally:
             self._conns.pop(conn, None)
-            self._fail_sourced(conn, TransferError("peer_gone", f"KV sender connection {conn} closed"))
             self._end(link)
+            self._fail_sourced(conn, link.tag, TransferError("peer_gone", f"KV sender connection {conn} closed"))
             if watch is not None:  # the abort ends it; let that happen while the loop still runs
                 await asyncio.wait([watch], timeout=1.0)
 
@@ -257,6 +282,8 @@ class KVReceiver:
                 link.staging = self._share(conn, link.data, hello.staging, "staging ring")
             if hello.HasField("cache"):
                 link.cache = self._share(conn, link.data, hello.cache, "KV cache", prefault=True)
+                if link.cache is not None and link.cache.mapped and self._sink is not None:
+                    self._sink.source(link.tag, link.cache.address, link.cache.length, link.cache.mapped)
             reply = kv_pb2.HandshakeReply(
                 ok=True,
                 worker_address=node.address,
@@ -298,6 +325,9 @@ class KVReceiver:
         """Say goodbye on the data path, then close both endpoints (its _serve task then finishes)."""
         if not link.ended.done():
             link.ended.set_result(None)
+        if link.tag and self._sink is not None:  # before its cache is unmapped
+            link.acks.extend(self._sink.take_acks(link.tag))
+            self._sink.unsource(link.tag)
         if link.tag:
             ucx_runtime.unsubscribe(link.tag)
         for shared in (link.staging, link.cache):
@@ -312,9 +342,9 @@ class KVReceiver:
     def _drop(self, conn: int, error: TransferError) -> None:
         link = self._conns.get(conn)
         log.warning("dropping KV connection %d: %s", conn, error)
-        self._fail_sourced(conn, error)
         if link is not None:
             self._end(link)
+        self._fail_sourced(conn, link.tag if link is not None else 0, error)
 
     # ---- headers ----------------------------------------------------------------------------
 
@@ -323,8 +353,19 @@ class KVReceiver:
         link = self._conns.get(conn)
         if link is None or link.data is None or link.ended.done():
             return False
-        completed = False
+        completed = acks_due = False
         for kind, status, payload in events:
+            if kind == native.EVENT_ROUTE_DONE:
+                key, at = native.ROUTE_DONE.unpack(payload)
+                if key in self._routes:
+                    exp = self._routes[key][1]
+                    exp.complete(at)
+                    self._partial.discard(exp)
+                completed = True
+                continue
+            if kind == native.EVENT_ACKS_DUE:
+                acks_due = True
+                continue
             if kind == native.EVENT_PEER_FAILED:
                 self._drop(
                     conn, TransferError("peer_gone", f"KV sender connection {conn}: {native.status_string(status)}")
@@ -339,7 +380,7 @@ class KVReceiver:
             problem = self._check(hdr, link)
             if problem:
                 if exp is not None:
-                    exp.fail(TransferError("bad_header", problem))
+                    self._fail(exp, TransferError("bad_header", problem))
                 self._drop(conn, TransferError("bad_header", problem))
                 return False
             try:
@@ -352,7 +393,9 @@ class KVReceiver:
                 )
                 return False
             link.acks.append(hdr.sequence)
-        if completed or len(link.acks) >= ACK_BATCH:
+        if (completed or acks_due) and self._sink is not None:
+            link.acks.extend(self._sink.take_acks(link.tag))
+        if completed or acks_due or len(link.acks) >= ACK_BATCH:
             self._send_acks(conn, link)
         elif link.acks and link.ack_timer is None:
             link.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._send_acks, conn, link)
@@ -413,12 +456,13 @@ class KVReceiver:
         exp.sources.add(conn)
         rng = exp.local_range(hdr.token_start, hdr.num_tokens)
         if rng is None:
-            exp.fail(
+            self._fail(
+                exp,
                 TransferError(
                     "bad_header",
                     f"request {hdr.request_id!r}: tokens [{hdr.token_start}, {hdr.token_start + hdr.num_tokens})"
                     f" fall outside the expected [{exp.token_start}, {exp.token_end})",
-                )
+                ),
             )
             return False
         if hdr.source_blocks:
@@ -459,14 +503,32 @@ class KVReceiver:
     def _mark(self, hdr: Any, exp: ExpectedRequest, rng: tuple[int, int]) -> bool:
         if self._on_cuda:
             torch.cuda.synchronize(self._kv_cache.device)
-        exp.mark(hdr.layer, *rng)
+        if exp.route and self._sink is not None:  # its route keeps what has arrived
+            if self._sink.mark(self._routes[exp.route][0], hdr.layer, *rng):
+                exp.complete(time.monotonic())
+        else:
+            exp.mark(hdr.layer, *rng)
         if exp.done:
             self._partial.discard(exp)
             return True
         self._partial.add(exp)
         return False
 
-    def _fail_sourced(self, conn: int, error: TransferError) -> None:
-        for exp in self._expected.values():
-            if conn in exp.sources:
-                exp.fail(error)
+    def _fail_sourced(self, conn: int, tag: int, error: TransferError) -> None:
+        """Fail the requests that connection `conn` (its tag: `tag`) delivered KV for."""
+        sink = self._sink
+        for exp in list(self._expected.values()):
+            routed_from = sink.route_source(self._routes[exp.route][0]) if exp.route and sink is not None else 0
+            if conn in exp.sources or (tag and routed_from == tag):
+                self._fail(exp, error)
+
+    def _fail(self, exp: ExpectedRequest, error: TransferError) -> None:
+        self._unroute(exp)
+        exp.fail(error)
+
+    def _unroute(self, exp: ExpectedRequest) -> None:
+        """Remove the request's route: once this returns, nothing more is written for it."""
+        entry = self._routes.pop(exp.route, None)
+        if entry is not None and self._sink is not None:
+            self._sink.unroute(entry[0])
+        exp.route = 0

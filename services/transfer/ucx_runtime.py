@@ -86,6 +86,8 @@ def acquire(config: TransferConfig) -> ModuleType:
             loop.add_reader(_node.event_fd, _dispatch)
         _loop = loop
         _spin_s = config.spin_us * 1e-6  # a process-wide setting: the latest user's applies
+        assert _node is not None
+        _node.set_spin(_spin_s)
         _users += 1
         return ucxx
 

@@ -8,6 +8,7 @@ ctypes, which releases the GIL while C runs: a fetch copies while Python threads
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import os
@@ -26,6 +27,9 @@ BUILD_DIR = Path(__file__).with_name("_build")
 
 EVENT_MESSAGE = 1
 EVENT_PEER_FAILED = 2
+EVENT_ROUTE_DONE = 3  # payload: the route's key and when its KV was all in place (ROUTE_DONE)
+EVENT_ACKS_DUE = 4  # routed headers wait for their acks: Sink.take_acks
+ROUTE_DONE = struct.Struct("<Qd")
 _RECORD = struct.Struct("<IiQI")
 UCS_ERR_NOT_CONNECTED = -24
 UCS_ERR_TIMED_OUT = -20
@@ -78,6 +82,7 @@ def lib() -> ctypes.CDLL:
 
 def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
     p, i, u64, sz, lng = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_long
+    u32, dbl = ctypes.c_uint32, ctypes.c_double
     status = ctypes.POINTER(ctypes.c_int)
     for name, res, args in (
         ("kvx_status_string", ctypes.c_char_p, [i]),
@@ -102,6 +107,16 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         ("kvx_copy_kv", None, [u64, u64, u64, u64, sz, p, p, p]),
         ("kvx_spin", i, [p, ctypes.c_double]),
         ("kvx_spin_end", None, [p]),
+        ("kvx_set_spin", None, [p, dbl]),
+        ("kvx_sink_open", p, [p, u64, u32, u64, u64, u32]),
+        ("kvx_sink_close", None, [p]),
+        ("kvx_sink_source", i, [p, u64, u64, u64, u64]),
+        ("kvx_sink_take_acks", lng, [p, u64, p, sz]),
+        ("kvx_sink_unsource", None, [p, u64]),
+        ("kvx_route_open", p, [p, u64, ctypes.c_char_p, u32, u32, u32, p]),
+        ("kvx_route_close", None, [p]),
+        ("kvx_route_mark", i, [p, u32, u32, u32]),
+        ("kvx_route_source", u64, [p]),
     ):
         fn = getattr(so, name)
         fn.restype = res
@@ -190,6 +205,17 @@ class Node:
     def spin_end(self) -> None:
         """Give progress back to the progress thread."""
         self._lib.kvx_spin_end(self._h)
+
+    def set_spin(self, spin_s: float) -> None:
+        """After placing part of a routed request, the progress thread polls this long for the rest."""
+        self._lib.kvx_set_spin(self._h, spin_s)
+
+    def sink(self, cache: int, num_layers: int, plane_bytes: int, token_bytes: int, block_size: int) -> Sink:
+        """The KV cache at `cache` ([num_layers, 2, blocks, block_size, heads, dim]) as a sink for routes."""
+        h = self._lib.kvx_sink_open(self._h, cache, num_layers, plane_bytes, token_bytes, block_size)
+        if not h:
+            raise MemoryError("opening a KV sink")
+        return Sink(self._lib, h)
 
     def connect(self, address: bytes, tag: int, local_tag: int) -> Connection:
         """An endpoint to the node at `address`; messages carry `tag`, failures report `local_tag`."""
@@ -291,6 +317,64 @@ def prefault(address: int, length: int) -> None:
     err = lib().kvx_prefault(address, length)
     if err:
         raise OSError(err, f"mapping {length} bytes of a peer's region: {os.strerror(err)}")
+
+
+class Sink:
+    """A KV cache that routed headers are placed into from the message callback (see kvx.c: routes).
+
+    `source` names a connection (by its tag) whose sender's cache is mapped here; `route` one
+    expected request. A header from a source for a routed request is copied into place and its
+    sequence kept for `take_acks`, with no event; the route's completion is an EVENT_ROUTE_DONE.
+    Everything else arrives as EVENT_MESSAGE, as without a sink. `unroute`, `unsource` and
+    `close` are synchronous: once they return, nothing more is written through what they removed.
+    """
+
+    def __init__(self, so: ctypes.CDLL, handle: int) -> None:
+        self._lib = so
+        self._h: int | None = handle
+        self._acks = (ctypes.c_uint64 * 256)()
+
+    def source(self, tag: int, address: int, length: int, mapped: int) -> None:
+        err = self._lib.kvx_sink_source(self._h, tag, address, length, mapped)
+        if err:
+            raise OSError(err, f"adding a source for tag {tag}: {os.strerror(err)}")
+
+    def unsource(self, tag: int) -> None:
+        self._lib.kvx_sink_unsource(self._h, tag)
+
+    def take_acks(self, tag: int) -> list[int]:
+        """The sequences placed from `tag`'s source since the last call."""
+        while True:
+            n = self._lib.kvx_sink_take_acks(self._h, tag, self._acks, len(self._acks))
+            if n >= 0:
+                return self._acks[:n]
+            self._acks = (ctypes.c_uint64 * (2 * -n))()
+
+    def route(self, key: int, request_id: bytes, token_start: int, slots: list[int]) -> int:
+        """Route a request whose tokens from `token_start` go to `slots` (checked by the caller); a handle."""
+        table = array.array("Q", slots)
+        h = self._lib.kvx_route_open(
+            self._h, key, request_id, len(request_id), token_start, len(table), table.buffer_info()[0]
+        )
+        if not h:
+            raise ValueError(f"cannot route request {request_id!r} (routed already, or no memory)")
+        return int(h)
+
+    def unroute(self, route: int) -> None:
+        self._lib.kvx_route_close(route)
+
+    def mark(self, route: int, layer: int, a: int, b: int) -> bool:
+        """Record tokens [a, b) of `layer` as written by the caller; True when that completed the route."""
+        return bool(self._lib.kvx_route_mark(route, layer, a, b))
+
+    def route_source(self, route: int) -> int:
+        """The tag of the source that placed KV through the route (0: none)."""
+        return int(self._lib.kvx_route_source(route))
+
+    def close(self) -> None:
+        h, self._h = self._h, None
+        if h:
+            self._lib.kvx_sink_close(h)
 
 
 class RemoteKey:
