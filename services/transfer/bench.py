@@ -26,7 +26,7 @@ import random
 import statistics
 from typing import Any
 
-from services.transfer.config import DEFAULT_UCX_TLS, PROGRESS_MODES, TransferConfig
+from services.transfer.config import CUDA_UCX_TLS, DEFAULT_UCX_TLS, PROGRESS_MODES, TransferConfig
 from services.transfer.fingerprint import KVFingerprint
 from services.transfer.perftest import MIB, run_perftest
 
@@ -38,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--ucx-tls", default=DEFAULT_UCX_TLS)
+    parser.add_argument(
+        "--ucx-tls",
+        default="",
+        help=f"UCX transports (default: UCX_TLS from the environment, else {DEFAULT_UCX_TLS}, plus {CUDA_UCX_TLS} "
+        "where CUDA is available)",
+    )
     parser.add_argument("--progress-mode", default="thread", choices=PROGRESS_MODES)
     parser.add_argument(
         "--staging-mib", type=int, default=TransferConfig.staging_mib, help="0: register the tensors in place"

@@ -20,6 +20,10 @@ PROGRESS_MODES = ("thread", "thread-polling")
 # memory, the decode side maps the sender's staging ring, and tensors registered in place are
 # read over cma (all seen with UCX_PROTO_INFO=y); the ucxx control endpoints carry the handshake.
 DEFAULT_UCX_TLS = "posix,sysv,cma,self,tcp"
+# Added where CUDA is available. Without cuda_copy, UCX takes a device pointer for host memory and
+# every get into or out of CUDA memory fails with an I/O error (seen on an H200); on a host
+# without CUDA, naming them only makes UCX warn in every process.
+CUDA_UCX_TLS = "cuda_copy,cuda_ipc"
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class TransferConfig:
     host: the address the receiver advertises in `start()` (its listener accepts on every interface).
     port: the receiver's listening port; 0 picks a free one.
     ucx_tls: UCX transports (UCX_TLS); must include tcp, which the connection manager needs.
+        Empty (the default): UCX_TLS from the environment if it is set there, as UCX users
+        expect, else DEFAULT_UCX_TLS, plus CUDA_UCX_TLS where torch sees a CUDA device.
     staging_mib: the sender's staging ring for host KV, shared memory allocated through UCX
         (see staging.py); 0 registers every tensor in place instead, as CUDA tensors always are.
     progress_mode: ucxx progress thread of the control endpoints, which sleeps in epoll
@@ -47,7 +53,7 @@ class TransferConfig:
     failure_policy: str = "recompute"
     host: str = "127.0.0.1"
     port: int = 0
-    ucx_tls: str = DEFAULT_UCX_TLS
+    ucx_tls: str = ""
     staging_mib: int = 256
     progress_mode: str = "thread"
     spin_us: int = 200
@@ -65,13 +71,8 @@ class TransferConfig:
             raise ValueError(f"TransferConfig.host must be an IP address, got {self.host!r}") from None
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"TransferConfig.port must be in [0, 65535], got {self.port!r}")
-        tls = [t.strip() for t in self.ucx_tls.split(",") if t.strip()]
-        if not tls:
-            raise ValueError("TransferConfig.ucx_tls must name at least one UCX transport")
-        if "tcp" not in tls and "all" not in tls:
-            raise ValueError(
-                f"TransferConfig.ucx_tls must include 'tcp' (UCX's connection manager needs it), got {self.ucx_tls!r}"
-            )
+        if self.ucx_tls:
+            _check_tls(self.ucx_tls, "TransferConfig.ucx_tls")
         mib = self.staging_mib
         if not isinstance(mib, int) or isinstance(mib, bool) or not 0 <= mib <= 1 << 16:
             raise ValueError(f"TransferConfig.staging_mib must be an int in [0, 65536], got {mib!r}")
@@ -83,10 +84,21 @@ class TransferConfig:
                 f"TransferConfig.progress_mode must be one of {PROGRESS_MODES}, got {self.progress_mode!r}"
             )
 
+    def transports(self) -> str:
+        """The UCX_TLS in effect: `ucx_tls`, else the environment's UCX_TLS, else the defaults for this host."""
+        if self.ucx_tls:
+            return self.ucx_tls
+        configured = os.environ.get("UCX_TLS", "")
+        if configured:
+            return _check_tls(configured, "UCX_TLS in the environment")
+        import torch  # only now: the router never needs it
+
+        return f"{DEFAULT_UCX_TLS},{CUDA_UCX_TLS}" if torch.cuda.is_available() else DEFAULT_UCX_TLS
+
     def ucx_env(self) -> dict[str, str]:
         """The UCX environment variables this configuration implies."""
         return {
-            "UCX_TLS": self.ucx_tls,
+            "UCX_TLS": self.transports(),
             # Without shared memory or cma (another host, another pod), UCX emulates the gets over
             # tcp in segments of this size: 256k moved 8 and 64 MiB requests 1.5-2.5x faster than
             # the 8k default here.
@@ -98,3 +110,12 @@ class TransferConfig:
     def apply_ucx_env(self) -> None:
         """Write `ucx_env()` into os.environ (must happen before ucxx is first imported)."""
         os.environ.update(self.ucx_env())
+
+
+def _check_tls(tls: str, what: str) -> str:
+    names = [t.strip() for t in tls.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"{what} must name at least one UCX transport")
+    if "tcp" not in names and "all" not in names:
+        raise ValueError(f"{what} must include 'tcp' (UCX's connection manager needs it), got {tls!r}")
+    return tls

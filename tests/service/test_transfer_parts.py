@@ -21,6 +21,29 @@ def test_spin_us_is_validated() -> None:
             TransferConfig(spin_us=bad)  # type: ignore[arg-type]
 
 
+def test_ucx_transports_come_from_the_config_then_the_environment_then_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from services.transfer.config import CUDA_UCX_TLS, DEFAULT_UCX_TLS
+
+    monkeypatch.delenv("UCX_TLS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert TransferConfig().ucx_env()["UCX_TLS"] == DEFAULT_UCX_TLS
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert TransferConfig().transports() == f"{DEFAULT_UCX_TLS},{CUDA_UCX_TLS}"  # CUDA memory needs cuda_copy
+    monkeypatch.setenv("UCX_TLS", "rc,cuda_copy,tcp")  # as a Helm values file sets it
+    assert TransferConfig().transports() == "rc,cuda_copy,tcp"
+    assert TransferConfig(ucx_tls="shm,tcp").transports() == "shm,tcp"
+    monkeypatch.setenv("UCX_TLS", "rc,cuda_copy")
+    with pytest.raises(ValueError, match="UCX_TLS in the environment must include 'tcp'"):
+        TransferConfig().transports()
+    for bad in ("posix", " , "):
+        with pytest.raises(ValueError, match="ucx_tls"):
+            TransferConfig(ucx_tls=bad)
+
+
 def test_pieces_hold_their_rows_pointers() -> None:
     import numpy as np
 
