@@ -76,9 +76,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         async def one(w):  # type: ignore[no-untyped-def]
             try:
                 info = await asyncio.wait_for(w.actor.load.remote(request.check_integrity, False), 10)
-                return convert.load_to_proto(w.name, w.role, True, info)
             except Exception:  # noqa: BLE001 - an unreachable worker is reported, not raised
                 return convert.load_to_proto(w.name, w.role, False, None)
+            # Alive: answering, and the incarnation the router dispatches to. An actor that Ray has
+            # restarted is not, until the pool's next poll has learnt its new KV address.
+            known = w.last_load is None or w.last_load.pid == info.pid
+            return convert.load_to_proto(w.name, w.role, w.alive and known, info)
 
         loads = await asyncio.gather(*(one(w) for w in workers))
         return pb.LoadReport(workers=loads, num_inflight_requests=len(self.router.active))
