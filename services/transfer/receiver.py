@@ -53,7 +53,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -87,6 +87,13 @@ class _Shared:
 
     def holds(self, address: int, length: int) -> bool:
         return self.address <= address and address + length <= self.address + self.length
+
+
+class _Route(NamedTuple):
+    """An expected request's route in the sink (see native.Sink)."""
+
+    handle: int
+    request: ExpectedRequest
 
 
 @dataclass
@@ -131,7 +138,7 @@ class KVReceiver:
         self._partial: set[ExpectedRequest] = set()  # requests with some of their KV, waiting for the rest
         self._bounce = torch.empty(0, dtype=torch.uint8)  # see _fetch: rings on another host
         self._sink: native.Sink | None = None  # routes straight into kv_cache (host memory only)
-        self._routes: dict[int, tuple[int, ExpectedRequest]] = {}  # route key: (route handle, request)
+        self._routes: dict[int, _Route] = {}  # by key
         self._route_keys = itertools.count(1)
         self._conns: dict[int, _Link] = {}
         self._conn_ids = itertools.count()
@@ -177,7 +184,7 @@ class KVReceiver:
         exp.pieces(0, exp.num_tokens, self._token_bytes)  # worked out now, not when the first layer lands
         if self._sink is not None:
             key = next(self._route_keys)
-            self._routes[key] = (self._sink.route(key, request_id.encode(), token_start, exp.slots), exp)
+            self._routes[key] = _Route(self._sink.route(key, request_id.encode(), token_start, exp.slots), exp)
             exp.route = key
         self._expected[request_id] = exp
 
@@ -359,11 +366,7 @@ class KVReceiver:
         completed = acks_due = False
         for kind, status, payload in events:
             if kind == native.EVENT_ROUTE_DONE:
-                key, at = native.ROUTE_DONE.unpack(payload)
-                if key in self._routes:
-                    exp = self._routes[key][1]
-                    exp.complete(at)
-                    self._partial.discard(exp)
+                self._route_done(payload)
                 completed = True
                 continue
             if kind == native.EVENT_ACKS_DUE:
@@ -403,6 +406,14 @@ class KVReceiver:
         elif link.acks and link.ack_timer is None:
             link.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY_S, self._send_acks, conn, link)
         return self._arriving()
+
+    def _route_done(self, payload: bytes) -> None:
+        """A route's request has all of its KV in place (the event says since when)."""
+        key, at = native.ROUTE_DONE.unpack(payload)
+        route = self._routes.get(key)
+        if route is not None:
+            route.request.complete(at)
+            self._partial.discard(route.request)
 
     def _arriving(self) -> bool:
         """Whether some request has part of its KV and waits for the rest (more headers are due)."""
@@ -507,7 +518,7 @@ class KVReceiver:
         if self._on_cuda:
             torch.cuda.synchronize(self._kv_cache.device)
         if exp.route and self._sink is not None:  # its route keeps what has arrived
-            if self._sink.mark(self._routes[exp.route][0], hdr.layer, *rng):
+            if self._sink.mark(self._routes[exp.route].handle, hdr.layer, *rng):
                 exp.complete(time.monotonic())
         else:
             exp.mark(hdr.layer, *rng)
@@ -521,7 +532,7 @@ class KVReceiver:
         """Fail the requests that connection `conn` (its tag: `tag`) delivered KV for."""
         sink = self._sink
         for exp in list(self._expected.values()):
-            routed_from = sink.route_source(self._routes[exp.route][0]) if exp.route and sink is not None else 0
+            routed_from = sink.route_source(self._routes[exp.route].handle) if exp.route and sink is not None else 0
             if conn in exp.sources or (tag and routed_from == tag):
                 self._fail(exp, error)
 
@@ -531,7 +542,7 @@ class KVReceiver:
 
     def _unroute(self, exp: ExpectedRequest) -> None:
         """Remove the request's route: once this returns, nothing more is written for it."""
-        entry = self._routes.pop(exp.route, None)
-        if entry is not None and self._sink is not None:
-            self._sink.unroute(entry[0])
+        route = self._routes.pop(exp.route, None)
+        if route is not None and self._sink is not None:
+            self._sink.unroute(route.handle)
         exp.route = 0
