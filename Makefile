@@ -9,7 +9,7 @@ PROTO_GEN := $(patsubst proto/%.proto,$(PROTO_OUT)/%_pb2.py,$(PROTO_SRC))
 
 setup: $(VENV)/.installed $(PROTO_GEN) .tools/promtool native
 
-# The KV hand-off's data path (C on the libucx wheel's UCX); rebuilt only when kvx.c changes.
+# The KV hand-off's data path (C on the libucx wheel's UCX); rebuilt only when its sources change.
 native: $(VENV)/.installed
 	$(BIN)/python -m services.transfer.native >/dev/null
 

@@ -8,7 +8,8 @@ tensors with `KVSender.submit`, which stages them (or registers them in place, `
 A request's time runs from the first layer's submission (prefill actor) to the moment the last
 of it is in place (decode actor; `KVReceiver.wait` reports when that was), both on the host's
 monotonic clock. The decode actor starts waiting when the request is announced, so no Ray call
-reaches it mid-transfer. Each actor is pinned to a core of its own (see
+reaches it mid-transfer; the first request of each size is checked bit for bit there, and the
+others are not read back. Each actor is pinned to a core of its own (see
 `bench_actors.pin_process`; `--no-pin` leaves them be); ucx_perftest runs as shipped.
 
 The reference and the hand-off take turns: each round of a size runs ucx_perftest once per
@@ -115,9 +116,11 @@ class _Pair:
             ray.get(self.decode.expect.remote(rid, blocks, 0, tokens))
             t0 = ray.get(self.prefill.send_request.remote(self.peer, rid, 0, tokens, size))
             t1 = ray.get(self.decode.wait.remote(rid))
-            ray.get(self.decode.read.remote(rid))
             if rep:
+                ray.get(self.decode.forget.remote(rid))
                 samples.append(tokens * self.token_bytes / (t1 - t0) / 1e9)
+            elif not ray.get(self.decode.check.remote(rid, size)):  # the first of each size is checked
+                raise RuntimeError(f"a {size}-byte request's KV did not land exactly")
         return statistics.median(samples)
 
     def close(self) -> None:

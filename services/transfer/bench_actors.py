@@ -85,6 +85,14 @@ class DecodeSide:
         flat = self.kv_cache.view(fp.num_layers, 2, -1, fp.num_kv_heads, fp.head_dim)
         return flat[:, :, self.slots.pop(request_id)].clone()
 
+    async def check(self, request_id: str, seed: int) -> bool:
+        """Whether the request's KV, made from `seed` (make_kv), is in place exactly; forgets the request."""
+        stored = await self.read(request_id)
+        return torch.equal(stored, make_kv(self.fp, stored.shape[2], seed))
+
+    async def forget(self, request_id: str) -> None:
+        self.slots.pop(request_id, None)
+
     async def close(self) -> None:
         await self.receiver.close()
 

@@ -16,7 +16,7 @@ copying.
 On a host KV cache the common case skips Python altogether: each expected request is a route,
 and each connection whose sender's cache is mapped here a source, of a native.Sink. A header
 from a source for a routed request is checked, copied and kept for its ack by the data path's
-message callback (kvx.c), as this module would; Python wakes once, when the request's KV is all
+message callback (native/kvx_route.c), as this module would; Python wakes once, when the request's KV is all
 in place (and when acks fall due). Anything else (malformed, out of bounds, from a ring, for a
 request not routed) reaches `_on_events` as before, which also refuses what is bad. Removing a
 route or a source waits for a placement in progress, so cancelling still leaves nothing in

@@ -1,7 +1,7 @@
-"""Python side of kvx.c, the hand-off's data path: build on first use, then thin ctypes wrappers.
+"""Python side of kvx.c and kvx_route.c, the hand-off's data path: build on first use, then thin ctypes wrappers.
 
 The library is compiled against the UCX headers and libraries of the libucx wheel (the same UCX
-that ucxx loads) into `_build/`, keyed by a hash of the source, so an edited kvx.c rebuilds and
+that ucxx loads) into `_build/`, keyed by a hash of the sources, so an edited source rebuilds and
 concurrent first imports (several Ray actors) never see a half-written file. Calls go through
 ctypes, which releases the GIL while C runs: a fetch copies while Python threads go on.
 """
@@ -22,8 +22,10 @@ import numpy as np
 
 from services.transfer.perftest import libucx_dir
 
-SOURCE = Path(__file__).with_name("kvx.c")
-BUILD_DIR = Path(__file__).with_name("_build")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "kvx.c", HERE / "kvx_route.c")
+HEADERS = (HERE / "kvx.h",)
+BUILD_DIR = HERE / "_build"
 
 EVENT_MESSAGE = 1
 EVENT_PEER_FAILED = 2
@@ -47,8 +49,8 @@ class NativeError(RuntimeError):
 
 
 def build() -> Path:
-    """Compile kvx.c if this version of it is not built yet; returns the shared library's path."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    """Compile the sources if this version of them is not built yet; returns the shared library's path."""
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))).hexdigest()[:16]
     target = BUILD_DIR / f"kvx-{digest}.so"
     if target.exists():
         return target
@@ -57,14 +59,14 @@ def build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
     os.close(fd)
     cmd = [
-        os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-Wall", "-o", tmp, str(SOURCE),
+        os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-Wall", "-o", tmp, *map(str, SOURCES),
         f"-I{ucx / 'include'}", f"-L{ucx / 'lib'}", f"-Wl,-rpath,{ucx / 'lib'}", "-lucp", "-lucs", "-lpthread",
     ]  # fmt: skip
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
         os.unlink(tmp)
-        raise RuntimeError(f"building {SOURCE.name} failed:\n{exc.stderr}") from None
+        raise RuntimeError(f"building {', '.join(f.name for f in SOURCES)} failed:\n{exc.stderr}") from None
     os.replace(tmp, target)
     return target
 
@@ -320,7 +322,7 @@ def prefault(address: int, length: int) -> None:
 
 
 class Sink:
-    """A KV cache that routed headers are placed into from the message callback (see kvx.c: routes).
+    """A KV cache that routed headers are placed into from the message callback (see kvx_route.c).
 
     `source` names a connection (by its tag) whose sender's cache is mapped here; `route` one
     expected request. A header from a source for a routed request is copied into place and its
