@@ -11,7 +11,7 @@ registered tensor) or blocks of the sender's shared KV cache. `pieces()` lists t
 distinct range and source, which every layer then reuses. What has arrived is one bit per token
 per layer, kept in Python ints, so marking a layer costs a few integer operations whatever the
 range. A request that the receiver routes (see receiver.py) is tracked in C instead, and `route`
-holds its handle; `complete` then ends it. The future's result is the monotonic time at which
+holds its key; `complete` then ends it. The future's result is the monotonic time at which
 the last of the KV was in place.
 """
 
