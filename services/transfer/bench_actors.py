@@ -45,13 +45,13 @@ def make_kv(fp: KVFingerprint, num_tokens: int, seed: int) -> torch.Tensor:
 
 
 class DecodeSide:
-    """Holds a real kv_cache and a KVReceiver."""
+    """Holds a real kv_cache (on `device`) and a KVReceiver."""
 
-    def __init__(self, fp: KVFingerprint, config: TransferConfig, num_blocks: int) -> None:
+    def __init__(self, fp: KVFingerprint, config: TransferConfig, num_blocks: int, device: str = "cpu") -> None:
         self.fp = fp
         shape = (fp.num_layers, 2, num_blocks, fp.block_size, fp.num_kv_heads, fp.head_dim)
         # zero_() writes every page now (torch.zeros may map untouched ones), as a serving worker's cache is once warm
-        self.kv_cache = torch.empty(shape, dtype=fp.torch_dtype).zero_()
+        self.kv_cache = torch.empty(shape, dtype=fp.torch_dtype, device=device).zero_()
         self.receiver = KVReceiver(self.kv_cache, fp, config)
         self.slots: dict[str, torch.Tensor] = {}
         self.completions: dict[str, asyncio.Future[float]] = {}
@@ -80,10 +80,10 @@ class DecodeSide:
         return await self.completions.pop(request_id)
 
     async def read(self, request_id: str) -> torch.Tensor:
-        """The request's KV as stored in the cache: [num_layers, 2, num_tokens, heads, dim]."""
+        """The request's KV as stored in the cache, on the host: [num_layers, 2, num_tokens, heads, dim]."""
         fp = self.fp
         flat = self.kv_cache.view(fp.num_layers, 2, -1, fp.num_kv_heads, fp.head_dim)
-        return flat[:, :, self.slots.pop(request_id)].clone()
+        return flat[:, :, self.slots.pop(request_id).to(flat.device)].cpu()  # indexing copies
 
     async def check(self, request_id: str, seed: int) -> bool:
         """Whether the request's KV, made from `seed` (make_kv), is in place exactly; forgets the request."""
@@ -102,11 +102,13 @@ class PrefillSide:
 
     With `cache_blocks`, the KV comes from a KV cache of that many blocks in shared memory
     (`KVSender.allocate_cache`), into which each request is first written at random blocks, as
-    the prefill worker's layers write theirs; without, it goes as tensors, which are staged.
+    the prefill worker's layers write theirs; without, it goes as tensors on `device` (staged
+    when on the host, registered in place when on CUDA).
     """
 
-    def __init__(self, fp: KVFingerprint, config: TransferConfig, cache_blocks: int = 0) -> None:
+    def __init__(self, fp: KVFingerprint, config: TransferConfig, cache_blocks: int = 0, device: str = "cpu") -> None:
         self.fp = fp
+        self.device = device
         self.sender = KVSender(fp, config)
         self.data: dict[tuple[int, int], torch.Tensor] = {}
         self.cache_blocks = cache_blocks
@@ -126,7 +128,14 @@ class PrefillSide:
         pin_process(cpus)
 
     async def prepare(self, num_tokens: int, seed: int) -> None:
-        self.data[(num_tokens, seed)] = make_kv(self.fp, num_tokens, seed)
+        self.kv(num_tokens, seed)
+
+    def kv(self, num_tokens: int, seed: int) -> torch.Tensor:
+        """make_kv on `device`, made once per (num_tokens, seed)."""
+        kv = self.data.get((num_tokens, seed))
+        if kv is None:
+            kv = self.data[(num_tokens, seed)] = make_kv(self.fp, num_tokens, seed).to(self.device)
+        return kv
 
     async def send_request(self, peer: str, request_id: str, token_start: int, num_tokens: int, seed: int) -> float:
         """Send all layers; returns the monotonic time just before the first layer was submitted.
@@ -135,9 +144,7 @@ class PrefillSide:
         how the prefill worker overlaps transfer with compute.
         """
         await self.start()
-        kv = self.data.get((num_tokens, seed))
-        if kv is None:
-            kv = make_kv(self.fp, num_tokens, seed)
+        kv = self.kv(num_tokens, seed)
         loop = asyncio.get_running_loop()
         table = self._write(kv, token_start) if self.cache is not None else []
 
@@ -162,7 +169,7 @@ class PrefillSide:
         end = token_start + kv.shape[2]
         table = self.rng.sample(range(self.cache_blocks), -(-end // fp.block_size))
         flat = self.cache.view(fp.num_layers, 2, -1, fp.num_kv_heads, fp.head_dim)
-        flat[:, :, torch.from_numpy(slot_ids(table, token_start, end, fp.block_size))] = kv
+        flat[:, :, torch.from_numpy(slot_ids(table, token_start, end, fp.block_size))] = kv.cpu()
         return table
 
     async def connects(self) -> int:

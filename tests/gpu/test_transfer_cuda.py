@@ -16,7 +16,6 @@ software emulation over sysv (about 0.7 GB/s), ucx_perftest's ucp_get included.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import importlib.util
 import inspect
 import multiprocessing
@@ -34,9 +33,8 @@ import pytest
 import torch
 
 from services.proto_gen import kv_pb2
-from services.transfer import KVFingerprint, KVReceiver, KVSender, TransferConfig
-from services.transfer.bench_actors import make_kv
-from services.transfer.expected import slot_ids
+from services.transfer import KVFingerprint, TransferConfig
+from services.transfer.bench_actors import DecodeSide, PrefillSide, make_kv
 
 pytestmark = [
     pytest.mark.gpu,
@@ -57,37 +55,8 @@ REQUESTS = [(0, 9, 4), (5, 23, 5), (13, 14, 1), (2, 31, 31)]
 # ---- the two ends, each run in a process of its own ----------------------------------------------
 
 
-class Decode:
-    """A KVReceiver over a zeroed kv_cache on `device`."""
-
-    def __init__(self, fp: KVFingerprint, config: TransferConfig, num_blocks: int, device: str) -> None:
-        self.fp = fp
-        shape = (fp.num_layers, 2, num_blocks, fp.block_size, fp.num_kv_heads, fp.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=fp.torch_dtype, device=device)
-        self.receiver = KVReceiver(self.kv_cache, fp, config)
-        self.slots: dict[str, torch.Tensor] = {}
-        self.arrivals: dict[str, asyncio.Future[float]] = {}
-
-    async def start(self) -> str:
-        return await self.receiver.start()
-
-    async def expect(self, request_id: str, block_ids: list[int], token_start: int, token_end: int) -> None:
-        """Announce the request and wait for it from now on, so that no call reaches this side mid-transfer."""
-        self.receiver.expect(request_id, block_ids, token_start, token_end)
-        self.slots[request_id] = torch.from_numpy(slot_ids(block_ids, token_start, token_end, self.fp.block_size))
-        self.arrivals[request_id] = asyncio.ensure_future(self._arrival(request_id))
-
-    async def _arrival(self, request_id: str) -> float:
-        return await self.receiver.wait(request_id)
-
-    async def wait(self, request_id: str) -> float:
-        """The monotonic time at which all of the request's KV was in place; raises what `wait` raised."""
-        return await self.arrivals.pop(request_id)
-
-    def read(self, request_id: str) -> torch.Tensor:
-        """The request's KV as stored, on the host: [num_layers, 2, num_tokens, heads, dim]."""
-        flat = self.kv_cache.view(self.fp.num_layers, 2, -1, self.fp.num_kv_heads, self.fp.head_dim)
-        return flat[:, :, self.slots.pop(request_id).to(flat.device)].cpu()
+class Decode(DecodeSide):
+    """The bench's decode end, with what the checks below look at."""
 
     def nonzero_blocks(self) -> list[int]:
         return torch.nonzero(self.kv_cache.flatten(3).abs().sum((0, 1, 3))).flatten().tolist()
@@ -98,50 +67,14 @@ class Decode:
     def num_connections(self) -> int:
         return self.receiver.num_connections
 
-    async def close(self) -> None:
-        await self.receiver.close()
 
-
-class Prefill:
-    """A KVSender of KV made from a seed: tensors on `device`, or, with `cache_blocks`, a shared host KV cache."""
-
-    def __init__(self, fp: KVFingerprint, config: TransferConfig, device: str, cache_blocks: int = 0) -> None:
-        self.fp = fp
-        self.device = device
-        self.sender = KVSender(fp, config)
-        self.cache_blocks = cache_blocks
-        self.cache: torch.Tensor | None = None
-        self.data: dict[tuple[int, int], torch.Tensor] = {}
-        self.rng = random.Random(0)
-
-    async def start(self) -> None:
-        await self.sender.start()
-        if self.cache_blocks and self.cache is None:
-            fp = self.fp
-            shape = (fp.num_layers, 2, self.cache_blocks, fp.block_size, fp.num_kv_heads, fp.head_dim)
-            self.cache = self.sender.allocate_cache(shape)
-            assert self.cache is not None, "UCX could not allocate the shared KV cache"
-
-    def _kv(self, num_tokens: int, seed: int) -> torch.Tensor:
-        kv = self.data.get((num_tokens, seed))
-        if kv is None:
-            kv = self.data[(num_tokens, seed)] = make_kv(self.fp, num_tokens, seed).to(self.device)
-        return kv
-
-    def _write(self, kv: torch.Tensor, token_start: int) -> list[int]:
-        """Write a request's KV into random blocks of the shared cache; returns its block table from position 0."""
-        assert self.cache is not None
-        fp = self.fp
-        end = token_start + kv.shape[2]
-        table = self.rng.sample(range(self.cache_blocks), -(-end // fp.block_size))
-        flat = self.cache.view(fp.num_layers, 2, -1, fp.num_kv_heads, fp.head_dim)
-        flat[:, :, torch.from_numpy(slot_ids(table, token_start, end, fp.block_size))] = kv.cpu()
-        return table
+class Prefill(PrefillSide):
+    """The bench's prefill end (its `send_request` submits every layer from a thread), plus awaited sends."""
 
     async def send(self, peer: str, request_id: str, token_start: int, num_tokens: int, seed: int, chunk: int) -> int:
         """Every layer with `send` (or `send_cached`), `chunk` tokens at a time; returns the bytes acknowledged."""
         await self.start()
-        kv = self._kv(num_tokens, seed)
+        kv = self.kv(num_tokens, seed)
         table = self._write(kv, token_start) if self.cache is not None else []
         sent = 0
         for lo in range(0, num_tokens, chunk):
@@ -153,30 +86,6 @@ class Prefill:
                     k, v = kv[layer, 0, lo : lo + n], kv[layer, 1, lo : lo + n]
                     sent += await self.sender.send(peer, request_id, layer, token_start + lo, k, v)
         return sent
-
-    async def submit(self, peer: str, request_id: str, token_start: int, num_tokens: int, seed: int) -> float:
-        """Every layer with `submit` (or `submit_cached`) from a thread, as a prefill worker's compute thread does.
-
-        Returns the monotonic time just before the first layer went; the KV is made (and written
-        into the shared cache) before that.
-        """
-        await self.start()
-        kv = self._kv(num_tokens, seed)
-        table = self._write(kv, token_start) if self.cache is not None else []
-        loop = asyncio.get_running_loop()
-
-        def submit(layer: int) -> concurrent.futures.Future[int]:
-            if self.cache is not None:
-                return self.sender.submit_cached(loop, peer, request_id, layer, token_start, num_tokens, table)
-            return self.sender.submit(loop, peer, request_id, layer, token_start, kv[layer, 0], kv[layer, 1])
-
-        def compute_thread() -> float:
-            t0 = time.monotonic()
-            for future in [submit(layer) for layer in range(self.fp.num_layers)]:
-                future.result()
-            return t0
-
-        return await loop.run_in_executor(None, compute_thread)
 
     def send_raw(self, peer: str, header: bytes) -> None:
         """Put bytes on the data path as if they were a header (the connection must be open)."""
@@ -191,9 +100,6 @@ class Prefill:
             "staged": [c.staged for c in conns.values()],
             "cached": [c.cached for c in conns.values()],
         }
-
-    async def close(self) -> None:
-        await self.sender.close()
 
 
 # ---- running them in processes of their own ----------------------------------------------------
@@ -309,10 +215,11 @@ def pair(
 ) -> Iterator[Pair]:
     """A decode and a prefill process (started side by side), the receiver listening."""
     decode = Peer(Decode, fp, config, num_blocks, decode_device)
-    prefill = Peer(Prefill, fp, config, prefill_device, cache_blocks)
+    prefill = Peer(Prefill, fp, config, cache_blocks, prefill_device)
     try:
         decode.ready()
         prefill.ready()
+        assert prefill.call("start") == bool(cache_blocks), "UCX could not allocate the shared KV cache"
         yield Pair(decode, prefill, decode.call("start"))
     finally:
         prefill.stop()
@@ -341,7 +248,7 @@ def round_trips(p: Pair, fp: KVFingerprint = FP, seed: int = 0) -> None:
             sent = p.prefill.call("send", p.addr, rid, start, end - start, seed + i, chunk)
             assert sent == fp.num_layers * fp.payload_bytes(end - start)
         else:
-            p.prefill.call("submit", p.addr, rid, start, end - start, seed + i)
+            p.prefill.call("send_request", p.addr, rid, start, end - start, seed + i)
         p.decode.call("wait", rid)
         assert same_bits(p.decode.call("read", rid), make_kv(fp, end - start, seed + i)), rid
     assert set(p.decode.call("nonzero_blocks")) <= set(used)  # nothing outside the requests' blocks
@@ -420,7 +327,7 @@ def test_bad_headers_into_a_cuda_cache_are_refused() -> None:
         # The next request reconnects and lands exactly.
         p.decode.call("clear")
         p.decode.call("expect", "again", [3, 40], 1, 7)
-        p.prefill.call("submit", p.addr, "again", 1, 6, 4)
+        p.prefill.call("send_request", p.addr, "again", 1, 6, 4)
         p.decode.call("wait", "again")
         assert same_bits(p.decode.call("read", "again"), make_kv(FP, 6, 4))
         assert p.decode.call("nonzero_blocks") == [3, 40]

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import torch
@@ -24,14 +26,20 @@ from tests.service.test_transfer import CFG, FP, NUM_BLOCKS, Pair, slots_of, sto
 CACHE_BLOCKS = 40
 
 
-async def cache_pair(config: TransferConfig = CFG) -> tuple[Pair, torch.Tensor]:
+@asynccontextmanager
+async def cache_pair(config: TransferConfig = CFG) -> AsyncIterator[tuple[Pair, torch.Tensor]]:
+    """A pair whose sender has a shared KV cache (returned with it), the receiver listening; closed on exit."""
     p = Pair(config)
-    await p.sender.start()
-    shape = (FP.num_layers, 2, CACHE_BLOCKS, FP.block_size, FP.num_kv_heads, FP.head_dim)
-    source = p.sender.allocate_cache(shape)
-    assert source is not None and source.shape == shape and not source.any()
-    p.addr = await p.receiver.start()
-    return p, source
+    try:
+        await p.sender.start()
+        shape = (FP.num_layers, 2, CACHE_BLOCKS, FP.block_size, FP.num_kv_heads, FP.head_dim)
+        source = p.sender.allocate_cache(shape)
+        assert source is not None and source.shape == shape and not source.any()
+        p.addr = await p.receiver.start()
+        yield p, source
+    finally:
+        await p.sender.close()
+        await p.receiver.close()
 
 
 def put(source: torch.Tensor, table: list[int], start: int, kv: torch.Tensor) -> None:
@@ -84,9 +92,8 @@ def count_fetches(p: Pair) -> list[str]:
 
 
 async def test_sends_from_the_shared_cache_land_exactly() -> None:
-    p, source = await cache_pair()
-    fetched = count_fetches(p)
-    try:
+    async with cache_pair() as (p, source):
+        fetched = count_fetches(p)
         await check_cache_round_trip(p, source)
         assert fetched == []  # every header went through its route
         assert p.sender._conns[p.addr].cached
@@ -94,23 +101,16 @@ async def test_sends_from_the_shared_cache_land_exactly() -> None:
         assert ring is not None and int(ring.buffer[: 1 << 16].count_nonzero()) == 0  # nothing was staged
         link = next(iter(p.receiver._conns.values()))
         assert link.cache is not None and link.cache.mapped
-    finally:
-        await p.sender.close()
-        await p.receiver.close()
 
 
 async def test_shared_cache_on_another_host_is_fetched_by_rma_get(monkeypatch: pytest.MonkeyPatch) -> None:
     from services.transfer import native
 
     monkeypatch.setattr(native.RemoteKey, "local_address", lambda self, remote: 0)
-    p, source = await cache_pair()
-    try:
+    async with cache_pair() as (p, source):
         await check_cache_round_trip(p, source)
         link = next(iter(p.receiver._conns.values()))
         assert link.cache is not None and link.cache.mapped == 0
-    finally:
-        await p.sender.close()
-        await p.receiver.close()
 
 
 async def test_shared_cache_the_receiver_cannot_reach_is_staged_instead(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,18 +126,13 @@ async def test_shared_cache_the_receiver_cannot_reach_is_staged_instead(monkeypa
         return unpack(self, rkey)
 
     monkeypatch.setattr(native.Connection, "unpack", cache_fails)
-    p, source = await cache_pair()
-    try:
+    async with cache_pair() as (p, source):
         await check_cache_round_trip(p, source)
         assert not p.sender._conns[p.addr].cached and p.sender._conns[p.addr].staged
-    finally:
-        await p.sender.close()
-        await p.receiver.close()
 
 
 async def test_header_pointing_outside_the_shared_cache_is_refused() -> None:
-    p, source = await cache_pair()
-    try:
+    async with cache_pair() as (p, source):
         p.receiver.expect("far", [1, 2], 0, 8)
         await p.sender.send_cached(p.addr, "far", 0, 0, 1, [3])  # opens the connection
         good = kv_pb2.KVHeader()
@@ -149,8 +144,7 @@ async def test_header_pointing_outside_the_shared_cache_is_refused() -> None:
             await p.receiver.wait("far")
         assert info.value.reason == "bad_header" and "shared KV cache" in str(info.value)
 
-        p2, _ = await cache_pair()
-        try:
+        async with cache_pair() as (p2, _):
             p2.receiver.expect("short", [1, 2], 0, 8)
             await p2.sender.send_cached(p2.addr, "short", 0, 0, 1, [3])
             good.sequence, good.request_id, good.num_tokens, good.payload_bytes = 99, "short", 6, FP.payload_bytes(6)
@@ -158,12 +152,6 @@ async def test_header_pointing_outside_the_shared_cache_is_refused() -> None:
             with pytest.raises(TransferError) as info:
                 await p2.receiver.wait("short")
             assert info.value.reason == "bad_header" and "do not hold its tokens" in str(info.value)
-        finally:
-            await p2.sender.close()
-            await p2.receiver.close()
-    finally:
-        await p.sender.close()
-        await p.receiver.close()
 
 
 async def test_shared_cache_bad_arguments_are_clear_errors() -> None:
@@ -175,8 +163,7 @@ async def test_shared_cache_bad_arguments_are_clear_errors() -> None:
     finally:
         await plain.sender.close()
         await plain.receiver.close()
-    p, source = await cache_pair()
-    try:
+    async with cache_pair() as (p, source):
         with pytest.raises(RuntimeError, match="once"):
             p.sender.allocate_cache(tuple(source.shape))
         with pytest.raises(ValueError, match="need 3"):
@@ -192,9 +179,6 @@ async def test_shared_cache_bad_arguments_are_clear_errors() -> None:
         failed = p.sender.submit_cached(asyncio.get_running_loop(), p.addr, "r", 0, -1, 4, [1])
         with pytest.raises(ValueError, match="token_start"):
             await asyncio.wrap_future(failed)
-    finally:
-        await p.sender.close()
-        await p.receiver.close()
     fresh = KVSender(FP, CFG)
     try:
         with pytest.raises(RuntimeError, match="after start"):
@@ -210,8 +194,7 @@ async def test_shared_cache_bad_arguments_are_clear_errors() -> None:
 
 
 async def test_completion_time_is_when_the_last_layer_landed() -> None:
-    p, source = await cache_pair()
-    try:
+    async with cache_pair() as (p, source):
         kv = make_kv(FP, 6, seed=7)
         put(source, [4, 9], 0, kv)
         p.receiver.expect("t", [2, 3], 0, 6)
@@ -220,15 +203,11 @@ async def test_completion_time_is_when_the_last_layer_landed() -> None:
         after = time.monotonic()
         landed = await p.receiver.wait("t")
         assert before < landed < after
-    finally:
-        await p.sender.close()
-        await p.receiver.close()
 
 
 async def test_many_sends_in_flight_are_all_acknowledged() -> None:
     """More headers than one batch of acks, none awaited before the next is sent."""
-    p, source = await cache_pair()
-    try:
+    async with cache_pair() as (p, source):
         n, table = 40, random.Random(5).sample(range(CACHE_BLOCKS), 10)
         kv = make_kv(FP, n, seed=8)
         put(source, table, 0, kv)
@@ -245,14 +224,10 @@ async def test_many_sends_in_flight_are_all_acknowledged() -> None:
         await p.receiver.wait("many")
         assert torch.equal(stored(p.cache, list(range(10, 20)), 0, n), kv)
         assert not p.sender._pending
-    finally:
-        await p.sender.close()
-        await p.receiver.close()
 
 
 async def test_nothing_lands_for_a_request_after_it_is_cancelled() -> None:
-    p, source = await cache_pair()
-    try:
+    async with cache_pair() as (p, source):
         kv = make_kv(FP, 8, seed=9)
         put(source, [6, 7], 0, kv)
         p.receiver.expect("gone", [1, 2], 0, 8)
@@ -262,16 +237,12 @@ async def test_nothing_lands_for_a_request_after_it_is_cancelled() -> None:
             await asyncio.wait_for(p.sender.send_cached(p.addr, "gone", layer, 0, 8, [6, 7]), 5)
         landed = stored(p.cache, [1, 2], 0, 8)
         assert torch.equal(landed[0], kv[0]) and not landed[1:].any()
-    finally:
-        await p.sender.close()
-        await p.receiver.close()
 
 
 async def test_a_request_placed_partly_in_c_and_partly_in_python_completes() -> None:
     """Layer 0 from the shared cache (its route), the others staged (Python), into one request."""
-    p, source = await cache_pair()
-    fetched = count_fetches(p)
-    try:
+    async with cache_pair() as (p, source):
+        fetched = count_fetches(p)
         kv = make_kv(FP, 8, seed=10)
         put(source, [3, 5], 0, kv)
         p.receiver.expect("mixed", [7, 8], 0, 8)
@@ -281,9 +252,6 @@ async def test_a_request_placed_partly_in_c_and_partly_in_python_completes() -> 
         await p.receiver.wait("mixed")
         assert torch.equal(stored(p.cache, [7, 8], 0, 8), kv)
         assert fetched == ["mixed"] * (FP.num_layers - 1)
-    finally:
-        await p.sender.close()
-        await p.receiver.close()
 
 
 def _varint(value: int) -> bytes:
@@ -297,9 +265,8 @@ def _varint(value: int) -> bytes:
 
 async def test_headers_the_c_path_does_not_parse_go_to_python() -> None:
     """Valid protobuf that KVSender never writes: source_blocks unpacked, a field twice."""
-    p, source = await cache_pair()
-    fetched = count_fetches(p)
-    try:
+    async with cache_pair() as (p, source):
+        fetched = count_fetches(p)
         kv = make_kv(FP, 8, seed=11)
         put(source, [2, 4], 0, kv)
         p.receiver.expect("odd", [9, 11], 0, 8)
@@ -315,14 +282,10 @@ async def test_headers_the_c_path_does_not_parse_go_to_python() -> None:
         await p.receiver.wait("odd")
         assert torch.equal(stored(p.cache, [9, 11], 0, 8), kv)
         assert fetched == ["odd", "odd"]
-    finally:
-        await p.sender.close()
-        await p.receiver.close()
 
 
 async def test_a_sender_that_goes_away_mid_request_fails_it_at_once() -> None:
-    p, source = await cache_pair()
-    try:
+    async with cache_pair() as (p, source):
         put(source, [1, 2], 0, make_kv(FP, 8, seed=12))
         p.receiver.expect("half", [3, 4], 0, 8)
         await p.sender.send_cached(p.addr, "half", 0, 0, 8, [1, 2])
@@ -332,5 +295,3 @@ async def test_a_sender_that_goes_away_mid_request_fails_it_at_once() -> None:
             await p.receiver.wait("half")
         assert info.value.reason == "peer_gone"
         assert time.monotonic() - start < CFG.timeout_s / 2  # not left to time out
-    finally:
-        await p.receiver.close()
