@@ -21,6 +21,14 @@ log = logging.getLogger("pdserve.serve")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model directory (default: the built-in tiny model)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="the name(s) clients use for the model; the first is the main one "
+                        "(default: the model directory's name)")
+    parser.add_argument("--generation-config", choices=["auto", "vllm"], default="auto",
+                        help="auto: the model's generation_config.json gives the defaults for sampling fields a "
+                        "request leaves out; vllm: it does not (pdserve's own defaults apply)")
+    parser.add_argument("--chat-template", default=None, metavar="FILE|STRING",
+                        help="a Jinja chat template (a file, or the template itself) instead of the model's own")
     parser.add_argument("--mode", choices=["disagg", "colocated"], default="disagg")
     parser.add_argument("--prefill-workers", type=int, default=1)
     parser.add_argument("--decode-workers", type=int, default=1)
@@ -113,7 +121,8 @@ class Service:
         transfer = TransferConfig(timeout_s=a.transfer_timeout_s, failure_policy=a.transfer_failure_policy,
                                   staging_mib=a.transfer_staging_mib, spin_us=a.transfer_spin_us,
                                   host=a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1")
-        self.metrics = Metrics(model_name=model.name, slo_ttft_ms=a.slo_ttft_ms, slo_tpot_ms=a.slo_tpot_ms)
+        names = a.served_model_name or [model.name]
+        self.metrics = Metrics(model_name=names[0], slo_ttft_ms=a.slo_ttft_ms, slo_tpot_ms=a.slo_tpot_ms)
         spec = PoolSpec(a.prefill_workers, a.decode_workers, colocated, cpus_per_worker=cpus,
                         gpus_per_worker=1.0 if device == "cuda" else 0.0,
                         resources={"prefill": 1.0, "decode": 1.0} if a.worker_group_resources else {})
@@ -126,11 +135,12 @@ class Service:
             slo_ttft_ms=a.slo_ttft_ms, slo_tpot_ms=a.slo_tpot_ms,
         )
         max_len = min(model.max_model_len, a.max_model_len or model.max_model_len)
-        self.tokenizer = Tokenizer(a.model)
+        self.tokenizer = Tokenizer(a.model, chat_template=a.chat_template)
+        defaults = model.generation_defaults if a.generation_config == "auto" else {}
         self.router = Router(router_config, self.pools, self.tokenizer, self.metrics,
-                             model.vocab_size, max_len, a.block_size)
+                             model.vocab_size, max_len, a.block_size, defaults)
         eos = model.eos_token_ids[0] if model.eos_token_ids else 0
-        servicer = GenerationServicer(self.router, model.name, engine.torch_dtype_name, eos)
+        servicer = GenerationServicer(self.router, names[0], engine.torch_dtype_name, eos)
         self.grpc_server, self.health, self.grpc_port = build_server(servicer, a.host, a.grpc_port)
         self.http = None
         await self._set_health(False)
@@ -138,12 +148,12 @@ class Service:
         if a.http_port:
             from services.router.http_server import HttpServer
 
-            self.http = HttpServer(self.router, self.metrics, self.tokenizer, model.name, a.host, a.http_port)
+            self.http = HttpServer(self.router, self.metrics, self.tokenizer, names, a.host, a.http_port)
             await self.http.start()
         log.info("gRPC on %s:%d; waiting for %d workers", a.host, self.grpc_port, num_workers)
         await self.pools.wait_ready()
         await self._set_health(True)
-        log.info("pdserve is SERVING (%s mode, model %s)", a.mode, model.name)
+        log.info("pdserve is SERVING (%s mode, model %s as %s)", a.mode, model.path, ", ".join(names))
 
     async def _set_health(self, serving: bool) -> None:
         from grpc_health.v1 import health_pb2

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.errors import InvalidRequest, ResourceExhausted
+from services.engine.logprobs import TokenLogprob
 from services.engine.request import RequestStatus
 from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import RequestOutput
 from services.engine.worker_base import EngineWorker
 from services.engine.worker_messages import Reservation, TokenBatch, WorkerInfo
 from services.prefill.worker import kv_fingerprint
@@ -165,6 +167,8 @@ class DecodeWorker(EngineWorker):
                 num_cached_tokens=batch[-1].num_cached_tokens,
                 decode_start=decode_start,
                 kv_failure=kv_failure,
+                logprobs=_logprobs(batch),
+                prompt_logprobs=batch[0].prompt_logprobs,
             )
             decode_start = kv_failure = None
 
@@ -186,3 +190,10 @@ class DecodeWorker(EngineWorker):
         if outs[-1].finished:  # the first token already ended it; the router has that token
             self.async_engine.dispatch([dataclasses.replace(outs[-1], new_token_ids=[])])
         return None
+
+
+def _logprobs(batch: list[RequestOutput]) -> list[TokenLogprob] | None:
+    """The batch's token logprobs in token order; None when the request did not ask for them."""
+    if all(out.logprobs is None for out in batch):
+        return None
+    return [lp for out in batch for lp in out.logprobs or []]

@@ -32,6 +32,9 @@ def validate_prompt(prompt_token_ids: list[int], params: SamplingParams, vocab_s
     bad_stop = next((t for t in params.stop_token_ids if t >= vocab_size), None)
     if bad_stop is not None:
         raise InvalidRequest(f"stop token id {bad_stop} is outside the vocabulary [0, {vocab_size})")
+    bad_bias = next((t for t, _ in params.logit_bias if t >= vocab_size), None)
+    if bad_bias is not None:
+        raise InvalidRequest(f"logit_bias token id {bad_bias} is outside the vocabulary [0, {vocab_size})")
 
 
 class LLMEngine:

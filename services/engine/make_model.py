@@ -1,4 +1,4 @@
-"""``pdserve make-model``: write a random-initialised Llama/Qwen2 model as a Hugging Face directory.
+"""``pdserve make-model``: write a random-initialised Llama/Mistral/Qwen2 model as a Hugging Face directory.
 
 These machines cannot download weights, so tests, benchmarks and ``pdserve serve`` run on models written here.
 A directory holds config.json, generation_config.json, model.safetensors (or shards plus
@@ -65,6 +65,7 @@ class ModelPreset:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     qwen2: bool = False
+    mistral: bool = False
     dtype: str = "float32"
     shard_size_bytes: int = 5 * 10**9
 
@@ -92,9 +93,11 @@ class ModelPreset:
             raise ValueError("rope_theta and rms_norm_eps must be positive")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ValueError(f"rope_scaling must be a dict or None, got {self.rope_scaling!r}")
-        for name in ("tie_word_embeddings", "qwen2"):
+        for name in ("tie_word_embeddings", "qwen2", "mistral"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.qwen2 and self.mistral:
+            raise ValueError("qwen2 and mistral are different families; set at most one")
 
     @property
     def head_dim(self) -> int:
@@ -162,10 +165,14 @@ def resolve_preset(preset: str, overrides: dict[str, Any]) -> ModelPreset:
     return dataclasses.replace(PRESETS[preset], **overrides)
 
 
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 def _config(spec: ModelPreset, bos: int, eos: int) -> dict[str, Any]:
+    family = "qwen2" if spec.qwen2 else "mistral" if spec.mistral else "llama"
     config: dict[str, Any] = {
-        "architectures": ["Qwen2ForCausalLM" if spec.qwen2 else "LlamaForCausalLM"],
-        "model_type": "qwen2" if spec.qwen2 else "llama",
+        "architectures": [_ARCHITECTURES[family]],
+        "model_type": family,
         "vocab_size": spec.vocab_size,
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size,
@@ -188,6 +195,8 @@ def _config(spec: ModelPreset, bos: int, eos: int) -> dict[str, Any]:
     }
     if spec.qwen2:
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec.num_hidden_layers)
+    elif spec.mistral:
+        config.update(sliding_window=None)  # as Mistral 7B v0.2 and later
     else:
         config.update(attention_bias=False, mlp_bias=False)
     return config

@@ -1,7 +1,8 @@
 """`pdserve offline`: a JSONL batch through the offline LLM API.
 
 Input line:  {"id", "prompt" | "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed",
-              "stop", "stop_token_ids", "ignore_eos"}
+              "stop", "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty",
+              "repetition_penalty", "min_p", "min_tokens", "logit_bias"}; any other key is refused
 Output line: {"id", "token_ids", "text", "finish_reason", "usage": {"prompt_tokens", "completion_tokens",
               "cached_tokens"}} in input order; a bad line gets {"id", "error"} and the rest still run.
 """
@@ -18,7 +19,8 @@ from services.engine.errors import InvalidRequest
 from services.engine.llm import LLM, GenerationResult
 from services.engine.sampling_params import SamplingParams
 
-_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos")
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+                  "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens", "logit_bias")
 _KEYS = {"id", "prompt", "prompt_token_ids", *_SAMPLING_KEYS}
 
 

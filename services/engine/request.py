@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 
+from services.engine.logprobs import PromptLogprobs
 from services.engine.sampling_params import SamplingParams
 
 
@@ -65,6 +66,9 @@ class Request:
         self.num_cached_tokens = -1  # prefix-cache hit at first scheduling; -1 until then
         self.num_preemptions = 0
         self.max_tokens = sampling_params.max_tokens or 0
+        # Filled chunk by chunk while the prompt is computed (entry i is prompt token i's; the first is
+        # None), then handed out with the first output and dropped: None when not asked for or sent.
+        self.prompt_logprobs: PromptLogprobs | None = None if sampling_params.prompt_logprobs is None else [None]
 
     def transition(self, status: RequestStatus) -> None:
         """The one place a request changes state. Any state may finish; others follow _ALLOWED."""

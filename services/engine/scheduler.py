@@ -11,8 +11,9 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from services.engine.block_manager import BlockManager
+from services.engine.block_manager import BlockManager, ComputedBlocks
 from services.engine.config import SchedulerConfig
+from services.engine.logprobs import PromptLogprobs, TokenLogprob
 from services.engine.request import Request, RequestStatus
 from services.engine.sampling_params import SamplingParams
 
@@ -22,7 +23,10 @@ class ScheduledRequest:
     """What the runner needs for one request in one step.
 
     The runner computes token_ids at positions [start_pos, start_pos + len(token_ids)) and
-    samples a token after the last of them when `sample` is set.
+    samples a token after the last of them when `sample` is set. The token lists and EOS ids are
+    the request's own (references, not copies: the sampler's penalties and min_tokens read them,
+    nothing writes them during the step). With `prompt_logprobs` set the runner also reports the
+    logprobs of the prompt tokens the chunk's rows predict (see RunnerOutput).
     """
 
     request_id: str
@@ -32,6 +36,10 @@ class ScheduledRequest:
     sample: bool
     sampling_params: SamplingParams
     num_generated: int  # tokens generated so far (for per-request seeded sampling)
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+    eos_token_ids: tuple[int, ...] = ()
+    prompt_logprobs: bool = False
 
 
 @dataclass
@@ -47,9 +55,19 @@ class SchedulerOutput:
 
 @dataclass
 class RunnerOutput:
-    """Sampled token per request that had `sample` set."""
+    """Sampled token per request that had `sample` set, and the logprobs that were asked for.
+
+    `logprobs` holds the sampled token's TokenLogprob for requests whose params.logprobs is set.
+    `prompt_logprobs` holds, for requests scheduled with prompt_logprobs, one entry per row of the
+    chunk that predicts a prompt token; entry j belongs to prompt token start_pos + 1 + j:
+
+        rows computed:   start_pos    start_pos+1  ...  start_pos+n-1
+        token predicted: start_pos+1  start_pos+2  ...  start_pos+n     (kept while < num_prompt_tokens)
+    """
 
     sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +79,8 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # on the request's first output, when it asked for them
 
 
 class Scheduler:
@@ -95,14 +115,19 @@ class Scheduler:
         self.remote[request.request_id] = request
         return computed.num_tokens
 
-    def finish_remote(self, request_id: str, first_token: int) -> list[RequestOutput]:
-        """The request's prompt KV has arrived with the first sampled token: it joins the running batch."""
+    def finish_remote(
+        self, request_id: str, first_token: int, first_logprob: TokenLogprob | None = None
+    ) -> list[RequestOutput]:
+        """The request's prompt KV has arrived with the first sampled token (and that token's logprob,
+        when the request asked for logprobs): it joins the running batch. Prompt logprobs, if any,
+        came with the prefill side's output, not this one."""
         request = self.remote.pop(request_id)
         request.num_computed_tokens = request.num_prompt_tokens
+        request.prompt_logprobs = None
         self.kv.cache_full_blocks(request, request.num_computed_tokens)
         request.transition(RequestStatus.RUNNING)
         self.running.append(request)
-        return [self._append_token(request, first_token)]
+        return [self._append_token(request, first_token, first_logprob)]
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         for rid in request_ids:
@@ -147,7 +172,7 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not out.preempted_ids and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            computed = self.kv.get_computed_blocks(request)
+            computed = self._computed_blocks(request)
             num_new = request.num_tokens - computed.num_tokens
             if num_new > budget and not chunked:
                 break
@@ -164,8 +189,16 @@ class Scheduler:
             budget -= num_new
         return out
 
+    def _computed_blocks(self, request: Request) -> ComputedBlocks:
+        """Prefix-cache hits; none while a request collects prompt logprobs, which need the logits of
+        every prompt position (it still fills the cache for others)."""
+        if request.prompt_logprobs is not None:
+            return ComputedBlocks([], 0)
+        return self.kv.get_computed_blocks(request)
+
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        recorded = request.prompt_logprobs
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=request.all_token_ids[start : start + num_new],
@@ -174,6 +207,12 @@ class Scheduler:
             sample=start + num_new == request.num_tokens,
             sampling_params=request.sampling_params,
             num_generated=len(request.output_token_ids),
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            eos_token_ids=request.eos_token_ids,
+            prompt_logprobs=(
+                recorded is not None and len(recorded) < request.num_prompt_tokens and start + num_new >= len(recorded)
+            ),
         )
 
     def _preempt(self, request: Request) -> None:
@@ -189,14 +228,18 @@ class Scheduler:
             request = self.requests.get(s.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            chunk = result.prompt_logprobs.get(s.request_id)
+            if chunk is not None:
+                _record_prompt_logprobs(request, s.start_pos, chunk)
             request.num_computed_tokens += len(s.token_ids)
             self.kv.cache_full_blocks(request, request.num_computed_tokens)
             token = result.sampled.get(s.request_id)
             if token is not None:
-                outputs.append(self._append_token(request, token))
+                outputs.append(self._append_token(request, token, result.logprobs.get(s.request_id)))
         return outputs
 
-    def _append_token(self, request: Request, token: int) -> RequestOutput:
+    def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
+        prompt_logprobs, request.prompt_logprobs = request.prompt_logprobs, None  # the first output carries them
         request.output_token_ids.append(token)
         stop = request.check_stop(self.max_model_len)
         if stop is not None:
@@ -210,6 +253,8 @@ class Scheduler:
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=max(request.num_cached_tokens, 0),
             num_output_tokens=len(request.output_token_ids),
+            logprobs=[logprob] if logprob is not None and request.sampling_params.logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
@@ -227,3 +272,14 @@ class Scheduler:
     def queued_prefill_tokens(self) -> int:
         waiting = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
         return waiting + sum(r.num_tokens - r.num_computed_tokens - 1 for r in self.running)
+
+
+def _record_prompt_logprobs(request: Request, start_pos: int, chunk: list[TokenLogprob]) -> None:
+    """Appends a chunk's prompt logprobs (entry j: prompt token start_pos + 1 + j) to the request's,
+    skipping positions already recorded (a preempted request computes its prompt again)."""
+    recorded = request.prompt_logprobs
+    if recorded is None:
+        return
+    skip = len(recorded) - (start_pos + 1)
+    assert skip >= 0, f"request {request.request_id}: prompt logprobs from {start_pos + 1}, recorded to {len(recorded)}"
+    recorded.extend(chunk[skip:])

@@ -8,15 +8,23 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from services.engine.chat_template import ChatTemplates
+
 
 class Tokenizer:
-    def __init__(self, model_dir: str | Path) -> None:
+    def __init__(self, model_dir: str | Path, chat_template: str | Path | None = None) -> None:
+        """`chat_template` (the operator's --chat-template: a file, or the template itself) replaces the model's."""
         path = Path(model_dir)
         self._tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
         config_file = path / "tokenizer_config.json"
         self.config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        self.chat_template: str | None = self.config.get("chat_template")
+        self.chat_templates = ChatTemplates.load(path, self.config, chat_template)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The default chat template's source, if the model has one."""
+        return self.chat_templates.default
 
     def _token_text(self, key: str) -> str | None:
         value = self.config.get(key)
@@ -36,19 +44,25 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Renders messages with the model's Jinja chat template, as transformers does."""
-        if not self.chat_template:
-            raise ValueError("this model has no chat template")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = env.from_string(self.chat_template)
-        return template.render(
-            messages=messages,
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """Renders messages with the model's chat template, as transformers' apply_chat_template(tokenize=False)
+        does. `chat_template_kwargs` are extra template variables. Raises ChatTemplateError (a ValueError)."""
+        return self.chat_templates.render(
+            messages,
             add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
+            continue_final_message=continue_final_message,
+            tools=tools,
+            documents=documents,
+            variables=chat_template_kwargs,
         )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.engine.logprobs import PromptLogprobs, TokenLogprob
 from services.engine.stats import WorkerStats
 
 
@@ -36,6 +37,8 @@ class PrefillResult:
     cached_tokens: int  # prefill-side prefix-cache hit
     transfer_wait_s: float  # after the first token, waiting for the last KV bytes to be sent
     bytes_sent: int
+    first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # when it asked for prompt logprobs
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class TokenBatch:
     decode_start: float | None = None
     # decode side, first batch only: why the hand-off failed when the prompt was recomputed here instead
     kv_failure: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # on the batch after a prompt computed here, when asked for
 
 
 @dataclass(frozen=True)

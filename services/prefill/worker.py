@@ -98,7 +98,8 @@ class PrefillWorker(EngineWorker):
         """
         self._ensure_started()
         released: asyncio.Task[None] | None = None
-        first_params = dataclasses.replace(params, max_tokens=1)
+        # Only the first token is sampled here; min_tokens still keeps it from being EOS.
+        first_params = dataclasses.replace(params, max_tokens=1, min_tokens=min(params.min_tokens, 1))
         stream = self.async_engine.open_stream(request_id)
         self.plans[request_id] = SendPlan(peer, token_start, token_start)
 
@@ -119,6 +120,7 @@ class PrefillWorker(EngineWorker):
                 raise failure if isinstance(failure, TransferError) else TransferError("peer_gone", str(failure))
             out = outputs[-1]
             first_token = outputs[0].new_token_ids[0]
+            first_logprobs = outputs[0].logprobs
             result = PrefillResult(
                 request_id=request_id,
                 first_token=first_token,
@@ -126,6 +128,8 @@ class PrefillWorker(EngineWorker):
                 cached_tokens=out.num_cached_tokens,
                 transfer_wait_s=time.monotonic() - computed,
                 bytes_sent=sum(r for r in results if isinstance(r, int)),
+                first_logprob=first_logprobs[0] if first_logprobs else None,
+                prompt_logprobs=outputs[0].prompt_logprobs,
             )
         finally:
             planned = self.plans.pop(request_id, None)

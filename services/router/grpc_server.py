@@ -47,7 +47,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             if size > limit:
                 raise InvalidRequest(f"the request is {size} bytes, over the limit of {limit} bytes")
-            inp = convert.input_from_proto(request, self.router.config.default_max_tokens)
+            inp = convert.input_from_proto(request, self.router.config.default_max_tokens,
+                                           self.router.sampling_defaults)
             async for event in self.router.generate(inp):
                 yield convert.event_to_proto(event)
         except (InvalidRequest, ResourceExhausted, Unavailable, TimeoutError) as e:
@@ -69,6 +70,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             block_size=r.block_size,
             eos_token_id=self.eos_token_id,
         )
+
+    async def Tokenize(  # noqa: N802
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        ids = self.router.tokenizer.encode(request.text, add_special_tokens=add_special)
+        return pb.TokenizeResponse(ids=ids, max_model_len=self.router.max_model_len)
+
+    async def Detokenize(  # noqa: N802
+        self, request: pb.DetokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DetokenizeResponse:
+        vocab = self.router.vocab_size
+        bad = next((t for t in request.ids if t >= vocab), None)
+        if bad is not None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"token id {bad} is outside the vocabulary [0, {vocab})")
+        return pb.DetokenizeResponse(text=self.router.tokenizer.decode(list(request.ids)))
 
     async def GetLoad(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LoadReport:  # noqa: N802
         workers = self.router.pools.all

@@ -16,11 +16,13 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from ray.exceptions import RayError
 
 from services.engine.engine import validate_prompt
 from services.engine.errors import InvalidRequest, ResourceExhausted
+from services.engine.logprobs import PromptLogprobs, TokenLogprob
 from services.engine.sampling_params import SamplingParams
 from services.engine.stats import FinishedRequestStats, RequestTimes, TransferStats
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -46,16 +48,24 @@ class GenerateInput:
 
 @dataclass
 class Chunk:
+    """New tokens of one output (`index`, 0 to n-1) and the text they complete."""
+
     token_ids: list[int]
     text: str
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
+    prompt_logprobs: PromptLogprobs | None = None  # on an output's first chunk, when asked for
 
 
 @dataclass
 class Completion:
+    """The end of one output (`index`); a request with n outputs ends after n of these."""
+
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    index: int = 0
 
 
 Event = Chunk | Completion
@@ -63,8 +73,11 @@ Event = Chunk | Completion
 
 class Router:
     def __init__(self, config: RouterConfig, pools: WorkerPools, tokenizer: Tokenizer, metrics: Metrics,
-                 vocab_size: int, max_model_len: int, block_size: int) -> None:
+                 vocab_size: int, max_model_len: int, block_size: int,
+                 sampling_defaults: dict[str, Any] | None = None) -> None:
         self.config = config
+        # The model's generation_config.json values for sampling fields a request leaves out (empty: none).
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.pools = pools
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -73,7 +86,7 @@ class Router:
         self.block_size = block_size
         self.prefill_policy = make_policy(config.prefill_policy)
         self.decode_policy = make_policy(config.decode_policy)
-        self.active: dict[str, asyncio.Task[None]] = {}
+        self.active: dict[str, list[asyncio.Task[None]]] = {}  # by request id: one task per output
         self.draining = False
 
     # ---- input ----------------------------------------------------------------------------
@@ -84,7 +97,7 @@ class Router:
         if inp.text is not None and not inp.text:
             raise InvalidRequest("the prompt text is empty")
         ids = self.tokenizer.encode(inp.text) if inp.text is not None else list(inp.token_ids or [])
-        params = inp.params or SamplingParams(max_tokens=self.config.default_max_tokens)
+        params = inp.params or SamplingParams(**{**self.sampling_defaults, "max_tokens": self.config.default_max_tokens})
         validate_prompt(ids, params, self.vocab_size, self.max_model_len)
         rid = inp.request_id or uuid.uuid4().hex
         if rid in self.active:
@@ -93,37 +106,52 @@ class Router:
 
     # ---- the request path ---------------------------------------------------------------------
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Event]:
-        """Streams Chunks, then one Completion. Raises InvalidRequest, ResourceExhausted, Unavailable."""
+        """Streams Chunks and one Completion per output (params.n of them, told apart by `index`).
+        Raises InvalidRequest, ResourceExhausted, Unavailable.
+
+        With n > 1, output 0 runs first; the others start once it has its first token, so that
+        the prompt's KV is in the workers' prefix caches by then and is shared, not recomputed."""
         if self.draining:
             raise Unavailable("the server is draining")
         rid, ids, params = self.prepare(inp)
         queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
-        task = asyncio.create_task(self._run(rid, ids, params, inp.priority, queue))
-        self.active[rid] = task
+        n = params.n
+
+        def start(index: int) -> None:
+            child = rid if n == 1 else f"{rid}-{index}"
+            sample = params if n == 1 else params.for_sample(index)
+            tasks.append(asyncio.create_task(self._run(child, index, ids, sample, inp.priority, queue)))
+
+        tasks: list[asyncio.Task[None]] = []
+        self.active[rid] = tasks
+        start(0)
         try:
-            while True:
+            done = 0
+            while done < n:
                 event = await queue.get()
                 if isinstance(event, BaseException):
                     raise event
+                if len(tasks) == 1 and n > 1:
+                    for index in range(1, n):
+                        start(index)
                 yield event
-                if isinstance(event, Completion):
-                    return
+                done += isinstance(event, Completion)
         finally:
             self.active.pop(rid, None)
-            if not task.done():
-                task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def abort(self, request_id: str) -> bool:
-        task = self.active.get(request_id)
-        if task is None or task.done():
-            return False
-        task.cancel()
-        return True
+        tasks = [t for t in self.active.get(request_id, []) if not t.done()]
+        for task in tasks:
+            task.cancel()
+        return bool(tasks)
 
-    async def _run(self, rid: str, ids: list[int], params: SamplingParams, priority: int,
+    async def _run(self, rid: str, index: int, ids: list[int], params: SamplingParams, priority: int,
                    queue: asyncio.Queue[Event | BaseException]) -> None:
-        st = _RequestState(rid, ids, params, IncrementalDetokenizer(self.tokenizer, params.stop))
+        st = _RequestState(rid, index, ids, params, IncrementalDetokenizer(self.tokenizer, params.stop))
         try:
             await self._dispatch(st, priority, queue)
         except asyncio.CancelledError:
@@ -155,7 +183,8 @@ class Router:
                 first = await self._prefill(st, routing, reservation.cached_tokens)
                 if first is not None:
                     st.cached_tokens = first.cached_tokens  # the prompt tokens whose compute the cache saved
-                    self._emit(st, [first.first_token], queue)
+                    logprobs = None if first.first_logprob is None else [first.first_logprob]
+                    self._emit(st, [first.first_token], queue, logprobs, first.prompt_logprobs)
                     if first.finish_reason is not None:
                         await self._release(st)
                         self._finish(st, first.finish_reason, queue)
@@ -185,7 +214,7 @@ class Router:
             if not first and st.cached_tokens == 0:
                 st.cached_tokens = batch.num_cached_tokens
             if batch.token_ids:
-                self._emit(st, batch.token_ids, queue)
+                self._emit(st, batch.token_ids, queue, batch.logprobs, batch.prompt_logprobs)
             if st.detok.stopped:
                 await self._release(st)
                 self._finish(st, "stop", queue)
@@ -249,7 +278,8 @@ class Router:
         return choice
 
     # ---- output ---------------------------------------------------------------------------------
-    def _emit(self, st: _RequestState, token_ids: list[int], queue: asyncio.Queue[Event | BaseException]) -> None:
+    def _emit(self, st: _RequestState, token_ids: list[int], queue: asyncio.Queue[Event | BaseException],
+              logprobs: list[TokenLogprob] | None = None, prompt_logprobs: PromptLogprobs | None = None) -> None:
         now = time.monotonic()
         if st.times.first_token is None:
             st.times.first_token = now
@@ -261,7 +291,7 @@ class Router:
         st.last_emit = now
         st.completion_tokens += len(token_ids)
         text = st.detok.add(token_ids)
-        queue.put_nowait(Chunk(token_ids, text))
+        queue.put_nowait(Chunk(token_ids, text, st.index, logprobs, prompt_logprobs))
 
     def _finish(self, st: _RequestState, reason: str, queue: asyncio.Queue[Event | BaseException]) -> None:
         if st.finished:
@@ -269,9 +299,9 @@ class Router:
         st.finished = True
         rest = st.detok.flush()
         if rest:
-            queue.put_nowait(Chunk([], rest))
+            queue.put_nowait(Chunk([], rest, st.index))
         st.times.finished = time.monotonic()
-        queue.put_nowait(Completion(reason, len(st.ids), st.completion_tokens, st.cached_tokens))
+        queue.put_nowait(Completion(reason, len(st.ids), st.completion_tokens, st.cached_tokens, st.index))
         try:
             self.metrics.observe_finished(FinishedRequestStats(
                 finish_reason=reason, prompt_tokens=len(st.ids), generation_tokens=st.completion_tokens,
@@ -294,6 +324,7 @@ class Router:
 @dataclass
 class _RequestState:
     rid: str
+    index: int
     ids: list[int]
     params: SamplingParams
     detok: IncrementalDetokenizer

@@ -214,6 +214,8 @@ def test_router(scenario: str) -> None:
     assert int(_arg(args, "--block-size")) == serving["blockSize"]
     assert (_arg(args, "--grpc-port"), _arg(args, "--http-port")) == ("50051", "8000")
 
+    assert _arg(args, "--served-model-name") == values["model"]["servedModelName"]
+
     # The model: read-only at the same path in the router and every Ray pod, or a path inside the image.
     model = _arg(args, "--model")
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -360,3 +362,15 @@ def test_kuberay_example_manifest() -> None:
     assert rc["spec"]["rayVersion"] == _ray_pin()
     for group in rc["spec"]["workerGroupSpecs"]:
         assert _custom_resources(group["rayStartParams"]) == {group["groupName"]: 1}
+
+
+def test_notes_and_readme_send_the_served_model_name() -> None:
+    """The curl in NOTES.txt and the README's install section use the name the router serves, not a 404."""
+    with helm.Chart.load(CHART) as loaded:
+        manifests = loaded.render({"model": {"servedModelName": "llama-3-8b"}}, name=RELEASE, namespace=NAMESPACE)
+        default = loaded.merge_values({})["model"]["servedModelName"]
+    notes = next(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
+    assert '"model": "llama-3-8b"' in notes
+    readme = (CHART.parents[1] / "README.md").read_text()
+    install = readme[readme.index("### Install"):readme.index("### The values that matter")]
+    assert f'"model": "{default}"' in install
