@@ -1,4 +1,4 @@
-"""Rotary position embedding (rotate-half layout, as Hugging Face Llama), with llama3 scaling.
+"""Rotary position embedding (rotate-half layout, as Hugging Face Llama): default, linear, llama3 and yarn RoPE.
 
 cos_sin_cache: [max_positions, head_dim] holding cos in the first half and sin in the
 second half of the last dimension (each of size head_dim // 2).
@@ -17,18 +17,39 @@ class RotaryOutput(NamedTuple):
     k: torch.Tensor
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    """Inverse frequencies, with Llama 3's frequency-dependent scaling when asked for."""
+class RopeFrequencies(NamedTuple):
+    inv_freq: torch.Tensor  # [head_dim // 2] float32
+    attention_scaling: float  # multiplies cos and sin (YaRN's mscale); 1.0 for the other types
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> RopeFrequencies:
+    """Inverse frequencies of `scaling["rope_type"]` (default when `scaling` is None), computed as
+    transformers 5 computes them, operation for operation, so that float32 tables agree bit for bit."""
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"RoPE type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    if kind == "yarn":
+        assert scaling is not None
+        return _yarn(head_dim, theta, scaling)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if not scaling:
-        return inv_freq
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind == "default":
-        return inv_freq
     if kind == "linear":
-        return inv_freq / float(scaling["factor"])
-    if kind != "llama3":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+        assert scaling is not None
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        assert scaling is not None
+        inv_freq = _llama3(inv_freq, scaling)
+    return RopeFrequencies(inv_freq, 1.0)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    return rope_frequencies(head_dim, theta, scaling).inv_freq
+
+
+def _llama3(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend between."""
     factor = float(scaling["factor"])
     low_freq_factor = float(scaling["low_freq_factor"])
     high_freq_factor = float(scaling["high_freq_factor"])
@@ -43,13 +64,55 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_correction_dim(rotations: float, dim: int, theta: float, old_len: float) -> float:
+    """The (fractional) dimension whose wavelength fits `rotations` times into the original context."""
+    return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(theta))
+
+
+def _yarn(dim: int, theta: float, scaling: dict[str, Any]) -> RopeFrequencies:
+    """YaRN: interpolate (divide by `factor`) the dimensions that rotate fewer than `beta_slow` times over the
+    original context, keep those that rotate more than `beta_fast` times, ramp linearly between; cos and sin
+    are scaled by the attention factor. Missing options default as in transformers."""
+    factor = scaling["factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention = float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+        else:
+            attention = _yarn_mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+    low = _yarn_correction_dim(beta_fast, dim, theta, old_len)
+    high = _yarn_correction_dim(beta_slow, dim, theta, old_len)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1 where the original frequency is kept (extrapolated), 0 where it is divided by factor
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+    return RopeFrequencies(inv_freq, float(attention))
+
+
 def build_cos_sin_cache(
     head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    """[max_positions, head_dim]: cos then sin of every position's angles, times the attention scaling."""
+    inv_freq, attention_scaling = rope_frequencies(head_dim, theta, scaling)
     t = torch.arange(max_positions, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    if attention_scaling != 1.0:
+        pass
+    return torch.cat([cos, sin], dim=-1).to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

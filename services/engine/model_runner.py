@@ -6,11 +6,14 @@ import torch
 
 from services.engine.config import EngineConfig
 from services.engine.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs
+from services.engine.logprobs import TokenLogprob
 from services.engine.model_config import ModelConfig
 from services.engine.model_loader import TORCH_DTYPES, load_model
 from services.engine.models.llama import AttentionBatch, LayerKVHook
-from services.engine.sampler import sample
-from services.engine.scheduler import RunnerOutput, SchedulerOutput
+from services.engine.sampler import sample, token_logprobs
+from services.engine.scheduler import RunnerOutput, ScheduledRequest, SchedulerOutput
+
+PROMPT_LOGPROBS_ROWS = 512  # prompt rows turned into logits at once: bounds the [rows, vocab] float32 temporaries
 
 
 def num_kv_blocks(config: EngineConfig, model: ModelConfig) -> int:
@@ -83,14 +86,43 @@ class ModelRunner:
         input_ids, batch = self._prepare(sched)
         sampling = [s for s in sched.scheduled if s.sample]
         all_decode = len(sampling) == len(sched.scheduled) == input_ids.shape[0]
+        out = RunnerOutput()
         if self.graphs is not None and on_layer_kv is None and all_decode and self.graphs.fits(batch):
-            logits = self.graphs.run(input_ids, batch)
+            logits = self.graphs.run(input_ids, batch)  # pure decode: no row predicts a prompt token
         else:
             hidden = self.model(input_ids, batch, self.kv_cache, on_layer_kv)
+            out.prompt_logprobs = self._prompt_logprobs(sched.scheduled, hidden)
             if not sampling:
-                return RunnerOutput()
+                return out
             ends = batch.query_start_loc[1:] - 1
             rows = torch.tensor([i for i, s in enumerate(sched.scheduled) if s.sample], device=self.device)
             logits = self.model.compute_logits(hidden[ends[rows]])
-        tokens = sample(logits, [s.sampling_params for s in sampling], [s.num_generated for s in sampling])
-        return RunnerOutput(sampled={s.request_id: t for s, t in zip(sampling, tokens, strict=True)})
+        tokens, logprobs = sample(logits, sampling)
+        out.sampled = {s.request_id: t for s, t in zip(sampling, tokens, strict=True)}
+        out.logprobs = {s.request_id: lp for s, lp in zip(sampling, logprobs, strict=True) if lp is not None}
+        return out
+
+    def _prompt_logprobs(
+        self, scheduled: list[ScheduledRequest], hidden: torch.Tensor
+    ) -> dict[str, list[TokenLogprob]]:
+        """Logprobs of the prompt tokens predicted by the rows of each chunk scheduled with prompt_logprobs.
+
+        Row j of a chunk (position start_pos + j) predicts prompt token start_pos + 1 + j; rows at or
+        past the prompt's last token (a resumed request's generated tokens) predict none.
+        """
+        found: dict[str, list[TokenLogprob]] = {}
+        lo = 0
+        for s in scheduled:
+            first = lo
+            lo += len(s.token_ids)
+            if not s.prompt_logprobs:
+                continue
+            num_top = s.sampling_params.prompt_logprobs or 0
+            targets = s.prompt_token_ids[s.start_pos + 1 : s.start_pos + 1 + len(s.token_ids)]
+            entries: list[TokenLogprob] = []
+            for a in range(0, len(targets), PROMPT_LOGPROBS_ROWS):
+                part = targets[a : a + PROMPT_LOGPROBS_ROWS]
+                logits = self.model.compute_logits(hidden[first + a : first + a + len(part)])
+                entries += token_logprobs(torch.log_softmax(logits, dim=-1), part, [num_top] * len(part))
+            found[s.request_id] = entries
+        return found
