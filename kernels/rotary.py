@@ -111,7 +111,7 @@ def build_cos_sin_cache(
     freqs = torch.outer(t, inv_freq)
     cos, sin = freqs.cos(), freqs.sin()
     if attention_scaling != 1.0:
-        pass
+        cos, sin = cos * attention_scaling, sin * attention_scaling
     return torch.cat([cos, sin], dim=-1).to(dtype)
 
 

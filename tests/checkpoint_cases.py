@@ -75,7 +75,7 @@ CHECKPOINT_CASES: dict[str, CheckpointCase] = {
     "qwen2-v5-yarn": CheckpointCase("qwen2", "v5", 1e6, _YARN, tied=False, mha=False),
     "mistral-v5-yarn-mscale": CheckpointCase(
         "mistral", "v5", 10000.0,
-        {**_YARN, "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16.0, "truncate": False},
+        {**_YARN, "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 4.0, "beta_slow": 0.5, "truncate": False},
         tied=True, mha=False,
     ),
     "llama-v4-yarn": CheckpointCase("llama", "v4", 500000.0, {**_YARN, "factor": 4.0, "attention_factor": 1.3},

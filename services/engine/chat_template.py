@@ -278,23 +278,22 @@ def _environment() -> ImmutableSandboxedEnvironment:
         def _body(self, caller: Any) -> str:
             return str(caller())
 
+    def check_name(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"a chat template cannot set the underscore name {name!r} on a namespace")
+
     class SafeNamespace(Namespace):
-        """`namespace()` refusing underscore names, as transformers' does."""
+        """`namespace()` refusing underscore names, as transformers' does. (Namespace hides its own attributes.)"""
 
         def __init__(self, /, *args: Any, **kwargs: Any) -> None:
             attrs = dict(*args, **kwargs)
             for name in attrs:
-                self._check(name)
+                check_name(name)
             super().__init__(attrs)
 
         def __setitem__(self, name: str, value: Any) -> None:
-            self._check(name)
+            check_name(name)
             super().__setitem__(name, value)
-
-        @staticmethod
-        def _check(name: Any) -> None:
-            if isinstance(name, str) and name.startswith("_"):
-                raise SecurityError(f"a chat template cannot set the underscore name {name!r} on a namespace")
 
     extensions = [GenerationBlock, loopcontrols]
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=extensions)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
 
 from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from services.engine.engine import LLMEngine
 from services.engine.errors import InvalidRequest
+from services.engine.logprobs import PromptLogprobs, TokenLogprob
 from services.engine.request import RequestStatus
 from services.engine.sampling_params import SamplingParams
+from services.engine.scheduler import RequestOutput
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 Prompt = str | list[int]
@@ -26,7 +28,21 @@ class Usage:
 
 
 @dataclass
+class CompletionOutput:
+    """One of a prompt's params.n outputs."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when params.logprobs is set
+
+
+@dataclass
 class GenerationResult:
+    """A prompt's outputs. token_ids, text and finish_reason are the first output's; usage counts the
+    prompt once (its cached_tokens are the first output's hit) and the tokens of every output."""
+
     index: int
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
@@ -34,6 +50,8 @@ class GenerationResult:
     finish_reason: str | None = None
     usage: Usage = field(default_factory=Usage)
     error: str | None = None  # set when the request was refused; the rest of the batch still runs
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None  # when params.prompt_logprobs is set
 
 
 def prefix_groups(prompts: list[list[int]], block_size: int) -> list[list[int]]:
@@ -120,36 +138,71 @@ class LLM:
         return results
 
     def _run(self, results: list[GenerationResult], params: list[SamplingParams], valid: list[int], bar: bool) -> None:
+        """Runs the valid prompts, each as params.n requests (ids "<prompt index>.<output index>").
+
+        Requests start in waves so that shared prompt KV comes from the prefix cache: per group of
+        prompts with a common prefix the leader's output 0 runs first; its first token starts the
+        group's other prompts (their output 0) and its own outputs 1..n-1, and each output 0 in
+        turn starts its prompt's other outputs.
+        """
         groups = prefix_groups([results[i].prompt_token_ids for i in valid], self.engine.config.cache.block_size)
-        followers: dict[str, list[int]] = {}
+        on_first: dict[str, list[tuple[int, int]]] = {}  # request id -> (prompt, output) to start on its first token
+        owner: dict[str, tuple[int, int]] = {}
         detoks: dict[str, IncrementalDetokenizer] = {}
 
-        def submit(index: int) -> str:
-            rid = str(index)
-            self.engine.add_request(rid, results[index].prompt_token_ids, params[index])
-            detoks[rid] = IncrementalDetokenizer(self.tokenizer, params[index].stop)
+        def submit(index: int, sample: int) -> str:
+            rid = f"{index}.{sample}"
+            p = params[index]
+            if p.n > 1:
+                # The prompt's logprobs come with output 0; the others then may take the prefix cache's hits.
+                p = p.for_sample(sample) if sample == 0 else replace(p.for_sample(sample), prompt_logprobs=None)
+            self.engine.add_request(rid, results[index].prompt_token_ids, p)
+            detoks[rid] = IncrementalDetokenizer(self.tokenizer, p.stop)
+            owner[rid] = (index, sample)
+            on_first[rid] = [(index, k) for k in range(1, params[index].n)] if sample == 0 else []
             return rid
 
+        for index in valid:
+            logprobs = params[index].logprobs is not None
+            results[index].outputs = [
+                CompletionOutput(k, logprobs=[] if logprobs else None) for k in range(params[index].n)
+            ]
         for group in groups:
             members = [valid[i] for i in group]
-            followers[submit(members[0])] = members[1:]
-        progress = tqdm(total=len(valid), disable=not bar, file=sys.stderr, desc="generate", unit="req")
+            on_first[submit(members[0], 0)] += [(m, 0) for m in members[1:]]
+        progress = tqdm(total=sum(params[i].n for i in valid), disable=not bar, file=sys.stderr, desc="generate",
+                        unit="req")
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                result = results[int(out.request_id)]
-                for index in followers.pop(out.request_id, []):
-                    submit(index)
-                result.token_ids.extend(out.new_token_ids)
-                detok = detoks[out.request_id]
-                detok.add(out.new_token_ids)
-                finish_reason = out.finish_reason
-                if detok.stopped:
-                    if not out.finished:
-                        self.engine.abort([out.request_id], RequestStatus.FINISHED_STOPPED)
-                    finish_reason = "stop"
-                if out.finished or detok.stopped:
-                    result.text = detok.text
-                    result.finish_reason = finish_reason
-                    result.usage = Usage(out.num_prompt_tokens, len(result.token_ids), out.num_cached_tokens)
+                for index, sample in on_first.pop(out.request_id, []):
+                    submit(index, sample)
+                if self._collect(results, owner[out.request_id], out, detoks[out.request_id]):
                     progress.update(1)
         progress.close()
+
+    def _collect(
+        self, results: list[GenerationResult], owner: tuple[int, int], out: RequestOutput,
+        detok: IncrementalDetokenizer,
+    ) -> bool:
+        """Adds one engine output to its result; True when that output is complete."""
+        result = results[owner[0]]
+        completion = result.outputs[owner[1]]
+        completion.token_ids.extend(out.new_token_ids)
+        if completion.logprobs is not None and out.logprobs is not None:
+            completion.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            result.prompt_logprobs = out.prompt_logprobs
+        detok.add(out.new_token_ids)
+        finish_reason = out.finish_reason
+        if detok.stopped:
+            if not out.finished:
+                self.engine.abort([out.request_id], RequestStatus.FINISHED_STOPPED)
+            finish_reason = "stop"
+        if not (out.finished or detok.stopped):
+            return False
+        completion.text, completion.finish_reason = detok.text, finish_reason
+        result.usage.completion_tokens += len(completion.token_ids)
+        if completion.index == 0:
+            result.token_ids, result.text, result.finish_reason = completion.token_ids, detok.text, finish_reason
+            result.usage.prompt_tokens, result.usage.cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
+        return True

@@ -139,7 +139,7 @@ def _auto_config(path: Path) -> Any:
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise UnsupportedModel(f"transformers cannot read {path / 'config.json'}: {exc}") from exc
+        raise UnsupportedModel(f"transformers cannot read {path / 'config.json'}: {exc}; {_SUPPORTED}") from exc
 
 
 def _check_features(cfg: Any, model_type: str) -> None:

@@ -104,6 +104,15 @@ def _process_row(row: torch.Tensor, r: SampleRow) -> None:
         row[seen] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
 
 
+def apply_processors(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """A copy of logits [B, V] with each non-plain row's logit_bias, min_tokens and penalties applied."""
+    processed = logits.clone()
+    for i, r in enumerate(rows):
+        if not r.sampling_params.plain:
+            _process_row(processed[i], r)
+    return processed
+
+
 def _draw(logits: torch.Tensor, rows: Sequence[SampleRow], greedy: list[int]) -> list[int]:
     """One token per row from (processed) logits; `greedy` holds each row's argmax."""
     tokens: list[int] = []
@@ -149,10 +158,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
     """logits: [B, V] float32, one row per request (not modified). Returns one token id per row."""
     if all(r.sampling_params.plain for r in rows):
         return SamplerOutput(_draw(logits, rows, logits.argmax(-1).tolist()), [None] * len(rows))
-    processed = logits.clone()
-    for i, r in enumerate(rows):
-        if not r.sampling_params.plain:
-            _process_row(processed[i], r)
+    processed = apply_processors(logits, rows)
     tokens = _draw(processed, rows, processed.argmax(-1).tolist())
     wanted = [i for i, r in enumerate(rows) if r.sampling_params.logprobs is not None]
     logprobs: list[TokenLogprob | None] = [None] * len(rows)

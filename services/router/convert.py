@@ -14,7 +14,6 @@ from services.engine.worker_messages import LoadInfo
 from services.proto_gen import generation_pb2 as pb
 from services.router.router import Chunk, Completion, Event, GenerateInput
 
-
 # SamplingParams fields whose proto field is `optional`: unset takes the model's default, then SamplingParams'.
 _OPTIONAL = ("temperature", "top_p", "top_k", "seed", "n", "presence_penalty", "frequency_penalty",
              "repetition_penalty", "min_p", "min_tokens", "logprobs", "prompt_logprobs")

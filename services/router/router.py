@@ -97,7 +97,8 @@ class Router:
         if inp.text is not None and not inp.text:
             raise InvalidRequest("the prompt text is empty")
         ids = self.tokenizer.encode(inp.text) if inp.text is not None else list(inp.token_ids or [])
-        params = inp.params or SamplingParams(**{**self.sampling_defaults, "max_tokens": self.config.default_max_tokens})
+        defaults = {**self.sampling_defaults, "max_tokens": self.config.default_max_tokens}
+        params = inp.params or SamplingParams(**defaults)
         validate_prompt(ids, params, self.vocab_size, self.max_model_len)
         rid = inp.request_id or uuid.uuid4().hex
         if rid in self.active:
@@ -290,6 +291,8 @@ class Router:
                 self.metrics.observe_token_gap(gap)
         st.last_emit = now
         st.completion_tokens += len(token_ids)
+        # As vLLM: stop strings count only once min_tokens have been generated.
+        st.detok.stop = st.params.stop if st.completion_tokens >= st.params.min_tokens else ()
         text = st.detok.add(token_ids)
         queue.put_nowait(Chunk(token_ids, text, st.index, logprobs, prompt_logprobs))
 

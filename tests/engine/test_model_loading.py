@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -25,18 +26,84 @@ def _edit_config(model: Path, **changes: object) -> None:
     (model / "config.json").write_text(json.dumps(config))
 
 
+def _v5_rope(**rope_parameters: object) -> dict[str, object]:
+    """Config changes that move RoPE into transformers 5's `rope_parameters` (the v4 keys set to null)."""
+    return {"rope_theta": None, "rope_scaling": None, "rope_parameters": {"rope_theta": 10000.0, **rope_parameters}}
+
+
+LONGROPE = {"rope_type": "longrope", "short_factor": [1.0] * 16, "long_factor": [2.0] * 16,
+            "original_max_position_embeddings": 256}
+
+
 @pytest.mark.parametrize(
-    "changes",
+    ("changes", "named"),
     [
-        {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
-        {"hidden_act": "gelu"},
-        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "'gpt2'"),
+        ({"model_type": "falcon_mamba", "architectures": ["FalconMambaForCausalLM"]}, "'falcon_mamba'"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, "RoPE type 'dynamic'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 4.0}}, "RoPE type 'dynamic'"),
+        (_v5_rope(rope_type="dynamic", factor=2.0), "RoPE type 'dynamic'"),
+        (_v5_rope(**LONGROPE), "RoPE type 'longrope'"),
+        ({"rope_scaling": LONGROPE}, "RoPE type 'longrope'"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5"),
+        (_v5_rope(rope_type="default", partial_rotary_factor=0.25), "partial_rotary_factor 0.25"),
+        ({"quantization_config": {"quant_method": "awq", "bits": 4}}, "quantization_config .*'awq'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3.*low_freq_factor"),
     ],
-    ids=["other-architecture", "other-activation", "other-rope"],
+    ids=["gpt2", "unknown-model-type", "gelu", "dynamic", "dynamic-legacy-key", "dynamic-v5", "longrope-v5",
+         "longrope-v4", "partial-rotary", "partial-rotary-v5", "quantized", "llama-o-proj-bias", "llama3-incomplete"],
 )
-def test_unsupported_models_are_refused_by_name(model_copy: Path, changes: dict[str, object]) -> None:
+def test_unsupported_models_are_refused_by_name(model_copy: Path, changes: dict[str, object], named: str) -> None:
     _edit_config(model_copy, **changes)
-    with pytest.raises(UnsupportedModel, match="supported: Llama-architecture"):
+    with pytest.raises(UnsupportedModel, match="supported: Llama-architecture") as refused:
+        load_model_config(model_copy)
+    assert re.search(named, str(refused.value)), str(refused.value)
+
+
+def test_v4_and_v5_layouts_give_the_same_config(model_copy: Path, tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "beta_fast": 8}
+    _edit_config(model_copy, rope_theta=1e6, rope_scaling=yarn)
+    v4 = load_model_config(model_copy)
+    AutoConfig.from_pretrained(model_copy).save_pretrained(model_copy)
+    assert "rope_parameters" in json.loads((model_copy / "config.json").read_text())
+    assert load_model_config(model_copy) == v4
+    assert v4.rope_theta == 1e6 and v4.rope_scaling == yarn
+
+
+def test_yarn_without_a_factor_stretches_the_original_context_to_the_full_one(model_copy: Path) -> None:
+    _edit_config(model_copy, max_position_embeddings=2048,
+                 rope_scaling={"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 512})
+    assert load_model_config(model_copy).rope_scaling["factor"] == 4.0
+
+
+def _write_generation_config(model: Path, **fields: object) -> None:
+    (model / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [7, 9], **fields}))
+
+
+def test_generation_defaults_are_the_sampling_keys_the_file_sets(model_copy: Path) -> None:
+    assert load_model_config(model_copy).generation_defaults == {}  # make_model sets none
+    _write_generation_config(model_copy, do_sample=True, temperature=0.6, top_p=0.9, top_k=20, min_p=None,
+                             repetition_penalty=1.05, max_new_tokens=100, num_beams=1)
+    config = load_model_config(model_copy)
+    assert config.generation_defaults == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.05}
+    assert isinstance(config.generation_defaults["top_k"], int)
+    assert config.eos_token_ids[-2:] == (7, 9)
+
+
+def test_generation_defaults_without_do_sample_keep_only_the_repetition_penalty(model_copy: Path) -> None:
+    _write_generation_config(model_copy, do_sample=False, temperature=0.7, top_p=0.8, repetition_penalty=1.1)
+    assert load_model_config(model_copy).generation_defaults == {"repetition_penalty": 1.1}
+    _write_generation_config(model_copy, temperature=0.7, min_p=0.05)  # do_sample unset
+    assert load_model_config(model_copy).generation_defaults == {"temperature": 0.7, "min_p": 0.05}
+
+
+def test_a_non_numeric_generation_default_is_refused(model_copy: Path) -> None:
+    _write_generation_config(model_copy, temperature="hot")
+    with pytest.raises(UnsupportedModel, match="temperature must be a number"):
         load_model_config(model_copy)
 
 

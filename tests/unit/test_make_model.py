@@ -43,6 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mha": {"num_key_value_heads": 4},
     "tied": {"tie_word_embeddings": True},
     "qwen2": {"qwen2": True},
+    "mistral": {"mistral": True},
     "sharded": {"shard_size_bytes": 1_000_000},
     "llama3-rope": {
         "rope_theta": 500000.0,
@@ -173,7 +174,7 @@ def test_chat_template_renders_llama3_headers(models: dict[str, Path]) -> None:
 def test_variants_load_in_transformers(models: dict[str, Path], variant: str) -> None:
     model, tokenizer = load(models[variant])
     config = json.loads((models[variant] / "config.json").read_text())
-    expected_arch = "Qwen2ForCausalLM" if variant == "qwen2" else "LlamaForCausalLM"
+    expected_arch = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(variant, "LlamaForCausalLM")
     assert config["architectures"] == [expected_arch] and type(model).__name__ == expected_arch
     assert len(tokenizer) == config["vocab_size"]
     ids = torch.tensor([tokenizer("A short prompt about the sea.").input_ids])
@@ -276,6 +277,8 @@ def test_unknown_preset_and_bad_overrides_raise(tmp_path: Path) -> None:
         make_model(tmp_path / "x", "tiny", dtype="float16")
     with pytest.raises(ValueError, match="seed"):
         make_model(tmp_path / "x", "tiny", -1)
+    with pytest.raises(ValueError, match="at most one"):
+        make_model(tmp_path / "x", "tiny", qwen2=True, mistral=True)
     assert not (tmp_path / "x").exists()
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from services.engine.block_manager import BlockManager
 from services.engine.config import SchedulerConfig
+from services.engine.logprobs import TokenLogprob
 from services.engine.request import Request, RequestStatus
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import RequestOutput, RunnerOutput, Scheduler, SchedulerOutput
@@ -304,3 +305,107 @@ def test_remote_kv_reservation_then_decode() -> None:
     drain(s)
     big = Request("big", list(range(40)), SamplingParams(max_tokens=3))
     assert s.reserve_remote(big) == -1
+
+
+# ---- logprobs -----------------------------------------------------------------------------------------------
+
+
+def fake_logprobs_runner(out: SchedulerOutput) -> RunnerOutput:
+    """Samples TOKEN; a logprob whose value is -(position it is for), so a misplaced entry shows."""
+    result = RunnerOutput()
+    for x in out.scheduled:
+        end = x.start_pos + len(x.token_ids)
+        if x.sample:
+            result.sampled[x.request_id] = TOKEN
+            if x.sampling_params.logprobs is not None:
+                result.logprobs[x.request_id] = TokenLogprob(TOKEN, -float(end), 1)
+        if x.prompt_logprobs:
+            targets = x.prompt_token_ids[x.start_pos + 1 : end + 1]
+            result.prompt_logprobs[x.request_id] = [
+                TokenLogprob(t, -float(x.start_pos + 1 + j), 1) for j, t in enumerate(targets)
+            ]
+    return result
+
+
+def expected_prompt_logprobs(prompt_ids: list[int]) -> list[TokenLogprob | None]:
+    return [None] + [TokenLogprob(t, -float(i), 1) for i, t in enumerate(prompt_ids) if i > 0]
+
+
+def run_with_logprobs(s: Scheduler, max_steps: int = 200) -> dict[str, list[RequestOutput]]:
+    outputs: dict[str, list[RequestOutput]] = {}
+    for _ in range(max_steps):
+        if not s.requests:
+            break
+        out = s.schedule()
+        for o in s.update_from_output(out, fake_logprobs_runner(out)):
+            outputs.setdefault(o.request_id, []).append(o)
+        s.kv.check_integrity()
+    assert not s.requests and s.kv.num_free_blocks == s.kv.num_blocks
+    return outputs
+
+
+def test_scheduled_requests_carry_what_the_sampler_reads() -> None:
+    s = make()
+    r = add(s, "a", 5, max_tokens=3, prompt_logprobs=2)
+    (x,) = s.schedule().scheduled
+    assert x.prompt_token_ids is r.prompt_token_ids and x.output_token_ids is r.output_token_ids
+    assert x.eos_token_ids == (EOS,) and x.prompt_logprobs
+
+
+def test_prompt_logprobs_gather_over_chunks_and_come_with_the_first_output_only() -> None:
+    s = make(budget=6)
+    r = add(s, "a", 17, max_tokens=3, prompt_logprobs=1, logprobs=0)
+    plain = add(s, "b", 3, max_tokens=3, arrival=1)
+    outputs = run_with_logprobs(s)
+    first, *rest = outputs["a"]
+    assert first.prompt_logprobs == expected_prompt_logprobs(r.prompt_token_ids)
+    assert all(o.prompt_logprobs is None for o in rest)
+    assert [o.logprobs for o in outputs["a"]] == [[TokenLogprob(TOKEN, -float(17 + i), 1)] for i in range(3)]
+    assert all(o.logprobs is None and o.prompt_logprobs is None for o in outputs["b"])
+    assert plain.prompt_logprobs is None and r.prompt_logprobs is None  # handed out, not kept
+
+
+def test_prompt_logprobs_survive_a_preemption_mid_prompt_without_duplicates() -> None:
+    s = make(num_blocks=4, budget=8)
+    add(s, "a", 6, max_tokens=6, arrival=0)
+    b = add(s, "b", 11, max_tokens=2, arrival=1, prompt_logprobs=0)
+    outputs: dict[str, list[RequestOutput]] = {}
+    for _ in range(2):  # a's prompt and 2 of b's tokens; then b's next chunk finds no block and b gives way
+        out = s.schedule()
+        for o in s.update_from_output(out, fake_logprobs_runner(out)):
+            outputs.setdefault(o.request_id, []).append(o)
+    assert out.preempted_ids == ["b"] and b.num_computed_tokens == 0
+    assert b.prompt_logprobs is not None and len(b.prompt_logprobs) == 3  # None and tokens 1, 2
+    outputs.update(run_with_logprobs(s))  # b's recompute covers tokens 1..8 in one chunk: 1 and 2 are not added again
+    assert outputs["b"][0].prompt_logprobs == expected_prompt_logprobs(b.prompt_token_ids)
+
+
+def test_a_request_with_prompt_logprobs_takes_no_prefix_hit_but_fills_the_cache() -> None:
+    s = make(budget=64)
+    s.add_request(Request("first", list(range(10)), SamplingParams(max_tokens=1, prompt_logprobs=0)))
+    run_with_logprobs(s)
+    again = Request("again", list(range(10)), SamplingParams(max_tokens=1, prompt_logprobs=0))
+    s.add_request(again)
+    out = s.schedule()
+    assert plan(out) == [("again", 0, 10, True)]
+    outputs = s.update_from_output(out, fake_logprobs_runner(out))
+    assert outputs[0].num_cached_tokens == 0
+    assert outputs[0].prompt_logprobs == expected_prompt_logprobs(again.prompt_token_ids)
+    s.add_request(Request("plain", list(range(10)), SamplingParams(max_tokens=1)))
+    out, outputs = step(s)
+    assert plan(out) == [("plain", 8, 2, True)] and outputs[0].num_cached_tokens == 8
+    drain(s)
+
+
+def test_finish_remote_reports_the_first_tokens_logprob() -> None:
+    s = make(num_blocks=8)
+    first = TokenLogprob(TOKEN, -0.5, 2, ((3, -0.25), (TOKEN, -0.5)))
+    r = Request("remote", list(range(9)), SamplingParams(max_tokens=3, logprobs=2, prompt_logprobs=1))
+    assert s.reserve_remote(r) == 0
+    (out,) = s.finish_remote("remote", TOKEN, first)
+    assert out.logprobs == [first] and out.prompt_logprobs is None  # the prefill side reported those
+    outputs = run_with_logprobs(s)
+    assert [o.logprobs for o in outputs["remote"]] == [[TokenLogprob(TOKEN, -10.0, 1)], [TokenLogprob(TOKEN, -11.0, 1)]]
+    plain = Request("plain", list(range(9)), SamplingParams(max_tokens=1))
+    assert s.reserve_remote(plain) >= 0
+    assert s.finish_remote("plain", TOKEN)[0].logprobs is None
