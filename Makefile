@@ -41,7 +41,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -ra tests/unit
 
 bench: setup
-	$(BIN)/python -m services.bench_suite
+	$(BIN)/python -m services.bench.suite
 
 lint: setup
 	$(BIN)/ruff check services kernels tests

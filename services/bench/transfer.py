@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from services.transfer import bench as bandwidth
+from services.bench import bandwidth
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

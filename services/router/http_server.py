@@ -1,7 +1,11 @@
 """The OpenAI-compatible HTTP front end (FastAPI on uvicorn), the HTTP twin of grpc_server.
 
     POST /v1/completions, /v1/chat/completions   JSON, or SSE when "stream": true
+    POST /tokenize, /detokenize                  vLLM's shapes
     GET  /v1/models, /v1/models/{id}, /health, /metrics, /version
+
+The server answers to each of its served model names (--served-model-name NAME [ALIAS...]); a response names the
+model the request named, or the first name.
 
 Status codes: 400 bad parameters (pydantic errors included), 404 unknown model or path, 413 body over
 router.config.max_request_bytes, 429 ResourceExhausted, 503 while starting or draining and on Unavailable,
@@ -17,9 +21,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Generator
+from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
 from importlib.metadata import PackageNotFoundError, version
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -39,16 +43,23 @@ from services.router.openai_protocol import (
     ChatFormat,
     CompletionFormat,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
+    LogprobOptions,
     ModelCard,
     ModelList,
-    Usage,
+    Outputs,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    TokenText,
     chat_prompt_ids,
     new_id,
     now,
 )
-from services.router.router import Chunk, Completion, Event, GenerateInput, Router
+from services.router.router import Chunk, Event, GenerateInput, Router
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +94,7 @@ def http_error_for(e: BaseException) -> HttpError:
     if isinstance(e, HttpError):
         return e
     if isinstance(e, InvalidRequest):
-        return HttpError(400, str(e), code="invalid_parameter")
+        return HttpError(400, str(e), code="invalid_parameter", param=getattr(e, "param", None))
     if isinstance(e, ResourceExhausted):
         return HttpError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded")
     if isinstance(e, Unavailable):
@@ -141,12 +152,16 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """Serves the API on host:port (0 picks a free port; the bound one is `port` after start())."""
 
-    def __init__(self, router: Router, metrics: Metrics, tokenizer: Tokenizer, model_name: str, host: str,
+    def __init__(self, router: Router, metrics: Metrics, tokenizer: Tokenizer, model_names: Sequence[str], host: str,
                  port: int) -> None:
+        """`model_names`: the served names, the first the main one."""
         self.router = router
         self.metrics = metrics
         self.tokenizer = tokenizer
-        self.model_name = model_name
+        self.token_text = TokenText(tokenizer)
+        self.model_names = [model_names] if isinstance(model_names, str) else list(model_names)
+        if not self.model_names:
+            raise ValueError("the HTTP server needs at least one served model name")
         self.host = host
         self.port = port
         self.ready = False
@@ -196,6 +211,8 @@ class HttpServer:
 
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_api_route("/tokenize", self.tokenize, methods=["POST"])
+        app.add_api_route("/detokenize", self.detokenize, methods=["POST"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/models/{model_id:path}", self.model, methods=["GET"])
         app.add_api_route("/health", self.health, methods=["GET"])
@@ -205,26 +222,45 @@ class HttpServer:
 
     async def completions(self, request: Request) -> Response:
         req = await self._parse(request, CompletionRequest)
-        params = req.sampling_params()
-        text, ids = req.prompt_input()
-        fmt = CompletionFormat(new_id(CompletionFormat.id_prefix), self.model_name)
-        inp = GenerateInput(request_id=fmt.id, text=text, token_ids=ids, params=params)
+        params = req.sampling_params(self.router.sampling_defaults)
+        text, ids = req.prompt_ids(self.tokenizer)
+        echo = (text if text is not None else self.tokenizer.decode(ids)) if req.echo else None
+        options = LogprobOptions(logprobs=req.logprobs, prompt=params.prompt_logprobs, echo_text=echo, prompt_ids=ids)
+        fmt = CompletionFormat(new_id(CompletionFormat.id_prefix), self._model_for(req.model), self.token_text,
+                               params.n, options)
+        inp = GenerateInput(request_id=fmt.id, token_ids=ids, params=params, priority=req.priority or 0)
         return await self._generate(request, inp, fmt, bool(req.stream), req.include_usage)
 
     async def chat_completions(self, request: Request) -> Response:
         req = await self._parse(request, ChatCompletionRequest)
-        params = req.sampling_params()
+        params = req.sampling_params(self.router.sampling_defaults)
         ids = chat_prompt_ids(self.tokenizer, req)
-        fmt = ChatFormat(new_id(ChatFormat.id_prefix), self.model_name)
-        inp = GenerateInput(request_id=fmt.id, token_ids=ids, params=params)
+        options = LogprobOptions(logprobs=params.logprobs, prompt=params.prompt_logprobs)
+        fmt = ChatFormat(new_id(ChatFormat.id_prefix), self._model_for(req.model), self.token_text, params.n,
+                         options)
+        inp = GenerateInput(request_id=fmt.id, token_ids=ids, params=params, priority=req.priority or 0)
         return await self._generate(request, inp, fmt, bool(req.stream), req.include_usage)
 
+    async def tokenize(self, request: Request) -> TokenizeResponse:
+        data = await self._parse_json(request)
+        req: TokenizeChatRequest | TokenizeCompletionRequest
+        if "messages" in data:
+            req = self._validate(data, TokenizeChatRequest)
+        else:
+            req = self._validate(data, TokenizeCompletionRequest)
+        ids = req.token_ids(self.tokenizer)
+        return TokenizeResponse(count=len(ids), max_model_len=self.router.max_model_len, tokens=ids)
+
+    async def detokenize(self, request: Request) -> DetokenizeResponse:
+        req = await self._parse(request, DetokenizeRequest)
+        return DetokenizeResponse(prompt=req.text(self.tokenizer))
+
     async def models(self) -> ModelList:
-        return ModelList(data=[self._card()])
+        return ModelList(data=[self._card(name) for name in self.model_names])
 
     async def model(self, model_id: str) -> ModelCard:
         self._check_model(model_id)
-        return self._card()
+        return self._card(model_id)
 
     async def health(self) -> Response:
         self._check_serving()
@@ -238,6 +274,9 @@ class HttpServer:
 
     # ---- request path ------------------------------------------------------------------------------------
     async def _parse(self, request: Request, model: type[_T]) -> _T:
+        return self._validate(await self._parse_json(request), model)
+
+    async def _parse_json(self, request: Request) -> dict[str, Any]:
         self._check_serving()
         body = await self._read_body(request)
         try:
@@ -246,6 +285,9 @@ class HttpServer:
             raise HttpError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         if not isinstance(data, dict):
             raise HttpError(400, "the request body must be a JSON object", code="invalid_json")
+        return data
+
+    def _validate(self, data: dict[str, Any], model: type[_T]) -> _T:
         try:
             req = model.model_validate(data)  # type: ignore[attr-defined]
         except ValidationError as e:
@@ -281,12 +323,17 @@ class HttpServer:
                             code="service_unavailable")
 
     def _check_model(self, model: str | None) -> None:
-        if model and model != self.model_name:
-            raise HttpError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+        if model and model not in self.model_names:
+            served = ", ".join(f"`{name}`" for name in self.model_names)
+            raise HttpError(404, f"The model `{model}` does not exist; this server serves {served}.",
                             code="model_not_found", param="model")
 
-    def _card(self) -> ModelCard:
-        return ModelCard(id=self.model_name, created=self.created, root=self.model_name,
+    def _model_for(self, model: str | None) -> str:
+        """The name a response gives: the one the request used, or the main one."""
+        return model or self.model_names[0]
+
+    def _card(self, name: str) -> ModelCard:
+        return ModelCard(id=name, created=self.created, root=self.model_names[0],
                          max_model_len=self.router.max_model_len)
 
     async def _generate(self, request: Request, inp: GenerateInput, fmt: CompletionFormat, stream: bool,
@@ -294,9 +341,8 @@ class HttpServer:
         events = self.router.generate(inp)
         try:
             if not stream:
-                text, done = await _until_disconnect(request.receive, _collect(events))
-                usage = Usage.of(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
-                return JSONResponse(fmt.response(text, done.finish_reason, usage).model_dump())
+                outputs = await _until_disconnect(request.receive, _collect(events, fmt.n))
+                return JSONResponse(fmt.response(outputs).model_dump())
             # The first event is awaited before the 200 goes out, so bad input and overload get their status.
             first = await _until_disconnect(request.receive, anext(events))
         except _ClientGone:
@@ -316,33 +362,37 @@ async def _body_parts(request: Request) -> AsyncIterator[bytes]:
         raise HttpError(400, "the client disconnected while sending the body", code="client_disconnected") from None
 
 
-async def _collect(events: AsyncIterator[Event]) -> tuple[str, Completion]:
-    parts: list[str] = []
+async def _collect(events: AsyncIterator[Event], n: int) -> Outputs:
+    outputs = Outputs(n)
     async for event in events:
-        if isinstance(event, Chunk):
-            parts.append(event.text)
-        else:
-            return "".join(parts), event
+        outputs.add(event)
+        if outputs.done:
+            return outputs
     raise Unavailable("the request ended without a completion")
 
 
 async def _stream(events: AsyncIterator[Event], first: Event, fmt: CompletionFormat,
                   include_usage: bool) -> AsyncIterator[bytes]:
-    """SSE lines: the chunks, a last chunk with the finish_reason, the usage chunk if asked, then [DONE].
+    """SSE lines: the chunks of the n outputs (told apart by the choice index), a chunk with each output's
+    finish_reason, the usage chunk if asked, then [DONE].
     An error after the 200 went out is sent as an error object in the stream, as vLLM does."""
     try:
-        for item in fmt.opening():
-            yield _sse(item)
-        event = first
-        while isinstance(event, Chunk):
-            if event.text:
-                yield _sse(fmt.delta(event.text))
-            event = await anext(events, None)  # type: ignore[arg-type]
-        if event is None:
+        for opening in fmt.opening():
+            yield _sse(opening)
+        outputs = Outputs(fmt.n)
+        event: Event | None = first
+        while event is not None:
+            outputs.add(event)
+            item: BaseModel | None = fmt.chunk(event) if isinstance(event, Chunk) else fmt.final(event)
+            if item is not None:
+                yield _sse(item)
+            if outputs.done:
+                break
+            event = await anext(events, None)
+        if not outputs.done:
             raise Unavailable("the request ended without a completion")
-        yield _sse(fmt.final(event.finish_reason))
         if include_usage:
-            yield _sse(fmt.usage_chunk(Usage.of(event.prompt_tokens, event.completion_tokens, event.cached_tokens)))
+            yield _sse(fmt.usage_chunk(outputs.usage()))
     except Exception as e:  # noqa: BLE001 - every failure reaches the client as an error object
         err = http_error_for(e)
         yield _sse(ErrorResponse(error=ErrorInfo(message=err.message, type=err.type, code=err.code)))

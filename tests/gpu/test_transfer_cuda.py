@@ -32,9 +32,9 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 
+from services.bench.transfer_actors import DecodeSide, PrefillSide, make_kv
 from services.proto_gen import kv_pb2
 from services.transfer import KVFingerprint, TransferConfig
-from services.transfer.bench_actors import DecodeSide, PrefillSide, make_kv
 
 pytestmark = [
     pytest.mark.gpu,

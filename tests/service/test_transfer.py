@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 import torch
 
+from services.bench.transfer_actors import make_kv
 from services.proto_gen import kv_pb2
 from services.transfer import KVFingerprint, KVIncompatible, KVReceiver, KVSender, TransferConfig, TransferError
-from services.transfer.bench_actors import make_kv
 
 FP = KVFingerprint(model="tiny", dtype="float32", block_size=4, num_layers=3, num_kv_heads=2, head_dim=8)
 CFG = TransferConfig(timeout_s=5.0)
@@ -263,7 +263,7 @@ async def test_bad_arguments_are_clear_errors(pair: Pair) -> None:
 @pytest.mark.parametrize("cache_blocks", [0, NUM_BLOCKS], ids=["tensors", "shared_cache"])
 def test_two_ray_actors_move_kv(cache_blocks: int) -> None:
     ray = pytest.importorskip("ray")
-    from services.transfer.bench_actors import DecodeSide, PrefillSide
+    from services.bench.transfer_actors import DecodeSide, PrefillSide
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -18,9 +18,9 @@ from contextlib import asynccontextmanager
 import pytest
 import torch
 
+from services.bench.transfer_actors import make_kv
 from services.proto_gen import kv_pb2
 from services.transfer import KVSender, TransferConfig, TransferError
-from services.transfer.bench_actors import make_kv
 from tests.service.test_transfer import CFG, FP, NUM_BLOCKS, Pair, slots_of, stored
 
 CACHE_BLOCKS = 40

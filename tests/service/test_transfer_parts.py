@@ -84,7 +84,7 @@ def test_staging_ring_hands_out_space_in_order_and_reuses_it() -> None:
 
 
 def test_bench_transfer_refuses_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
-    from services.transfer.bench import main
+    from services.bench.bandwidth import main
 
     bad = (["--repeats", "0"], ["--rounds", "0"], ["--spin-us", "-1"], ["--sizes-mib", "0.0001"], ["--sizes-mib", "x"])
     for argv in (*bad, ["--staging-mib", "-1"], ["--ucx-tls", "posix"]):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.transfer.perftest import libucx_dir
+from services.transfer.libucx import libucx_dir
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "kvx.c", HERE / "kvx_route.c")

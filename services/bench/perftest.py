@@ -7,7 +7,8 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from services.transfer.libucx import libucx_dir
 
 MIB = 1 << 20
 
@@ -18,13 +19,6 @@ class PerftestResult:
     tls: str
     size: int
     gbps: float  # 1e9 bytes per second
-
-
-def libucx_dir() -> Path:
-    """The libucx wheel's folder (holds bin/ucx_perftest and lib/)."""
-    import libucx
-
-    return Path(libucx.__file__).resolve().parent
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ of it is in place (decode actor; `KVReceiver.wait` reports when that was), both 
 monotonic clock. The decode actor starts waiting when the request is announced, so no Ray call
 reaches it mid-transfer; the first request of each size is checked bit for bit there, and the
 others are not read back. Each actor is pinned to a core of its own (see
-`bench_actors.pin_process`; `--no-pin` leaves them be); ucx_perftest runs as shipped.
+`transfer_actors.pin_process`; `--no-pin` leaves them be); ucx_perftest runs as shipped.
 
 The reference and the hand-off take turns: each round of a size runs ucx_perftest once per
 transport, then `--repeats` requests, and the ratio is taken within the round. On a shared host
@@ -27,9 +27,9 @@ import random
 import statistics
 from typing import Any
 
+from services.bench.perftest import MIB, run_perftest
 from services.transfer.config import CUDA_UCX_TLS, DEFAULT_UCX_TLS, PROGRESS_MODES, TransferConfig
 from services.transfer.fingerprint import KVFingerprint
-from services.transfer.perftest import MIB, run_perftest
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +75,7 @@ class _Pair:
     def __init__(self, args: argparse.Namespace, fp: KVFingerprint, sizes: list[int]) -> None:
         import ray
 
-        from services.transfer.bench_actors import DecodeSide, PrefillSide
+        from services.bench.transfer_actors import DecodeSide, PrefillSide
 
         config = TransferConfig(
             timeout_s=60.0,

@@ -187,7 +187,7 @@ SUBBENCHES: dict[str, list[str]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.bench_suite", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m services.bench.suite", description=__doc__)
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
     parser.add_argument("--model", default=None, help="model directory (default: pdserve's built-in tiny model)")
     parser.add_argument("--modes", default=",".join(m.name for m in MODES))
