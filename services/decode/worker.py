@@ -23,12 +23,12 @@ from services.engine.logprobs import TokenLogprob
 from services.engine.request import RequestStatus
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import RequestOutput
-from services.engine.worker_base import EngineWorker
-from services.engine.worker_messages import Reservation, TokenBatch, WorkerInfo
-from services.prefill.worker import kv_fingerprint
 from services.transfer.config import TransferConfig
 from services.transfer.errors import TransferError
 from services.transfer.receiver import KVReceiver
+from services.worker.base import EngineWorker
+from services.worker.fingerprint import kv_fingerprint
+from services.worker.messages import Reservation, TokenBatch, WorkerInfo
 
 
 @dataclass

@@ -9,11 +9,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from services.dtypes import TORCH_DTYPES  # model_runner imports it from here too
 from services.engine.errors import UnsupportedModel
 from services.engine.model_config import ModelConfig
 from services.engine.models.llama import LlamaForCausalLM
-
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # HF name suffix -> (our parameter suffix, shard index within a fused parameter)
 _FUSED = {

@@ -154,6 +154,7 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: Sequence[int], num_top: Se
         for token, lp, rank, top in zip(token_ids, chosen.tolist(), ranks, tops, strict=True)
     ]
 
+
 def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
     """logits: [B, V] float32, one row per request (not modified). Returns one token id per row."""
     if all(r.sampling_params.plain for r in rows):

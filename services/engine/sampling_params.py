@@ -103,9 +103,11 @@ class SamplingParams:
         )
 
     def for_sample(self, index: int) -> SamplingParams:
-        """The params of the index-th of n outputs: one output each, seeds apart so the outputs differ."""
+        """The params of the index-th of n outputs: one output each, seeds apart so the outputs differ.
+        Only output 0 reports prompt logprobs (they are the same for all), so the others can take the
+        prompt from the prefix cache instead of recomputing it."""
         seed = None if self.seed is None else (self.seed + index + 2**63) % 2**64 - 2**63
-        return replace(self, n=1, seed=seed)
+        return replace(self, n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if index == 0 else None)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:

@@ -28,13 +28,13 @@ from services.engine.engine import LLMEngine
 from services.engine.models.llama import LayerKVHook
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import SchedulerOutput
-from services.engine.worker_base import EngineWorker
-from services.engine.worker_messages import PrefillResult, WorkerInfo
 from services.env import ENV
 from services.transfer.config import TransferConfig
 from services.transfer.errors import TransferError
-from services.transfer.fingerprint import KVFingerprint
 from services.transfer.sender import MAX_SOURCE_BLOCKS, KVSender
+from services.worker.base import EngineWorker
+from services.worker.fingerprint import kv_fingerprint
+from services.worker.messages import PrefillResult, WorkerInfo
 
 
 def _sending(request_id: str) -> str:
@@ -50,18 +50,6 @@ class SendPlan:
     token_start: int
     sent_until: int  # prompt positions below this have been queued for sending, every layer
     sends: list[Future[int]] = field(default_factory=list)  # appended on the engine thread
-
-
-def kv_fingerprint(worker: EngineWorker) -> KVFingerprint:
-    cfg = worker.engine.model_config
-    return KVFingerprint(
-        model=cfg.name,
-        dtype=worker.config.torch_dtype_name,
-        block_size=worker.config.cache.block_size,
-        num_layers=cfg.num_layers,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-    )
 
 
 class PrefillWorker(EngineWorker):

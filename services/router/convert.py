@@ -10,9 +10,9 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from services.engine.errors import InvalidRequest
 from services.engine.logprobs import TokenLogprob
 from services.engine.sampling_params import SamplingParams
-from services.engine.worker_messages import LoadInfo
 from services.proto_gen import generation_pb2 as pb
 from services.router.router import Chunk, Completion, Event, GenerateInput
+from services.worker.messages import LoadInfo
 
 # SamplingParams fields whose proto field is `optional`: unset takes the model's default, then SamplingParams'.
 _OPTIONAL = ("temperature", "top_p", "top_k", "seed", "n", "presence_penalty", "frequency_penalty",

@@ -13,10 +13,10 @@ import ray
 
 from services.decode.worker import DecodeWorker
 from services.engine.config import EngineConfig
-from services.engine.worker_messages import LoadInfo, WorkerInfo
 from services.prefill.worker import PrefillWorker
 from services.router.metrics import Metrics
 from services.transfer.config import TransferConfig
+from services.worker.messages import LoadInfo, WorkerInfo
 
 log = logging.getLogger(__name__)
 

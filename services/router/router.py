@@ -20,19 +20,19 @@ from typing import Any
 
 from ray.exceptions import RayError
 
-from services.engine.engine import validate_prompt
 from services.engine.errors import InvalidRequest, ResourceExhausted
 from services.engine.logprobs import PromptLogprobs, TokenLogprob
 from services.engine.sampling_params import SamplingParams
 from services.engine.stats import FinishedRequestStats, RequestTimes, TransferStats
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from services.engine.worker_messages import PrefillResult, TokenBatch
 from services.router.config import RouterConfig
 from services.router.errors import Unavailable
 from services.router.metrics import Metrics
 from services.router.policies import Policy, RoutingRequest, make_policy
 from services.router.pool import WorkerHandle, WorkerPools
 from services.transfer.errors import TransferError
+from services.worker.messages import PrefillResult, TokenBatch
+from services.worker.validation import validate_prompt
 
 log = logging.getLogger(__name__)
 

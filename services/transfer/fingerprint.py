@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from services.engine.model_loader import TORCH_DTYPES
+from services.dtypes import TORCH_DTYPES
 from services.proto_gen import kv_pb2
 from services.transfer.errors import KVIncompatible
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from services.bench.offline import load_transformers
+from services.engine.cuda_graphs import DecodeGraphs
 from services.engine.llm import LLM, GenerationResult
 from services.engine.logprobs import TokenLogprob
 from services.engine.sampling_params import SamplingParams
@@ -276,4 +277,36 @@ def test_n_with_prompt_logprobs_and_prefix_groups(make_llm: Callable[..., LLM]) 
         assert len(r.outputs) == 2 and all(len(o.token_ids) == 4 for o in r.outputs)
         assert r.prompt_logprobs is not None and len(r.prompt_logprobs) == len(prompt)
         assert [lp.token_id for lp in r.prompt_logprobs[1:] if lp is not None] == prompt[1:]
+    assert_clean(llm)
+
+
+def test_processed_rows_through_the_padded_decode_graph_path(make_llm: Callable[..., LLM]) -> None:
+    """Decode steps replayed from the CUDA-graph buffers (run eagerly here) give the same tokens and logprobs."""
+    prompts = [tokens(10 + 9 * i, seed=30 + i) for i in range(4)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2, repetition_penalty=1.3),
+        SamplingParams(temperature=0.8, seed=-5, max_tokens=6, ignore_eos=True, min_p=0.1, frequency_penalty=1.0),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+        SamplingParams(temperature=1.0, seed=2**63 - 1, max_tokens=6, ignore_eos=True, logprobs=0,
+                       logit_bias={42: 3.0}),
+    ]
+    want = make_llm().generate(prompts, params, use_tqdm=False)
+    llm = make_llm()
+    runner = llm.engine.runner
+    runner.graphs = DecodeGraphs(runner.model, runner.kv_cache, max_batch=4, max_blocks_per_seq=8, capture=False)
+    replays = 0
+    run = runner.graphs.run
+
+    def counted(*args: Any) -> torch.Tensor:
+        nonlocal replays
+        replays += 1
+        return run(*args)
+
+    runner.graphs.run = counted  # type: ignore[method-assign]
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert replays > 0
+    for a, b in zip(got, want, strict=True):
+        assert a.token_ids == b.token_ids
+        pairs = zip(a.outputs[0].logprobs or [], b.outputs[0].logprobs or [], strict=True)
+        assert all(x.token_id == y.token_id and x.rank == y.rank and abs(x.logprob - y.logprob) < TOL for x, y in pairs)
     assert_clean(llm)

@@ -85,7 +85,7 @@ async def test_health_and_503_while_starting_without_workers_and_draining(serve_
     pools = WorkerPools(EngineConfig(model=serve_model_dir), TransferConfig(), PoolSpec(1, 1, False), metrics)
     tokenizer = Tokenizer(serve_model_dir)
     router = Router(RouterConfig(max_request_bytes=1000), pools, tokenizer, metrics, tokenizer.vocab_size, 256, 16)
-    http = HttpServer(router, metrics, tokenizer, "m", "127.0.0.1", 0)
+    http = HttpServer(router, metrics, tokenizer, ["m", "m-alias"], "127.0.0.1", 0)
     await http.start()
     try:
         assert http.port > 0
@@ -96,10 +96,22 @@ async def test_health_and_503_while_starting_without_workers_and_draining(serve_
             assert "starting" in starting.json()["error"]["message"]
             assert_error(await c.post("/v1/completions", json=body), 503)
             assert (await c.get("/v1/models")).json()["data"][0]["max_model_len"] == 256
+            assert_error(await c.post("/tokenize", json={"prompt": "hello"}), 503)
             http.ready = True
             assert (await c.get("/health")).status_code == 200
+            cards = (await c.get("/v1/models")).json()["data"]
+            assert [(m["id"], m["root"], m["max_model_len"]) for m in cards] == [("m", "m", 256), ("m-alias", "m", 256)]
+            assert (await c.get("/v1/models/m-alias")).json()["id"] == "m-alias"
+            missing = assert_error(await c.get("/v1/models/other"), 404)
+            assert "`m`, `m-alias`" in missing["message"]
+            tokens = (await c.post("/tokenize", json={"model": "m-alias", "prompt": "hello"})).json()
+            assert tokens == {"count": len(tokenizer.encode("hello")), "max_model_len": 256,
+                              "tokens": tokenizer.encode("hello"), "token_strs": None}
+            assert_error(await c.post("/tokenize", json={"model": "other", "prompt": "hello"}), 404, "model")
             no_workers = await c.post("/v1/completions", json=body)
             assert "no decode worker" in assert_error(no_workers, 503)["message"]
+            alias = await c.post("/v1/completions", json={**body, "model": "m-alias"})
+            assert "no decode worker" in assert_error(alias, 503)["message"]
             assert no_workers.headers["retry-after"] == "1"
             assert_error(await c.post("/v1/chat/completions", json={**body, "stream": True, "messages": MESSAGES}),
                          503)
@@ -230,13 +242,15 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 
 
 @pytest.mark.parametrize(("body", "param"), [
-    ({"prompt": "hi", "n": 2}, None),
+    ({"prompt": "hi", "n": 0}, None),
+    ({"prompt": "hi", "best_of": 2}, "best_of"),
     ({"prompt": "hi", "temperature": "hot"}, "temperature"),  # pydantic's error: 400, not FastAPI's 422
     ({"prompt": ["a", "b"]}, None),
     ({"prompt": "hi", "max_tokens": 0}, None),
     ({"prompt": "hi", "max_tokens": 5000}, None),  # over the context
     ({"prompt": [999999]}, None),  # outside the vocabulary
-    ({"prompt": "hi", "logprobs": 2}, None),
+    ({"prompt": "hi", "logprobs": 21}, None),
+    ({"prompt": "hi", "guided_regex": "a+"}, "guided_regex"),
     ({}, "prompt"),
 ])
 def test_bad_completion_parameters_are_400(server: RunningServer, model_name: str, body: dict[str, Any],
@@ -251,8 +265,9 @@ def test_bad_chat_requests_and_client_errors(server: RunningServer, client: open
     assert_error(httpx.post(url, json={"model": model_name, "messages": [{"role": "x", "content": "y"}]},
                             timeout=30), 400)
     assert_error(httpx.post(url, content=b"{not json", timeout=30), 400)
-    with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(model=model_name, messages=MESSAGES, n=2)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model=model_name, messages=MESSAGES,  # type: ignore[arg-type]
+                                       response_format={"type": "json_object"})
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=MESSAGES)  # type: ignore[arg-type]
 

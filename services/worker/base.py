@@ -1,4 +1,7 @@
-"""What every worker actor shares: an engine on its own thread, load reports and abort."""
+"""What every worker actor shares: an engine on its own thread, load reports and abort.
+
+The prefill and decode actors subclass EngineWorker; colocated mode runs a decode worker in both phases.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.request import RequestStatus
 from services.engine.scheduler import RequestOutput
-from services.engine.worker_messages import LoadInfo
+from services.worker.messages import LoadInfo
 
 
 class EngineWorker:
