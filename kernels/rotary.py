@@ -28,24 +28,18 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 def rope_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> RopeFrequencies:
     """Inverse frequencies of `scaling["rope_type"]` (default when `scaling` is None), computed as
     transformers 5 computes them, operation for operation, so that float32 tables agree bit for bit."""
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    scaling = scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in SUPPORTED_ROPE_TYPES:
         raise ValueError(f"RoPE type {kind!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
     if kind == "yarn":
-        assert scaling is not None
         return _yarn(head_dim, theta, scaling)
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if kind == "linear":
-        assert scaling is not None
         inv_freq = inv_freq / float(scaling["factor"])
     elif kind == "llama3":
-        assert scaling is not None
         inv_freq = _llama3(inv_freq, scaling)
     return RopeFrequencies(inv_freq, 1.0)
-
-
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
-    return rope_frequencies(head_dim, theta, scaling).inv_freq
 
 
 def _llama3(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:

@@ -173,9 +173,10 @@ def _rope_parameters(cfg: Any, max_positions: int) -> dict[str, Any]:
     if kind == "yarn" and params.get("factor") is None and params.get("original_max_position_embeddings"):
         # As transformers: without a factor, YaRN stretches original_max_position_embeddings to the full context.
         rope["factor"] = max_positions / params["original_max_position_embeddings"]
-    for key in (*required, *optional):
+    for key in required:
         if params.get(key) is not None and key not in rope:
             rope[key] = params[key]
+    rope.update((key, params[key]) for key in optional if key in params)  # None included: rotary reads it as transformers
     missing = [key for key in required if key not in rope]
     if missing:
         raise UnsupportedModel(f"RoPE type {kind!r} needs {', '.join(missing)} in rope_parameters; {_SUPPORTED}")

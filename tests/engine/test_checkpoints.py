@@ -94,3 +94,34 @@ def test_greedy_tokens_equal_transformers(case_model: Callable[[str], Path], nam
     for prompt, result, want in zip(prompts, results, expected, strict=True):
         assert result.error is None
         assert result.token_ids == want, f"{len(prompt)}-token prompt differs"
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "truncate": None},
+        {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 128, "beta_slow": 2.0},
+        {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32, "mscale": 1.0},
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256, "beta_fast": 0.25,
+         "beta_slow": 0.25},  # an empty ramp
+        {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+         "original_max_position_embeddings": 100},
+        {"rope_type": "linear", "factor": 0.5},
+    ],
+    ids=["yarn-truncate-null", "yarn-no-factor", "yarn-mscale-only", "yarn-empty-ramp", "llama3", "linear"],
+)
+def test_rotary_table_of_more_rope_variants_equals_transformers(tmp_path: Path,
+                                                                rope_parameters: dict[str, object]) -> None:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from kernels.rotary import build_cos_sin_cache
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=512,
+                         rope_parameters={"rope_theta": 20000.0, **rope_parameters}, architectures=["LlamaForCausalLM"])
+    config.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").touch()  # the config is all this test reads
+    cfg = load_model_config(tmp_path)
+    ours = build_cos_sin_cache(cfg.head_dim, cfg.max_model_len, cfg.rope_theta, cfg.rope_scaling, torch.float32)
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1), torch.arange(cfg.max_model_len)[None])
+    assert torch.equal(ours, torch.cat([cos[0, :, :32], sin[0, :, :32]], dim=-1))

