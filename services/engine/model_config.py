@@ -176,7 +176,8 @@ def _rope_parameters(cfg: Any, max_positions: int) -> dict[str, Any]:
     for key in required:
         if params.get(key) is not None and key not in rope:
             rope[key] = params[key]
-    rope.update((key, params[key]) for key in optional if key in params)  # None included: rotary reads it as transformers
+    # Optional keys set to None stay: kernels/rotary.py reads them as transformers does.
+    rope.update((key, params[key]) for key in optional if key in params)
     missing = [key for key in required if key not in rope]
     if missing:
         raise UnsupportedModel(f"RoPE type {kind!r} needs {', '.join(missing)} in rope_parameters; {_SUPPORTED}")

@@ -102,8 +102,8 @@ def test_greedy_tokens_equal_transformers(case_model: Callable[[str], Path], nam
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "truncate": None},
         {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 128, "beta_slow": 2.0},
         {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32, "mscale": 1.0},
-        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256, "beta_fast": 0.25,
-         "beta_slow": 0.25},  # an empty ramp
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 256, "beta_fast": 64.0,
+         "beta_slow": 45.0},  # low == high == 0: an empty ramp
         {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
          "original_max_position_embeddings": 100},
         {"rope_type": "linear", "factor": 0.5},
