@@ -223,7 +223,7 @@ class HttpServer:
     async def completions(self, request: Request) -> Response:
         req = await self._parse(request, CompletionRequest)
         params = req.sampling_params(self.router.sampling_defaults)
-        text, ids = req.prompt_ids(self.tokenizer)
+        text, ids = req.prompt_ids(self.tokenizer, self.router.vocab_size)
         echo = (text if text is not None else self.tokenizer.decode(ids)) if req.echo else None
         options = LogprobOptions(logprobs=req.logprobs, prompt=params.prompt_logprobs, echo_text=echo, prompt_ids=ids)
         fmt = CompletionFormat(new_id(CompletionFormat.id_prefix), self._model_for(req.model), self.token_text,

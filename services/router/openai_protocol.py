@@ -99,9 +99,11 @@ def check_extra_fields(model: BaseModel, refused: Mapping[str, Callable[[Any], b
     extra = model.model_extra or {}
     bad = [name for name, is_off in refused.items() if name in extra and not is_off(extra[name])]
     if bad:
+        value = repr(extra[bad[0]])
+        value = value if len(value) <= 80 else value[:77] + "..."
         raise RequestError(
-            f"unsupported parameter(s): {', '.join(bad)} (pdserve does not implement them; got "
-            f"{bad[0]}={extra[bad[0]]!r}; leave them out or send their default)",
+            f"unsupported parameter(s): {', '.join(bad)} (pdserve does not implement them; got {bad[0]}={value}; "
+            "leave them out or send their default)",
             param=bad[0],
         )
     for name in extra:
@@ -231,12 +233,15 @@ class CompletionRequest(_GenerationRequest):
             return prompt, None
         return None, [int(t) for t in prompt]  # type: ignore[arg-type]
 
-    def prompt_ids(self, tokenizer: Tokenizer) -> tuple[str | None, list[int]]:
-        """The prompt's text (None for token ids) and token ids."""
+    def prompt_ids(self, tokenizer: Tokenizer, vocab_size: int) -> tuple[str | None, list[int]]:
+        """The prompt's text (None for token ids) and token ids, which must lie in [0, vocab_size)."""
         text, ids = self.prompt_input()
         if ids is None:
             assert text is not None
             ids = tokenizer.encode(text, add_special_tokens=self.add_special_tokens is not False)
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", "prompt")
         return text, ids
 
 

@@ -99,9 +99,9 @@ def tokenize(server: RunningServer, **payload: Any) -> dict[str, Any]:
 
 def check_top(top: dict[str, float], row: torch.Tensor, k: int, tokenizer: Tokenizer, sampled: str) -> None:
     """A legacy top_logprobs dict: the sampled token plus the k most likely, with the reference's values."""
-    values, ids = row.topk(k)
-    expected = {tokenizer.decode([int(i)], skip_special_tokens=False): float(v) for v, i in zip(values, ids,
-                                                                                                  strict=True)}
+    top_k = row.topk(k)
+    pairs = zip(top_k.values.tolist(), top_k.indices.tolist(), strict=True)
+    expected = {tokenizer.decode([i], skip_special_tokens=False): v for v, i in pairs}
     assert set(top) == set(expected) | {sampled}
     for token, logprob in expected.items():
         assert abs(top[token] - logprob) < TOL, (token, top[token], logprob)
@@ -258,6 +258,7 @@ def test_logit_bias_forces_a_token(client: openai.OpenAI, model_name: str, token
 
 
 OPENAI_FIELDS = ("temperature", "max_tokens", "seed", "presence_penalty", "frequency_penalty")  # the rest: extra_body
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p")
 
 
 @pytest.mark.parametrize("fields", [
@@ -267,15 +268,19 @@ OPENAI_FIELDS = ("temperature", "max_tokens", "seed", "presence_penalty", "frequ
 def test_penalties_and_min_p_change_the_output_as_the_engine_does(client: openai.OpenAI, model_name: str,
                                                                   tokenizer: Tokenizer, llm: LLM,
                                                                   fields: dict[str, Any]) -> None:
+    """A random model seldom repeats itself, so a logit_bias makes one token frequent enough for the penalties to
+    bite; the offline engine says what the greedy output then is."""
     prompt = tokenizer.encode(PROMPT)
+    frequent = tokenizer.encode(" sea", add_special_tokens=False)[0]
     request = {"temperature": 0.0, "max_tokens": 24, "ignore_eos": True, **fields}
-    expected = offline(llm, prompt, **request)
-    plain = offline(llm, prompt, **{k: v for k, v in request.items() if k not in ("presence_penalty",
-                    "frequency_penalty", "repetition_penalty", "min_p")})
+    bias = {} if "min_p" in fields else {frequent: 16.0}
+    expected = offline(llm, prompt, logit_bias=bias, **request)
+    plain = offline(llm, prompt, logit_bias=bias, **{k: v for k, v in request.items() if k not in PENALTIES})
     assert expected.token_ids != plain.token_ids  # the field changes this output, so the check below can fail
     native = {k: v for k, v in request.items() if k in OPENAI_FIELDS}
     extra = {k: v for k, v in request.items() if k not in OPENAI_FIELDS}
-    out = client.completions.create(model=model_name, prompt=prompt, extra_body=extra, **native)
+    out = client.completions.create(model=model_name, prompt=prompt, logit_bias={str(t): b for t, b in bias.items()},
+                                    extra_body=extra, **native)
     assert out.choices[0].text == expected.text
     assert out.usage is not None and out.usage.completion_tokens == 24
 
@@ -381,23 +386,40 @@ def test_unknown_harmless_fields_are_accepted(client: openai.OpenAI, model_name:
 # ---- afterwards ----------------------------------------------------------------------------------------------
 
 
-async def test_the_workers_hold_no_kv_afterwards(server: RunningServer, aclient: openai.AsyncOpenAI,
-                                                    model_name: str) -> None:
-    """Runs last: every request above, and n outputs cut short by a disconnect, left no KV behind."""
+def wait_until_idle(server: RunningServer, seconds: float) -> Any:
+    """The load report once no worker holds KV, a reservation or a running request (or after `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        report = server.load(check_integrity=True)
+        busy = [w for w in report.workers if w.num_used_blocks or w.num_reservations or w.num_running]
+        if (not busy and report.num_inflight_requests == 0) or time.monotonic() > deadline:
+            return report
+        time.sleep(0.2)
+
+
+def assert_idle(report: Any) -> None:
+    assert report.num_inflight_requests == 0, report
+    for w in report.workers:
+        assert w.alive and w.integrity_ok, f"{w.worker}: {w.integrity_error}"
+        assert (w.num_used_blocks, w.num_reservations, w.num_running) == (0, 0, 0), w
+
+
+async def test_a_client_leaving_n_outputs_at_the_first_token_frees_them(server: RunningServer,
+                                                                        aclient: openai.AsyncOpenAI,
+                                                                        model_name: str) -> None:
+    """Outputs 1..n-1 start when output 0 has its first token: a client that leaves then cancels them while their
+    decode reservations are being made, and those must be released too, not left to the lease."""
     stream = await aclient.completions.create(model=model_name, prompt=PROMPT, n=3, seed=1, max_tokens=500,
                                               stream=True, extra_body={"ignore_eos": True})
     async for _ in stream:
         break
     await stream.close()
-    await asyncio.sleep(0.5)
-    deadline = time.monotonic() + 20
-    while True:
-        report = server.load(check_integrity=True)
-        busy = [w for w in report.workers if w.num_used_blocks or w.num_reservations or w.num_running]
-        if (not busy and report.num_inflight_requests == 0) or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
-    assert report.num_inflight_requests == 0, report
-    for w in report.workers:
-        assert w.alive and w.integrity_ok, f"{w.worker}: {w.integrity_error}"
-        assert (w.num_used_blocks, w.num_reservations, w.num_running) == (0, 0, 0), w
+    report = await asyncio.to_thread(wait_until_idle, server, 10)
+    if report.num_inflight_requests or any(w.num_used_blocks or w.num_reservations for w in report.workers):
+        await asyncio.to_thread(wait_until_idle, server, 40)  # past the lease, so later tests find a clean server
+    assert_idle(report)
+
+
+def test_the_workers_hold_no_kv_afterwards(server: RunningServer) -> None:
+    """Runs last: every request above left no KV behind."""
+    assert_idle(wait_until_idle(server, 10))

@@ -282,6 +282,17 @@ def tokenizer(tiny_model: Path) -> Tokenizer:
     return Tokenizer(tiny_model)
 
 
+def test_completion_prompt_ids_honour_add_special_tokens_and_the_vocabulary(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("hello")
+    assert completion(prompt="hello").prompt_ids(tokenizer, 8192) == ("hello", ids)
+    assert completion(prompt="hello", add_special_tokens=False).prompt_ids(tokenizer, 8192) == ("hello", ids[1:])
+    assert completion(prompt=[[5, 6]]).prompt_ids(tokenizer, 8192) == (None, [5, 6])
+    for bad in ([8192], [-1], [2**40]):
+        with pytest.raises(RequestError, match="outside the vocabulary") as info:
+            completion(prompt=bad).prompt_ids(tokenizer, 8192)
+        assert info.value.param == "prompt"
+
+
 def test_chat_prompt_has_exactly_one_bos(tokenizer: Tokenizer) -> None:
     bos_id = tokenizer.encode("x")[0]
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
