@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ray import ObjectRef
 from ray.exceptions import RayError
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
@@ -174,8 +175,9 @@ class Router:
         local = self.config.mode == "colocated"
         first: PrefillResult | None = None
         if not local:
-            reservation = await decode.actor.reserve.remote(st.rid, st.ids, st.params, self.config.lease_s)
-            st.reserved = True
+            st.reserving = decode.actor.reserve.remote(st.rid, st.ids, st.params, self.config.lease_s)
+            reservation = await st.reserving
+            st.reserving, st.reserved = None, True
             st.cached_tokens = reservation.cached_tokens
             st.times.dispatched = time.monotonic()
             local = len(st.ids) - reservation.cached_tokens < self.config.local_prefill_threshold
@@ -313,7 +315,11 @@ class Router:
             log.exception("request %s: inconsistent stage times %s", st.rid, st.times)
 
     async def _release(self, st: _RequestState) -> None:
-        """Frees the request's KV on both sides (reservation or running request)."""
+        """Frees the request's KV on both sides (reservation or running request). A reservation still
+        being made is waited for, so that it is given back now rather than when its lease runs out."""
+        if st.reserving is not None:
+            await asyncio.gather(st.reserving, return_exceptions=True)
+            st.reserving, st.reserved = None, True
         calls = []
         if st.prefill is not None:
             calls.append(st.prefill.actor.abort.remote(st.rid))
@@ -334,6 +340,7 @@ class _RequestState:
     times: RequestTimes = dataclasses.field(default_factory=lambda: RequestTimes(arrival=time.monotonic()))
     decode: WorkerHandle | None = None
     prefill: WorkerHandle | None = None
+    reserving: ObjectRef | None = None  # the decode worker's reserve() while it is in flight
     reserved: bool = False
     decoding: bool = False
     finished: bool = False
