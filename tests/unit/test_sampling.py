@@ -184,7 +184,7 @@ def test_plain_params_and_for_sample() -> None:
         assert not SamplingParams(**kwargs).plain, kwargs  # type: ignore[arg-type]
     p = SamplingParams(n=3, seed=2**63 - 1, prompt_logprobs=2)
     assert [q.seed for q in (p.for_sample(0), p.for_sample(1))] == [2**63 - 1, -(2**63)]
-    assert p.for_sample(1).n == 1 and p.for_sample(1).prompt_logprobs == 2
+    assert p.for_sample(1).n == 1 and p.for_sample(0).prompt_logprobs == 2 and p.for_sample(1).prompt_logprobs is None
     assert SamplingParams(logit_bias={"7": -2, 3: 1.5}).logit_bias == ((3, 1.5), (7, -2.0))
 
 
