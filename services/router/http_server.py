@@ -21,45 +21,43 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Generator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
 from services.engine.tokenizer import Tokenizer
 from services.router.errors import Unavailable
+from services.router.http_errors import HttpError, code_for, error_response, http_error_for, validation_error
+from services.router.http_stream import (
+    ClientGone,
+    EventStream,
+    close_iterator,
+    collect,
+    stream_events,
+    until_disconnect,
+)
 from services.router.metrics import Metrics
+from services.router.openai_format import ChatFormat, CompletionFormat, LogprobOptions
+from services.router.openai_logprobs import TokenText
 from services.router.openai_protocol import (
     ChatCompletionRequest,
-    ChatFormat,
-    CompletionFormat,
     CompletionRequest,
     DetokenizeRequest,
-    DetokenizeResponse,
-    ErrorInfo,
-    ErrorResponse,
-    LogprobOptions,
-    ModelCard,
-    ModelList,
-    Outputs,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
-    TokenizeResponse,
-    TokenText,
     chat_prompt_ids,
-    new_id,
-    now,
 )
-from services.router.router import Chunk, Event, GenerateInput, Router
+from services.router.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, new_id, now
+from services.router.router import GenerateInput, Router
 
 log = logging.getLogger(__name__)
 
@@ -68,77 +66,6 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # a connection reset; anything larger gets the 413 at once.
 DRAIN_LIMIT = 64 * 2**20
 _T = TypeVar("_T")
-
-
-class HttpError(Exception):
-    """An error answered with `status` and OpenAI's error object."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-
-
-class _ClientGone(Exception):
-    """The client disconnected before the response started."""
-
-
-def error_response(e: HttpError) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=e.message, type=e.type, param=e.param, code=e.code))
-    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
-    return JSONResponse(body.model_dump(), status_code=e.status, headers=headers)
-
-
-def http_error_for(e: BaseException) -> HttpError:
-    """The HTTP answer to an error raised by the router (the gRPC servicer's status_for, for HTTP)."""
-    if isinstance(e, HttpError):
-        return e
-    if isinstance(e, InvalidRequest):
-        return HttpError(400, str(e), code="invalid_parameter", param=getattr(e, "param", None))
-    if isinstance(e, ResourceExhausted):
-        return HttpError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded")
-    if isinstance(e, Unavailable):
-        return HttpError(503, str(e), type="server_error", code="service_unavailable")
-    if isinstance(e, TimeoutError):
-        return HttpError(504, str(e) or "the request timed out", type="server_error", code="timeout")
-    log.error("unexpected error in the HTTP server", exc_info=e)
-    return HttpError(500, f"internal error: {type(e).__name__}", type="server_error", code="internal_error")
-
-
-def validation_error(e: ValidationError | RequestValidationError) -> HttpError:
-    errors = e.errors()
-    described = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in errors[:3]]
-    fields = [str(p) for p in errors[0]["loc"] if p != "body"] if errors else []
-    return HttpError(400, "; ".join(described) or "invalid request", code="invalid_parameter",
-                     param=fields[0] if fields else None)
-
-
-def _sse(item: BaseModel) -> bytes:
-    return f"data: {item.model_dump_json()}\n\n".encode()
-
-
-class _EventStream(StreamingResponse):
-    """An SSE response that stops, and closes its body iterator (so the router request ends), when the client
-    disconnects. StreamingResponse's own __call__ is replaced: its anyio cancel scope cancels again at every
-    await in the router's cleanup, while one plain asyncio cancellation lets that cleanup run to the end."""
-
-    def __init__(self, body: AsyncIterator[bytes]) -> None:
-        super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def pump() -> None:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async for chunk in self.body_iterator:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        try:
-            await _until_disconnect(receive, pump())
-        except _ClientGone:
-            pass
-        finally:
-            await _close(self.body_iterator)
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -200,7 +127,7 @@ class HttpServer:
 
         async def on_error(request: Request, e: Exception) -> Response:
             if isinstance(e, StarletteHTTPException):
-                return error_response(HttpError(e.status_code, str(e.detail), code=_code_for(e.status_code)))
+                return error_response(HttpError(e.status_code, str(e.detail), code=code_for(e.status_code)))
             if isinstance(e, RequestValidationError):
                 return error_response(validation_error(e))
             return error_response(http_error_for(e))
@@ -341,17 +268,17 @@ class HttpServer:
         events = self.router.generate(inp)
         try:
             if not stream:
-                outputs = await _until_disconnect(request.receive, _collect(events, fmt.n))
+                outputs = await until_disconnect(request.receive, collect(events, fmt.n))
                 return JSONResponse(fmt.response(outputs).model_dump())
             # The first event is awaited before the 200 goes out, so bad input and overload get their status.
-            first = await _until_disconnect(request.receive, anext(events))
-        except _ClientGone:
-            await _close(events)
+            first = await until_disconnect(request.receive, anext(events))
+        except ClientGone:
+            await close_iterator(events)
             return Response(status_code=499)
         except BaseException:
-            await _close(events)
+            await close_iterator(events)
             raise
-        return _EventStream(_stream(events, first, fmt, include_usage))
+        return EventStream(stream_events(events, first, fmt, include_usage))
 
 
 async def _body_parts(request: Request) -> AsyncIterator[bytes]:
@@ -360,77 +287,6 @@ async def _body_parts(request: Request) -> AsyncIterator[bytes]:
             yield part
     except ClientDisconnect:
         raise HttpError(400, "the client disconnected while sending the body", code="client_disconnected") from None
-
-
-async def _collect(events: AsyncIterator[Event], n: int) -> Outputs:
-    outputs = Outputs(n)
-    async for event in events:
-        outputs.add(event)
-        if outputs.done:
-            return outputs
-    raise Unavailable("the request ended without a completion")
-
-
-async def _stream(events: AsyncIterator[Event], first: Event, fmt: CompletionFormat,
-                  include_usage: bool) -> AsyncIterator[bytes]:
-    """SSE lines: the chunks of the n outputs (told apart by the choice index), a chunk with each output's
-    finish_reason, the usage chunk if asked, then [DONE].
-    An error after the 200 went out is sent as an error object in the stream, as vLLM does."""
-    try:
-        for opening in fmt.opening():
-            yield _sse(opening)
-        outputs = Outputs(fmt.n)
-        event: Event | None = first
-        while event is not None:
-            outputs.add(event)
-            item: BaseModel | None = fmt.chunk(event) if isinstance(event, Chunk) else fmt.final(event)
-            if item is not None:
-                yield _sse(item)
-            if outputs.done:
-                break
-            event = await anext(events, None)
-        if not outputs.done:
-            raise Unavailable("the request ended without a completion")
-        if include_usage:
-            yield _sse(fmt.usage_chunk(outputs.usage()))
-    except Exception as e:  # noqa: BLE001 - every failure reaches the client as an error object
-        err = http_error_for(e)
-        yield _sse(ErrorResponse(error=ErrorInfo(message=err.message, type=err.type, code=err.code)))
-    finally:
-        await _close(events)
-    yield b"data: [DONE]\n\n"
-
-
-async def _until_disconnect(receive: Receive, work: Awaitable[_T]) -> _T:
-    """Awaits `work`, cancelling it (which closes the router iterator) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnected(receive))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    if task.cancelled():
-        raise _ClientGone()
-    return task.result()
-
-
-async def _disconnected(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _close(iterator: object) -> None:
-    """Closes an async generator (a no-op once it has finished), which runs its cleanup now, not at GC."""
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
-
-
-def _code_for(status: int) -> str | None:
-    return {404: "not_found", 405: "method_not_allowed"}.get(status)
 
 
 def _package_version() -> str:

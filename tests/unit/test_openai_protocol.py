@@ -1,5 +1,6 @@
-"""services.router.openai_protocol: requests to SamplingParams, refusals by name, harmless fields, generation-config
-defaults, chat rendering, logprob formatting, and responses that the openai client's own types accept."""
+"""services.router's openai_protocol, openai_fields, openai_logprobs and openai_format: requests to SamplingParams,
+refusals by name, harmless fields, generation-config defaults, chat rendering, logprob formatting, and responses that
+the openai client's own types accept."""
 
 from __future__ import annotations
 
@@ -19,24 +20,19 @@ from pydantic import ValidationError
 from services.engine.errors import InvalidRequest
 from services.engine.logprobs import TokenLogprob
 from services.engine.tokenizer import Tokenizer
-from services.router import openai_protocol
+from services.router import openai_fields
+from services.router.openai_fields import REFUSED_CHAT, REFUSED_COMPLETION, RequestError
+from services.router.openai_format import ChatFormat, CompletionFormat, LogprobOptions, Outputs
+from services.router.openai_logprobs import TokenText
 from services.router.openai_protocol import (
-    REFUSED_CHAT,
-    REFUSED_COMPLETION,
     ChatCompletionRequest,
-    ChatFormat,
-    CompletionFormat,
     CompletionRequest,
     DetokenizeRequest,
-    LogprobOptions,
-    Outputs,
-    RequestError,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
-    TokenText,
-    Usage,
     chat_prompt_ids,
 )
+from services.router.openai_responses import Usage
 from services.router.router import Chunk, Completion
 
 
@@ -201,9 +197,9 @@ def test_tools_without_tool_calls_are_accepted() -> None:
 
 
 def test_harmless_unknown_fields_are_accepted_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    openai_protocol._ignored_logged.discard("some_future_field")
-    openai_protocol._ignored_logged.discard("stream_options.future_option")
-    with caplog.at_level(logging.WARNING, logger=openai_protocol.__name__):
+    openai_fields._ignored_logged.discard("some_future_field")
+    openai_fields._ignored_logged.discard("stream_options.future_option")
+    with caplog.at_level(logging.WARNING, logger=openai_fields.__name__):
         for _ in range(2):
             completion(user="u", some_future_field={"x": 1}, stream=True,
                        stream_options={"include_usage": True, "future_option": 1}).sampling_params()
