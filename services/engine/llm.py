@@ -89,7 +89,12 @@ class LLM:
         device: str = "cpu",
         dtype: str | None = None,
         enforce_eager: bool = False,
+        generation_config: str = "auto",
     ) -> None:
+        """generation_config "auto": the model's generation_config.json gives the sampling defaults when
+        generate() gets no params; "vllm": SamplingParams' own defaults apply."""
+        if generation_config not in ("auto", "vllm"):
+            raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
         if model is None:
             from services.engine.make_model import default_model_dir
 
@@ -106,6 +111,8 @@ class LLM:
             )
         )
         self.tokenizer = Tokenizer(model)
+        defaults = self.engine.model_config.generation_defaults if generation_config == "auto" else {}
+        self.default_sampling_params = SamplingParams(**defaults)
 
     def generate(
         self,
@@ -118,7 +125,7 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         prompt_list = list(prompts)  # type: ignore[arg-type]
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params or SamplingParams()] * len(prompt_list)
+            params_list = [sampling_params or self.default_sampling_params] * len(prompt_list)
         else:
             params_list = list(sampling_params)
         if len(params_list) != len(prompt_list):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,28 @@ def test_mistral_sliding_window_caps_the_context(model_copy: Path) -> None:
                  max_position_embeddings=4096)
     config = load_model_config(model_copy)
     assert config.architecture == "MistralForCausalLM" and config.max_model_len == 512
+
+
+def test_the_offline_api_and_grpc_take_the_generation_defaults_unless_told_not_to(model_copy: Path) -> None:
+    from services.engine.llm import LLM
+    from services.engine.sampling_params import SamplingParams
+    from services.proto_gen import generation_pb2 as pb
+    from services.router.convert import sampling_from_proto
+
+    _write_generation_config(model_copy, do_sample=False, repetition_penalty=1.5)
+    prompt = [(i * 13) % 900 + 20 for i in range(40)]
+    penalised = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, repetition_penalty=1.5)
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    auto = LLM(str(model_copy), num_blocks=64, max_model_len=256)
+    assert auto.default_sampling_params.repetition_penalty == 1.5
+    assert LLM(str(model_copy), num_blocks=64, max_model_len=256,
+               generation_config="vllm").default_sampling_params == SamplingParams()
+    with_defaults = auto.generate([prompt], dataclass_replace(auto.default_sampling_params, temperature=0,
+                                                              max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert with_defaults[0].token_ids == auto.generate([prompt], penalised, use_tqdm=False)[0].token_ids
+    assert with_defaults[0].token_ids != auto.generate([prompt], plain, use_tqdm=False)[0].token_ids
+    # gRPC: an unset field takes the default, a set one wins, and no defaults means SamplingParams' own.
+    defaults = load_model_config(model_copy).generation_defaults
+    assert sampling_from_proto(pb.SamplingParams(), 16, defaults).repetition_penalty == 1.5
+    assert sampling_from_proto(pb.SamplingParams(repetition_penalty=1.0), 16, defaults).repetition_penalty == 1.0
+    assert sampling_from_proto(pb.SamplingParams(), 16, {}).repetition_penalty == 1.0
