@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from services.bench.launch import REPO, LaunchedServer, launch
@@ -31,6 +33,15 @@ class RunningServer(LaunchedServer):
 
     def log(self) -> str:
         return self.log_tail(10**7)
+
+    def wait_http_ready(self, timeout: float = 180) -> RunningServer:
+        """Waits until HTTP /health says ready (the workers are up) and returns the server."""
+        deadline = time.monotonic() + timeout
+        while httpx.get(f"{self.http_base}/health", timeout=10).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"/health never became 200:\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+        return self
 
     def load(self, check_integrity: bool = True) -> pb.LoadReport:
         return self.stub().GetLoad(pb.LoadRequest(check_integrity=check_integrity), timeout=30)

@@ -7,11 +7,9 @@ and, as text of the same tokens, over the OpenAI HTTP API.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 import torch
@@ -35,13 +33,6 @@ def _grpc_tokens(server: RunningServer, prompt: list[int]) -> list[int]:
     return [t for r in replies if r.HasField("chunk") for t in r.chunk.token_ids]
 
 
-def _wait_http_ready(server: RunningServer) -> None:
-    deadline = time.monotonic() + 60
-    while httpx.get(f"{server.http_base}/health", timeout=10).status_code != 200:
-        assert time.monotonic() < deadline, f"/health never became 200:\n{server.log()[-3000:]}"
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("name", SERVED_CASES)
 def test_served_greedy_tokens_equal_transformers(make_test_model: Callable[..., Path], tmp_path: Path,
                                                  name: str) -> None:
@@ -51,7 +42,7 @@ def test_served_greedy_tokens_equal_transformers(make_test_model: Callable[..., 
     tokenizer = Tokenizer(str(model))
     server = start_server(tmp_path / "server", str(model), "--mode", "disagg", "--local-prefill-threshold", "0")
     try:
-        _wait_http_ready(server)
+        server.wait_http_ready(60)
         client = openai.OpenAI(base_url=f"{server.http_base}/v1", api_key="unused", max_retries=0, timeout=60)
         for prompt, want in zip(prompts, expected, strict=True):
             assert _grpc_tokens(server, prompt) == want, f"gRPC: {len(prompt)}-token prompt differs"

@@ -30,12 +30,7 @@ TOL = 1e-4
 @pytest.fixture(scope="module")
 def server(disagg_server: RunningServer) -> RunningServer:
     """The shared server once HTTP /health says ready (its workers are up)."""
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if httpx.get(f"{disagg_server.http_base}/health", timeout=10).status_code == 200:
-            return disagg_server
-        time.sleep(0.2)
-    raise TimeoutError(f"/health never became 200:\n{disagg_server.log()[-3000:]}")
+    return disagg_server.wait_http_ready()
 
 
 @pytest.fixture(scope="module")
