@@ -112,7 +112,7 @@ class LLM:
         )
         self.tokenizer = Tokenizer(model)
         defaults = self.engine.model_config.generation_defaults if generation_config == "auto" else {}
-        self.default_sampling_params = SamplingParams(**defaults)
+        self.default_sampling_params = SamplingParams.from_dict(dict(defaults))
 
     def generate(
         self,
