@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
@@ -159,12 +159,9 @@ class LLM:
 
         def submit(index: int, sample: int) -> str:
             rid = f"{index}.{sample}"
-            p = params[index]
-            if p.n > 1:
-                # The prompt's logprobs come with output 0; the others then may take the prefix cache's hits.
-                p = p.for_sample(sample) if sample == 0 else replace(p.for_sample(sample), prompt_logprobs=None)
+            p = params[index] if params[index].n == 1 else params[index].for_sample(sample)
             self.engine.add_request(rid, results[index].prompt_token_ids, p)
-            detoks[rid] = IncrementalDetokenizer(self.tokenizer, p.stop)
+            detoks[rid] = IncrementalDetokenizer(self.tokenizer, p.stop, p.min_tokens)
             owner[rid] = (index, sample)
             on_first[rid] = [(index, k) for k in range(1, params[index].n)] if sample == 0 else []
             return rid

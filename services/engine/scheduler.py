@@ -115,19 +115,16 @@ class Scheduler:
         self.remote[request.request_id] = request
         return computed.num_tokens
 
-    def finish_remote(
-        self, request_id: str, first_token: int, first_logprob: TokenLogprob | None = None
-    ) -> list[RequestOutput]:
-        """The request's prompt KV has arrived with the first sampled token (and that token's logprob,
-        when the request asked for logprobs): it joins the running batch. Prompt logprobs, if any,
-        came with the prefill side's output, not this one."""
+    def finish_remote(self, request_id: str, first_token: int) -> list[RequestOutput]:
+        """The request's prompt KV has arrived with the first sampled token: it joins the running batch.
+        That token's logprob and the prompt logprobs, if asked for, reached the router from the prefill side."""
         request = self.remote.pop(request_id)
         request.num_computed_tokens = request.num_prompt_tokens
         request.prompt_logprobs = None
         self.kv.cache_full_blocks(request, request.num_computed_tokens)
         request.transition(RequestStatus.RUNNING)
         self.running.append(request)
-        return [self._append_token(request, first_token, first_logprob)]
+        return [self._append_token(request, first_token)]
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         for rid in request_ids:

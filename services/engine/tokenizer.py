@@ -71,12 +71,14 @@ class IncrementalDetokenizer:
 
     Decodes only a window of recent tokens per step (prefix_offset..), and holds back text
     while it might be the start of a stop string or an incomplete UTF-8 sequence, so a client
-    never sees a partial stop string or a replacement character.
+    never sees a partial stop string or a replacement character. As in vLLM, stop strings count
+    only in text that comes once min_tokens tokens have been added.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self.min_tokens = min_tokens
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
         self.prefix_offset = 0
@@ -97,7 +99,7 @@ class IncrementalDetokenizer:
         before = len(self.text)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if self.stop:
+        if self.stop and len(self.ids) >= self.min_tokens:
             start = max(0, before - self.hold)
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             if hits:

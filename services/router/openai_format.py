@@ -36,15 +36,16 @@ class Output:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: PromptLogprobs | None = None
     done: Completion | None = None
 
 
 class Outputs:
-    """The n outputs of one request, filled from the router's interleaved events."""
+    """The n outputs of one request, filled from the router's interleaved events. The prompt's logprobs come
+    once, with output 0's first chunk (SamplingParams.for_sample), and serve every output."""
 
     def __init__(self, n: int) -> None:
         self.items = [Output(i) for i in range(n)]
+        self.prompt_logprobs: PromptLogprobs | None = None
 
     def add(self, event: Event) -> Output:
         out = self.items[event.index]
@@ -52,8 +53,7 @@ class Outputs:
             out.text += event.text
             out.token_ids += event.token_ids
             out.logprobs += event.logprobs or []
-            if event.prompt_logprobs is not None and out.prompt_logprobs is None:
-                out.prompt_logprobs = event.prompt_logprobs
+            self.prompt_logprobs = self.prompt_logprobs or event.prompt_logprobs
         else:
             out.done = event
         return out
@@ -95,14 +95,16 @@ class CompletionFormat:
             raise ValueError("a format with logprobs needs the TokenText")
         self._offsets = [0] * n  # text offset of each output's next token (legacy logprobs)
         self._started = [False] * n
+        self._prompt_logprobs: PromptLogprobs | None = None  # from output 0's first chunk, for every output
 
     def opening(self) -> list[BaseModel]:
         return []
 
     def chunk(self, event: Chunk) -> BaseModel | None:
         """The stream chunk for new tokens of one output; None when it would carry nothing."""
-        out = Output(event.index, event.text, event.token_ids, event.logprobs or [], event.prompt_logprobs)
-        text, logprobs = self._choice_parts(out, first=not self._started[event.index])
+        self._prompt_logprobs = self._prompt_logprobs or event.prompt_logprobs
+        out = Output(event.index, event.text, event.token_ids, event.logprobs or [])
+        text, logprobs = self._choice_parts(out, self._prompt_logprobs, first=not self._started[event.index])
         self._started[event.index] = True
         if not text and logprobs is None:
             return None
@@ -120,11 +122,11 @@ class CompletionFormat:
         choices: list[CompletionChoice] = []
         for out in outputs.items:
             assert out.done is not None
-            text, logprobs = self._choice_parts(out, first=True)
+            text, logprobs = self._choice_parts(out, outputs.prompt_logprobs, first=True)
             prompt = None
-            if self.options.prompt is not None and out.prompt_logprobs is not None:
+            if self.options.prompt is not None and outputs.prompt_logprobs is not None:
                 assert self.tokens is not None
-                prompt = self.tokens.prompt(out.prompt_logprobs, self.options.prompt)
+                prompt = self.tokens.prompt(outputs.prompt_logprobs, self.options.prompt)
             choices.append(CompletionResponseChoice(index=out.index, text=text, logprobs=logprobs,
                                                     finish_reason=out.done.finish_reason, prompt_logprobs=prompt))
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
@@ -133,7 +135,8 @@ class CompletionFormat:
     def _chunk(self, choice: CompletionChoice) -> CompletionResponse:
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice])
 
-    def _choice_parts(self, out: Output, first: bool) -> tuple[str, CompletionLogprobs | None]:
+    def _choice_parts(self, out: Output, prompt_logprobs: PromptLogprobs | None,
+                      first: bool) -> tuple[str, CompletionLogprobs | None]:
         """The text of new tokens of an output and their legacy logprobs; the echoed prompt comes first."""
         opts = self.options
         echo = first and opts.echo_text is not None
@@ -144,9 +147,9 @@ class CompletionFormat:
         ids = list(out.token_ids)
         entries: list[TokenLogprob | None] = [*_entries(out.logprobs, len(out.token_ids))]
         if echo:
-            if out.prompt_logprobs is None:
+            if prompt_logprobs is None:
                 raise RuntimeError("echo with logprobs, but the workers sent no prompt logprobs")
-            ids, entries = opts.prompt_ids + ids, [*out.prompt_logprobs, *entries]
+            ids, entries = opts.prompt_ids + ids, [*prompt_logprobs, *entries]
         logprobs = self.tokens.legacy(ids, entries, opts.logprobs, self._offsets[out.index])
         if logprobs.tokens:
             self._offsets[out.index] = logprobs.text_offset[-1] + len(logprobs.tokens[-1])
@@ -186,10 +189,9 @@ class ChatFormat(CompletionFormat):
             choices.append(ChatChoice(index=out.index, message=AssistantMessage(content=out.text), logprobs=logprobs,
                                       finish_reason=out.done.finish_reason))
         prompt = None
-        first = outputs.items[0].prompt_logprobs
-        if self.options.prompt is not None and first is not None:
+        if self.options.prompt is not None and outputs.prompt_logprobs is not None:
             assert self.tokens is not None
-            prompt = self.tokens.prompt(first, self.options.prompt)
+            prompt = self.tokens.prompt(outputs.prompt_logprobs, self.options.prompt)
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
                                       usage=outputs.usage(), prompt_logprobs=prompt)
 

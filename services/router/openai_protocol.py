@@ -35,9 +35,10 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool | None = False  # vLLM's; accepted, usage still comes once at the end
 
 
-# Sampling fields a request may leave out and the model's generation_config.json may then set.
-DEFAULTED_FIELDS = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0,
-                    "presence_penalty": 0.0, "frequency_penalty": 0.0}
+# Sampling fields a request may leave out (or send as null): the model's generation_config.json may set them,
+# else SamplingParams' defaults (OpenAI's) apply.
+DEFAULTED_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                    "frequency_penalty")
 
 
 class _GenerationRequest(BaseModel):
@@ -82,10 +83,8 @@ class _GenerationRequest(BaseModel):
     def _sampling(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None,
                   defaults: Mapping[str, Any] | None) -> SamplingParams:
         """Explicit values win; a field left out (or null) takes the model's default, then OpenAI's."""
-        picked = {name: getattr(self, name) for name in DEFAULTED_FIELDS}
-        for name, value in picked.items():
-            if value is None:
-                picked[name] = (defaults or {}).get(name, DEFAULTED_FIELDS[name])
+        picked = {name: value for name, value in (defaults or {}).items() if name in DEFAULTED_FIELDS}
+        picked.update((name, getattr(self, name)) for name in DEFAULTED_FIELDS if getattr(self, name) is not None)
         return SamplingParams(
             **picked,
             max_tokens=max_tokens,

@@ -153,7 +153,8 @@ class Router:
 
     async def _run(self, rid: str, index: int, ids: list[int], params: SamplingParams, priority: int,
                    queue: asyncio.Queue[Event | BaseException]) -> None:
-        st = _RequestState(rid, index, ids, params, IncrementalDetokenizer(self.tokenizer, params.stop))
+        st = _RequestState(rid, index, ids, params, IncrementalDetokenizer(self.tokenizer, params.stop,
+                                                                                  params.min_tokens))
         try:
             await self._dispatch(st, priority, queue)
         except asyncio.CancelledError:
@@ -293,8 +294,6 @@ class Router:
                 self.metrics.observe_token_gap(gap)
         st.last_emit = now
         st.completion_tokens += len(token_ids)
-        # As vLLM: stop strings count only once min_tokens have been generated.
-        st.detok.stop = st.params.stop if st.completion_tokens >= st.params.min_tokens else ()
         text = st.detok.add(token_ids)
         queue.put_nowait(Chunk(token_ids, text, st.index, logprobs, prompt_logprobs))
 

@@ -181,6 +181,22 @@ def test_echo_logprobs_score_the_prompt_as_lm_eval_does(client: openai.OpenAI, m
     assert runs[0].choices[0].text == runs[1].choices[0].text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_logprobs_with_n_outputs_echo_the_prompt_in_each(client: openai.OpenAI, model_name: str,
+                                                               tokenizer: Tokenizer, stream: bool) -> None:
+    """The prompt's logprobs come once, with output 0; every choice still starts with the scored prompt."""
+    prompt = tokenizer.encode(PROMPT + " and rhymes")
+    out = client.completions.create(model=model_name, prompt=prompt, echo=True, logprobs=1, max_tokens=2, n=2,
+                                    seed=3, stream=stream)
+    chunks = list(out) if stream else [out]
+    for index in range(2):
+        parts = [c for chunk in chunks for c in chunk.choices if c.index == index]
+        tokens = [t for c in parts if c.logprobs for t in c.logprobs.tokens or []]
+        values = [v for c in parts if c.logprobs for v in c.logprobs.token_logprobs or []]
+        assert len(tokens) == len(prompt) + 2 and values[0] is None, index
+        assert "".join(c.text for c in parts).startswith(tokenizer.decode(prompt))
+
+
 def test_vllm_prompt_logprobs_on_chat(server: RunningServer, client: openai.OpenAI, model_name: str,
                                       reference: Any) -> None:
     out = client.chat.completions.create(model=model_name, messages=MESSAGES, max_tokens=1,  # type: ignore[arg-type]

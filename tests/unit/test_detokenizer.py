@@ -81,3 +81,12 @@ def test_text_that_might_start_a_stop_string_is_held_until_the_end(tokenizer: To
     assert not detok.stopped
     assert not sent.endswith("STO")
     assert sent + detok.flush() == "abc STO"
+
+
+def test_stop_strings_count_only_after_min_tokens(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("cat sat cat sat cat end", add_special_tokens=False)
+    early = IncrementalDetokenizer(tokenizer, ("sat",))
+    assert "".join(feed(early, ids)) == "cat "
+    first_sat = next(n for n in range(1, len(ids) + 1) if "sat" in tokenizer.decode(ids[:n]))
+    late = IncrementalDetokenizer(tokenizer, ("sat",), min_tokens=first_sat + 1)
+    assert "".join(feed(late, ids)) == "cat sat cat "

@@ -401,14 +401,16 @@ def test_outputs_interleave_and_sum_usage() -> None:
 
 
 def echo_request(tokenizer: Tokenizer, n: int = 2) -> tuple[CompletionFormat, Outputs, list[int]]:
-    """A completions format for echo + logprobs=1 over "hello" with n outputs, and those outputs."""
+    """A completions format for echo + logprobs=1 over "hello" with n outputs, and those outputs. As from the
+    router, the prompt's logprobs come once, with output 0's first chunk."""
     prompt = tokenizer.encode("hello")
     fmt = CompletionFormat("cmpl-1", "alias", TokenText(tokenizer), n,
                            LogprobOptions(logprobs=1, prompt=1, echo_text="hello", prompt_ids=prompt))
     prompt_lp = [None, *[entry(t, -1.0 - i, (t, -1.0 - i), (7, -9.0)) for i, t in enumerate(prompt[1:])]]
     outputs = Outputs(n)
     for i in range(n):
-        outputs.add(Chunk([prompt[1]], "he", i, [entry(prompt[1], -0.5, (prompt[2], -0.1), rank=2)], prompt_lp))
+        outputs.add(Chunk([prompt[1]], "he", i, [entry(prompt[1], -0.5, (prompt[2], -0.1), rank=2)],
+                          prompt_lp if i == 0 else None))
         outputs.add(Completion("length", len(prompt), 1, 0, i))
     return fmt, outputs, prompt
 
@@ -459,12 +461,13 @@ def test_streamed_completion_chunks_carry_index_and_their_tokens_logprobs(tokeni
 
 
 def test_streamed_echo_comes_with_the_first_chunk_of_each_output(tokenizer: Tokenizer) -> None:
-    fmt, outputs, prompt = echo_request(tokenizer, n=1)
-    out = outputs.items[0]
-    first = fmt.chunk(Chunk(out.token_ids, out.text, 0, out.logprobs, out.prompt_logprobs))
-    assert first is not None
-    choice = json.loads(first.model_dump_json())["choices"][0]
-    assert choice["text"] == "hellohe" and len(choice["logprobs"]["tokens"]) == len(prompt) + 1
+    fmt, outputs, prompt = echo_request(tokenizer, n=2)
+    for out in outputs.items:  # output 1's chunk has no prompt logprobs of its own: output 0's serve
+        first = fmt.chunk(Chunk(out.token_ids, out.text, out.index, out.logprobs,
+                                outputs.prompt_logprobs if out.index == 0 else None))
+        assert first is not None
+        choice = json.loads(first.model_dump_json())["choices"][0]
+        assert choice["text"] == "hellohe" and len(choice["logprobs"]["tokens"]) == len(prompt) + 1
     later = fmt.chunk(Chunk([prompt[2]], "ll", 0, [entry(prompt[2], -0.2)]))
     assert later is not None and json.loads(later.model_dump_json())["choices"][0]["text"] == "ll"
     plain = CompletionFormat("cmpl-2", "m", None, 1, LogprobOptions(echo_text="hi"))

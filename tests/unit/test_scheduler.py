@@ -397,13 +397,12 @@ def test_a_request_with_prompt_logprobs_takes_no_prefix_hit_but_fills_the_cache(
     drain(s)
 
 
-def test_finish_remote_reports_the_first_tokens_logprob() -> None:
+def test_a_remote_request_reports_logprobs_after_its_first_token() -> None:
     s = make(num_blocks=8)
-    first = TokenLogprob(TOKEN, -0.5, 2, ((3, -0.25), (TOKEN, -0.5)))
     r = Request("remote", list(range(9)), SamplingParams(max_tokens=3, logprobs=2, prompt_logprobs=1))
     assert s.reserve_remote(r) == 0
-    (out,) = s.finish_remote("remote", TOKEN, first)
-    assert out.logprobs == [first] and out.prompt_logprobs is None  # the prefill side reported those
+    (out,) = s.finish_remote("remote", TOKEN)
+    assert out.prompt_logprobs is None  # the prefill side reported those, and the first token's logprob
     outputs = run_with_logprobs(s)
     assert [o.logprobs for o in outputs["remote"]] == [[TokenLogprob(TOKEN, -10.0, 1)], [TokenLogprob(TOKEN, -11.0, 1)]]
     plain = Request("plain", list(range(9)), SamplingParams(max_tokens=1))
