@@ -13,8 +13,13 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+
+if TYPE_CHECKING:
+    from services.router.config import RouterConfig
+    from services.transfer.config import TransferConfig
 
 log = logging.getLogger("pdserve.serve")
 
@@ -85,12 +90,10 @@ class Service:
 
         from services.engine.model_config import load_model_config
         from services.engine.tokenizer import Tokenizer
-        from services.router.config import RouterConfig
         from services.router.grpc_server import GenerationServicer, build_server
         from services.router.metrics import Metrics
         from services.router.pool import PoolSpec, WorkerPools
         from services.router.router import Router
-        from services.transfer.config import TransferConfig
 
         a = self.args
         if a.model is None:
@@ -108,36 +111,19 @@ class Service:
             ray.init(num_cpus=max(cores, num_workers), include_dashboard=False, log_to_driver=True)
             self.started_ray = True
         cpus = a.cpus_per_worker or max(cores / num_workers, 1.0) if device == "cpu" else 1.0
-        engine = EngineConfig(
-            model=a.model,
-            device=device,
-            dtype=a.dtype,
-            enforce_eager=a.enforce_eager,
-            max_model_len=a.max_model_len,
-            cache=CacheConfig(block_size=a.block_size, num_blocks=a.num_blocks, kv_cache_bytes=a.kv_cache_mb * 2**20),
-            scheduler=SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, not a.no_chunked_prefill),
-        )
+        engine = _engine_config(a, device)
         model = load_model_config(a.model)
-        transfer = TransferConfig(timeout_s=a.transfer_timeout_s, failure_policy=a.transfer_failure_policy,
-                                  staging_mib=a.transfer_staging_mib, spin_us=a.transfer_spin_us,
-                                  host=a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1")
         names = a.served_model_name or [model.name]
         self.metrics = Metrics(model_name=names[0], slo_ttft_ms=a.slo_ttft_ms, slo_tpot_ms=a.slo_tpot_ms)
         spec = PoolSpec(a.prefill_workers, a.decode_workers, colocated, cpus_per_worker=cpus,
                         gpus_per_worker=1.0 if device == "cuda" else 0.0,
                         resources={"prefill": 1.0, "decode": 1.0} if a.worker_group_resources else {})
-        self.pools = WorkerPools(engine, transfer, spec, self.metrics)
+        self.pools = WorkerPools(engine, _transfer_config(a), spec, self.metrics)
         self.pools.start()
-        router_config = RouterConfig(
-            mode=a.mode, prefill_policy=a.prefill_policy, decode_policy=a.decode_policy,
-            local_prefill_threshold=a.local_prefill_threshold, lease_s=a.lease_s,
-            failure_policy=a.transfer_failure_policy, default_max_tokens=a.default_max_tokens,
-            slo_ttft_ms=a.slo_ttft_ms, slo_tpot_ms=a.slo_tpot_ms,
-        )
         max_len = min(model.max_model_len, a.max_model_len or model.max_model_len)
         self.tokenizer = Tokenizer(a.model, chat_template=a.chat_template)
         defaults = model.generation_defaults if a.generation_config == "auto" else {}
-        self.router = Router(router_config, self.pools, self.tokenizer, self.metrics,
+        self.router = Router(_router_config(a), self.pools, self.tokenizer, self.metrics,
                              model.vocab_size, max_len, a.block_size, defaults)
         eos = model.eos_token_ids[0] if model.eos_token_ids else 0
         servicer = GenerationServicer(self.router, names[0], engine.torch_dtype_name, eos)
@@ -180,6 +166,37 @@ class Service:
         await self.pools.stop()
         if self.started_ray:
             ray.shutdown()
+
+
+def _engine_config(a: argparse.Namespace, device: str) -> EngineConfig:
+    return EngineConfig(
+        model=a.model,
+        device=device,
+        dtype=a.dtype,
+        enforce_eager=a.enforce_eager,
+        max_model_len=a.max_model_len,
+        cache=CacheConfig(block_size=a.block_size, num_blocks=a.num_blocks, kv_cache_bytes=a.kv_cache_mb * 2**20),
+        scheduler=SchedulerConfig(a.max_num_seqs, a.max_num_batched_tokens, not a.no_chunked_prefill),
+    )
+
+
+def _transfer_config(a: argparse.Namespace) -> TransferConfig:
+    from services.transfer.config import TransferConfig
+
+    return TransferConfig(timeout_s=a.transfer_timeout_s, failure_policy=a.transfer_failure_policy,
+                          staging_mib=a.transfer_staging_mib, spin_us=a.transfer_spin_us,
+                          host=a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1")
+
+
+def _router_config(a: argparse.Namespace) -> RouterConfig:
+    from services.router.config import RouterConfig
+
+    return RouterConfig(
+        mode=a.mode, prefill_policy=a.prefill_policy, decode_policy=a.decode_policy,
+        local_prefill_threshold=a.local_prefill_threshold, lease_s=a.lease_s,
+        failure_policy=a.transfer_failure_policy, default_max_tokens=a.default_max_tokens,
+        slo_ttft_ms=a.slo_ttft_ms, slo_tpot_ms=a.slo_tpot_ms,
+    )
 
 
 async def serve(args: argparse.Namespace) -> None:

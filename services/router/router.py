@@ -169,36 +169,51 @@ class Router:
                 st.decode.inflight -= 1
 
     async def _dispatch(self, st: _RequestState, priority: int, queue: asyncio.Queue[Event | BaseException]) -> None:
+        """Reserve on a decode worker, prefill remotely (unless short or colocated), then stream the decode."""
         routing = RoutingRequest(st.ids, self.block_size)
         decode = self._choose(self.pools.decode, self.decode_policy, routing, "decode")
         st.decode = decode
         decode.inflight += 1
-        local = self.config.mode == "colocated"
         first: PrefillResult | None = None
-        if not local:
-            st.reserving = decode.actor.reserve.remote(st.rid, st.ids, st.params, self.config.lease_s)
-            reservation = await st.reserving
-            st.reserving, st.reserved = None, True
-            st.cached_tokens = reservation.cached_tokens
+        local = self.config.mode == "colocated"
+        if local:
             st.times.dispatched = time.monotonic()
-            local = len(st.ids) - reservation.cached_tokens < self.config.local_prefill_threshold
-            self.metrics.record_disagg_decision("local_prefill" if local else "remote_prefill")
-            if not local:
-                first = await self._prefill(st, routing, reservation.cached_tokens)
-                if first is not None:
-                    st.cached_tokens = first.cached_tokens  # the prompt tokens whose compute the cache saved
-                    logprobs = None if first.first_logprob is None else [first.first_logprob]
-                    self._emit(st, [first.first_token], queue, logprobs, first.prompt_logprobs)
-                    if first.finish_reason is not None:
-                        await self._release(st)
-                        self._finish(st, first.finish_reason, queue)
-                        return
-                    if st.detok.stopped:
-                        await self._release(st)
-                        self._finish(st, "stop", queue)
-                        return
         else:
-            st.times.dispatched = time.monotonic()
+            local = await self._reserve(st, decode)
+            if not local:
+                first = await self._prefill(st, routing, st.cached_tokens)
+                if first is not None and await self._emit_first(st, first, queue):
+                    return
+        await self._stream_decode(st, decode, first, local, priority, queue)
+
+    async def _reserve(self, st: _RequestState, decode: WorkerHandle) -> bool:
+        """Holds the prompt's blocks on the decode worker; True when the part its prefix cache lacks is short
+        enough to prefill there."""
+        st.reserving = decode.actor.reserve.remote(st.rid, st.ids, st.params, self.config.lease_s)
+        reservation = await st.reserving
+        st.reserving, st.reserved = None, True
+        st.cached_tokens = reservation.cached_tokens
+        st.times.dispatched = time.monotonic()
+        local = len(st.ids) - reservation.cached_tokens < self.config.local_prefill_threshold
+        self.metrics.record_disagg_decision("local_prefill" if local else "remote_prefill")
+        return local
+
+    async def _emit_first(self, st: _RequestState, first: PrefillResult,
+                          queue: asyncio.Queue[Event | BaseException]) -> bool:
+        """Sends the token the prefill side sampled; True when it already ends the request."""
+        st.cached_tokens = first.cached_tokens  # the prompt tokens whose compute the cache saved
+        logprobs = None if first.first_logprob is None else [first.first_logprob]
+        self._emit(st, [first.first_token], queue, logprobs, first.prompt_logprobs)
+        reason = first.finish_reason or ("stop" if st.detok.stopped else None)
+        if reason is None:
+            return False
+        await self._release(st)
+        self._finish(st, reason, queue)
+        return True
+
+    async def _stream_decode(self, st: _RequestState, decode: WorkerHandle, first: PrefillResult | None,
+                             local: bool, priority: int, queue: asyncio.Queue[Event | BaseException]) -> None:
+        """The decode worker's token stream to the client: after `first`, or from the prompt when local."""
         st.reserved = False  # from here the decode worker's generate owns the blocks
         # A remote request's prompt and params went with reserve(): send only what is new.
         prompt, params = (st.ids, st.params) if local else (None, None)
