@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
 
 from services.engine.block_manager import BlockManager
 from services.engine.config import EngineConfig
@@ -15,6 +18,14 @@ from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import RequestOutput, Scheduler, SchedulerOutput
 from services.engine.stats import WorkerStats
 from services.worker.validation import validate_prompt
+
+
+@dataclass(frozen=True)
+class RemoteBlocks:
+    """A reservation for KV computed elsewhere: the prompt's blocks, and how many leading tokens are cached here."""
+
+    block_ids: list[int]
+    num_cached_tokens: int
 
 
 class LLMEngine:
@@ -74,6 +85,67 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         """Whether a step has anything to do (reservations awaiting remote KV do not count)."""
         return bool(self.scheduler.running or self.scheduler.waiting)
+
+    # ---- the remote-KV interface: all that the workers use of the engine's insides ----------
+    @property
+    def block_size(self) -> int:
+        return self.block_manager.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.block_manager.num_used_blocks
+
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        return self.runner.kv_cache
+
+    def use_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        """Compute into `kv_cache` (the same shape and dtype) from now on; only before the first step."""
+        old = self.runner.kv_cache
+        if kv_cache.shape != old.shape or kv_cache.dtype != old.dtype or kv_cache.device != old.device:
+            raise ValueError(
+                f"a KV cache of {tuple(old.shape)} {old.dtype} on {old.device} is needed, "
+                f"got {tuple(kv_cache.shape)} {kv_cache.dtype} on {kv_cache.device}"
+            )
+        self.runner.kv_cache = kv_cache
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.scheduler.requests
+
+    def reserve_remote(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> RemoteBlocks | None:
+        """Holds blocks for a prompt whose KV comes from elsewhere; None when there is no room."""
+        if self.has_request(request_id):
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        request = self.make_request(request_id, prompt_token_ids, params)
+        cached = self.scheduler.reserve_remote(request)
+        if cached < 0:
+            return None
+        return RemoteBlocks(list(self.block_manager.block_ids(request_id)), cached)
+
+    def finish_remote(self, request_id: str, first_token: int) -> list[RequestOutput]:
+        """The reserved request's KV is in place: it joins the batch with its first token."""
+        return self.scheduler.finish_remote(request_id, first_token)
+
+    def hold_blocks(self, holder: str, block_ids: list[int]) -> None:
+        """Keep `block_ids` out of reuse under `holder` (KV still being read) until `release_blocks(holder)`."""
+        self.block_manager.hold(holder, block_ids)
+
+    def release_blocks(self, holder: str) -> None:
+        self.block_manager.free(holder)
+
+    def check_integrity(self) -> str | None:
+        """What is wrong with the block bookkeeping, or None."""
+        try:
+            self.block_manager.check_integrity()
+        except AssertionError as e:
+            return str(e) or "integrity check failed"
+        return None
 
     def stats(self, worker: str, role: str, take_deltas: bool = True) -> WorkerStats:
         """Current gauges, and (with take_deltas) the counters' increase since the last such call."""

@@ -72,6 +72,15 @@ class Completion:
 Event = Chunk | Completion
 
 
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request that passed validation: its id, prompt tokens and sampling parameters."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+
+
 class Router:
     def __init__(self, config: RouterConfig, pools: WorkerPools, tokenizer: Tokenizer, metrics: Metrics,
                  vocab_size: int, max_model_len: int, block_size: int,
@@ -91,7 +100,7 @@ class Router:
         self.draining = False
 
     # ---- input ----------------------------------------------------------------------------
-    def prepare(self, inp: GenerateInput) -> tuple[str, list[int], SamplingParams]:
+    def prepare(self, inp: GenerateInput) -> PreparedRequest:
         """Validates and tokenizes; raises InvalidRequest with a clear message."""
         if inp.text is None and inp.token_ids is None:
             raise InvalidRequest("the request has no input: give text or token_ids")
@@ -104,7 +113,7 @@ class Router:
         rid = inp.request_id or uuid.uuid4().hex
         if rid in self.active:
             raise InvalidRequest(f"request id {rid!r} is already in use")
-        return rid, ids, params
+        return PreparedRequest(rid, ids, params)
 
     # ---- the request path ---------------------------------------------------------------------
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Event]:
@@ -115,7 +124,8 @@ class Router:
         the prompt's KV is in the workers' prefix caches by then and is shared, not recomputed."""
         if self.draining:
             raise Unavailable("the server is draining")
-        rid, ids, params = self.prepare(inp)
+        prepared = self.prepare(inp)
+        rid, ids, params = prepared.request_id, prepared.token_ids, prepared.params
         queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         n = params.n
 

@@ -44,17 +44,11 @@ class EngineWorker:
         self._ensure_started()
 
         def read(engine: LLMEngine) -> LoadInfo:
-            error = None
-            if check_integrity:
-                try:
-                    engine.block_manager.check_integrity()
-                except AssertionError as e:
-                    error = str(e) or "integrity check failed"
             return LoadInfo(
                 stats=engine.stats(self.name, self.role, take_deltas),
-                num_used_blocks=engine.block_manager.num_used_blocks,
+                num_used_blocks=engine.num_used_blocks,
                 num_reservations=self.num_reservations(),
-                integrity_error=error,
+                integrity_error=engine.check_integrity() if check_integrity else None,
                 pid=os.getpid(),
             )
 
@@ -67,7 +61,7 @@ class EngineWorker:
         self._ensure_started()
 
         def abort(engine: LLMEngine) -> bool:
-            found = request_id in engine.scheduler.requests
+            found = engine.has_request(request_id)
             engine.abort([request_id], RequestStatus.FINISHED_ABORTED)
             return found
 

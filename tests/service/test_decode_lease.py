@@ -1,4 +1,8 @@
-"""A decode reservation that nobody claims is released when its lease runs out: no block is stranded."""
+"""A remote request on the decode side is released through RemoteRequest.close, whichever way it ends.
+
+A reservation nobody claims runs out its lease; an abort, a failed hand-off, a recompute and the
+router's choice to prefill a reserved prompt locally each leave no block, expectation or lease behind.
+"""
 
 from __future__ import annotations
 
@@ -39,10 +43,70 @@ async def test_unclaimed_reservation_expires(worker: DecodeWorker) -> None:
     worker.async_engine.stop()
 
 
+async def _collect(worker: DecodeWorker, *args: object, **kwargs: object) -> list[int]:
+    tokens: list[int] = []
+    async for batch in worker.generate(*args, **kwargs):  # type: ignore[arg-type]
+        tokens.extend(batch.token_ids)
+    return tokens
+
+
+async def _assert_released(worker: DecodeWorker) -> None:
+    info = await worker.load(check_integrity=True)
+    assert info.num_reservations == 0 and info.integrity_error is None
+    assert worker.receiver.pending() == [] and not worker.remote
+
+
 async def test_abort_releases_a_reservation(worker: DecodeWorker) -> None:
     params = SamplingParams(temperature=0, max_tokens=4)
     await worker.reserve("r2", list(range(10, 60)), params, lease_s=30)
     assert await worker.abort("r2")
     info = await worker.load(check_integrity=True)
     assert info.num_used_blocks == 0 and info.num_reservations == 0 and info.integrity_error is None
+    worker.async_engine.stop()
+
+
+async def test_local_prefill_of_a_reserved_prompt_drops_the_reservation(worker: DecodeWorker) -> None:
+    params = SamplingParams(temperature=0, max_tokens=4)
+    prompt = list(range(10, 60))
+    await worker.reserve("r3", prompt, params, lease_s=30)
+    tokens = await _collect(worker, "r3", prompt, params, local=True)
+    assert len(tokens) == 4
+    await _assert_released(worker)
+    worker.async_engine.stop()
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+async def test_failed_hand_off_follows_the_policy(small_model: Path, policy: str) -> None:
+    config = EngineConfig(model=str(small_model), cache=CacheConfig(num_blocks=256))
+    worker = DecodeWorker(config, TransferConfig(timeout_s=5, failure_policy=policy), "decode-test")
+    params = SamplingParams(temperature=0, max_tokens=4)
+    prompt = list(range(10, 60))
+    await worker.reserve("r4", prompt, params, lease_s=30)
+    if policy == "recompute":  # the prefill side never delivered: the prompt is computed here
+        batches = [b async for b in worker.generate("r4", None, None, first_token=None)]
+        assert batches[0].kv_failure == "peer_gone" and sum(len(b.token_ids) for b in batches) == 4
+    else:
+        with pytest.raises(TransferError, match="did not deliver"):
+            await _collect(worker, "r4", None, None, first_token=None)
+    await _assert_released(worker)
+    worker.async_engine.stop()
+
+
+async def test_abort_while_waiting_for_kv_ends_the_stream(worker: DecodeWorker) -> None:
+    params = SamplingParams(temperature=0, max_tokens=4)
+    await worker.reserve("r5", list(range(10, 60)), params, lease_s=30)
+    batches: list[object] = []
+
+    async def consume() -> None:
+        async for batch in worker.generate("r5", None, None, first_token=7):
+            batches.append(batch)
+
+    task = asyncio.ensure_future(consume())
+    await asyncio.sleep(0.2)  # generate() has claimed it and waits for KV that never comes
+    assert worker.receiver.pending() == ["r5"]
+    assert await worker.abort("r5")
+    await asyncio.wait_for(task, 5)
+    assert [(b.finished, b.finish_reason) for b in batches] == [(True, "abort")]  # type: ignore[attr-defined]
+    await _assert_released(worker)
+    assert (await worker.load()).num_used_blocks == 0
     worker.async_engine.stop()
