@@ -9,14 +9,9 @@ extra read and write (the fused add-RMSNorm of TokenWeave).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-
-class NormOutput(NamedTuple):
-    out: torch.Tensor
-    residual: torch.Tensor
+from kernels.outputs import NormOutput
 
 
 def rms_norm_ref(

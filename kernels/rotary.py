@@ -11,10 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-
-class RotaryOutput(NamedTuple):
-    q: torch.Tensor
-    k: torch.Tensor
+from kernels.outputs import RotaryOutput
 
 
 class RopeFrequencies(NamedTuple):

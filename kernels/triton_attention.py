@@ -28,38 +28,9 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @triton.jit
-def _paged_attention_kernel(
-    q_ptr,
-    kv_ptr,
-    out_ptr,
-    block_tables_ptr,
-    context_lens_ptr,
-    query_start_loc_ptr,
-    qk_scale,
-    num_seqs,
-    max_pages,
-    stride_qt,
-    stride_qh,
-    stride_kv,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_ot,
-    stride_oh,
-    stride_bt,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
-
-    # Last sequence whose first tile is <= this tile (first tiles strictly increase).
-    lo = tl.program_id(0) * 0
+def _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
+    """The last sequence whose first tile is <= `tile` (first tiles strictly increase), by binary search."""
+    lo = tile * 0
     hi = num_seqs - 1 + lo
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -67,7 +38,55 @@ def _paged_attention_kernel(
         go_right = first <= tile
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid - 1)
-    seq = lo
+    return lo
+
+
+@triton.jit
+def _attend_pages(
+    q, kv_ptr, table_row, num_pages, ctx, last_key, kv_head, qk_scale,
+    stride_kv, stride_kb, stride_ks, stride_kh,
+    ROWS: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Walks the first `num_pages` pages of one sequence with an online softmax (scores in base 2);
+    returns the normalised [ROWS, HEAD_DIM] output, each row over the keys up to its `last_key`."""
+    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for j in range(0, num_pages):
+        page = tl.load(table_row + j).to(tl.int64)
+        pos = j * PAGE_SIZE + offs_n
+        key_ok = (offs_n < PAGE_SIZE) & (pos < ctx)
+        kv_rows = page * stride_kb + offs_n * stride_ks + kv_head * stride_kh
+        kv_offs = kv_rows[:, None] + offs_d[None, :]
+        k = tl.load(kv_ptr + kv_offs, mask=key_ok[:, None], other=0.0)
+        v = tl.load(kv_ptr + stride_kv + kv_offs, mask=key_ok[:, None], other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        visible = key_ok[None, :] & (pos[None, :] <= last_key[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, kv_ptr, out_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr,
+    qk_scale, num_seqs, max_pages,
+    stride_qt, stride_qh, stride_kv, stride_kb, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_sequence(query_start_loc_ptr, num_seqs, tile, BLOCK_Q)
 
     q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
     q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
@@ -90,33 +109,13 @@ def _paged_attention_kernel(
     last_key = ctx - q_len + tok
     tile_last_tok = tl.minimum(q_len, (local + 1) * BLOCK_Q) - 1
     num_pages = tl.minimum(tl.cdiv(ctx - q_len + tile_last_tok + 1, PAGE_SIZE), max_pages)
-
-    m_i = tl.full([BLOCK_Q * GROUP_PAD], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-
-    offs_n = tl.arange(0, BLOCK_N)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for j in range(0, num_pages):
-        page = tl.load(table_row + j).to(tl.int64)
-        pos = j * PAGE_SIZE + offs_n
-        key_ok = (offs_n < PAGE_SIZE) & (pos < ctx)
-        kv_rows = page * stride_kb + offs_n * stride_ks + kv_head * stride_kh
-        kv_offs = kv_rows[:, None] + offs_d[None, :]
-        k = tl.load(kv_ptr + kv_offs, mask=key_ok[:, None], other=0.0)
-        v = tl.load(kv_ptr + stride_kv + kv_offs, mask=key_ok[:, None], other=0.0)
+    out = _attend_pages(
+        q, kv_ptr, table_row, num_pages, ctx, last_key, kv_head, qk_scale,
+        stride_kv, stride_kb, stride_ks, stride_kh,
+        BLOCK_Q * GROUP_PAD, PAGE_SIZE, BLOCK_N, HEAD_DIM, PRECISION,
+    )
 
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        visible = key_ok[None, :] & (pos[None, :] <= last_key[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     out_rows = (q_start + tok).to(tl.int64) * stride_ot + q_head * stride_oh
     tl.store(
         out_ptr + out_rows[:, None] + offs_d[None, :],

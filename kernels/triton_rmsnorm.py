@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rmsnorm import NormOutput
+from kernels.outputs import NormOutput
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

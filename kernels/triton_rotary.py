@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rotary import RotaryOutput
+from kernels.outputs import RotaryOutput
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

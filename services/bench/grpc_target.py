@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from services.bench.prompt import BenchRequest, Reply
-from services.bench.target import Outcome, StreamTimer, Target, TargetInfo
+from services.bench.target_base import Outcome, StreamTimer, Target, TargetInfo
 from services.proto_gen import generation_pb2 as pb
 from services.proto_gen import generation_pb2_grpc as pb_grpc
 

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from services.bench.prompt import BenchRequest, Reply
-from services.bench.target import Outcome, StreamTimer, Target, TargetInfo
+from services.bench.target_base import Outcome, StreamTimer, Target, TargetInfo
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from services.bench.datasets import Conversation, num_requests
 from services.bench.metrics import RequestRecord
 from services.bench.prompt import Reply, build_request
-from services.bench.target import Target
+from services.bench.target_base import Target
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from services.router.metrics import HISTOGRAM_NAMES, METRIC_NAMES
+from services.router.metric_specs import HISTOGRAM_NAMES, METRIC_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO_ROOT / "deploy" / "prometheus"

@@ -1,4 +1,4 @@
-"""services.router.metrics: stats records in, Prometheus exposition out, checked by promtool."""
+"""services.router.metrics (and metric_specs): stats records in, Prometheus exposition out, checked by promtool."""
 
 from __future__ import annotations
 
@@ -10,13 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.engine.stats import FinishedRequestStats, RequestTimes, TransferStats, WorkerStats
-from services.router.metrics import (
-    HISTOGRAM_NAMES,
-    METRIC_NAMES,
-    TTFT_BUCKETS,
-    Metrics,
-    stage_durations,
-)
+from services.router.metric_specs import HISTOGRAM_NAMES, METRIC_NAMES, TTFT_BUCKETS, MetricSpec
+from services.router.metrics import Metrics, stage_durations
 
 MODEL = "tiny-llama"
 
@@ -77,7 +72,12 @@ def test_full_flow_is_promtool_clean_and_has_expected_values(promtool: Path) -> 
     check = subprocess.run([str(promtool), "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), (
         check.stdout + check.stderr).decode()
+    _check_worker_series(m)
+    _check_request_series(m)
+    _check_transfer_series(m)
 
+
+def _check_worker_series(m: Metrics) -> None:
     p = {"role": "prefill", "worker": "prefill-0"}
     d = {"role": "decode", "worker": "decode-0"}
     assert value(m, "pdserve_worker_up", **p) == 1.0
@@ -93,6 +93,8 @@ def test_full_flow_is_promtool_clean_and_has_expected_values(promtool: Path) -> 
     assert value(m, "pdserve_kv_cache_usage_perc", **d) == pytest.approx(0.10)
     assert value(m, "pdserve_kv_reservations_expired_total", **d) == 3.0
 
+
+def _check_request_series(m: Metrics) -> None:
     assert value(m, "pdserve_time_to_first_token_seconds_count") == 1.0
     assert bucket(m, "pdserve_time_to_first_token_seconds", 0.25) == 0.0
     assert bucket(m, "pdserve_time_to_first_token_seconds", 0.5) == 1.0
@@ -116,6 +118,8 @@ def test_full_flow_is_promtool_clean_and_has_expected_values(promtool: Path) -> 
     assert value(m, "pdserve_requests_slo_met_total") == 1.0
     assert value(m, "pdserve_slo_target_seconds", slo="ttft") == pytest.approx(0.5)
 
+
+def _check_transfer_series(m: Metrics) -> None:
     assert value(m, "pdserve_kv_transfer_seconds_count") == 1.0  # the failure is not a transfer time
     assert value(m, "pdserve_kv_transfer_bytes_sum") == float(3 << 20)
     assert bucket(m, "pdserve_kv_transfer_bytes", 4 << 20) == 1.0
@@ -259,3 +263,16 @@ def test_bad_input_is_rejected_clearly_and_records_nothing(call, message: str) -
 def test_bad_slo_rejected(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="positive number of milliseconds"):
         Metrics(**kwargs)
+
+
+@pytest.mark.parametrize("spec, message", [
+    (lambda: MetricSpec("vllm_requests_total", "counter", "h", ("model_name",)), "must start with"),
+    (lambda: MetricSpec("pdserve_requests", "counter", "h", ("model_name",)), "only counters end in '_total'"),
+    (lambda: MetricSpec("pdserve_up_total", "gauge", "h", ("model_name",)), "only counters end in '_total'"),
+    (lambda: MetricSpec("pdserve_seconds", "histogram", "h", ("model_name",)), "required there"),
+    (lambda: MetricSpec("pdserve_up", "gauge", "h", ("model_name",), (1.0,)), "histograms only"),
+    (lambda: MetricSpec("pdserve_seconds", "histogram", "h", ("model_name",), (1.0, 1.0)), "strictly increasing"),
+])
+def test_metric_spec_rejects_a_malformed_family(spec, message: str) -> None:  # noqa: ANN001
+    with pytest.raises(ValueError, match=message):
+        spec()
