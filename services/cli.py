@@ -10,7 +10,7 @@ import sys
 _COMMANDS = {
     "serve": ("services.serve", "run the router and the worker pools"),
     "offline": ("services.engine.offline", "run a JSONL batch through the offline engine"),
-    "make-model": ("services.engine.make_model", "write a random-initialised Hugging Face model directory"),
+    "make-model": ("services.modelgen.cli", "write a random-initialised Hugging Face model directory"),
 }
 _BENCHES = {
     "offline": ("services.bench.offline", "pdserve's engine against transformers generate"),

@@ -1,7 +1,7 @@
 """Fixtures shared by every test folder.
 
 `make_test_model(preset="tiny", seed=0, **overrides)` writes a random model with
-`services.engine.make_model` once per session and shape, and returns its directory. The tiny
+`services.modelgen.build.make_model` once per session and shape, and returns its directory. The tiny
 preset with no overrides is the user-wide default model (`default_model_dir()`, generated once
 and kept under $PDSERVE_HOME), so the many tests that use it share one copy.
 """
@@ -42,7 +42,8 @@ def promtool() -> Path:
 @pytest.fixture(scope="session")
 def make_test_model(tmp_path_factory: pytest.TempPathFactory) -> ModelFactory:
     """Factory of model directories, cached per (preset, seed, overrides) for the session."""
-    from services.engine.make_model import default_model_dir, make_model
+    from services.modelgen.build import make_model
+    from services.modelgen.default_model import default_model_dir
 
     root = tmp_path_factory.mktemp("models")
     cache: dict[str, Path] = {}

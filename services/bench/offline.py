@@ -21,11 +21,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from services.bench.datasets import LengthRange, TokenSpace
+from services.config_flags import ConfigFlags
+from services.engine.config import EngineConfig, SchedulerConfig
 
 if TYPE_CHECKING:
     import torch
 
     from services.engine.llm import LLM
+
+# pdserve's engine options (defaults and help on the config fields); the KV cache size is --kv-cache-gib.
+ENGINE_FLAGS = ConfigFlags(EngineConfig, exclude=("model", "cache", "scheduler", "num_threads", "max_model_len",
+                                                  "generation_config"))
+SCHEDULER_FLAGS = ConfigFlags(SchedulerConfig, exclude=("enable_chunked_prefill",))
 
 
 @dataclass(frozen=True)
@@ -181,15 +188,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--hf-batch-size", type=int, default=16,
                         help="transformers is timed in one batch of all prompts, and in batches of this size")
-    parser.add_argument("--max-num-seqs", type=int, default=128)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="weights and activations (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="pdserve's KV cache size")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for pdserve's decode steps")
     parser.add_argument("--skip-transformers", action="store_true", help="time pdserve only")
+    ENGINE_FLAGS.add_to(parser)
+    SCHEDULER_FLAGS.add_to(parser)
 
 
 def _compare_transformers(hf: Any, workload: Workload, batch_size: int, ours: RunResult) -> list[str]:
@@ -230,66 +233,101 @@ def _log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Body of `pdserve bench offline`: 0 with the report on stdout, 2 with a message on stderr for bad input."""
     try:
         input_len, output_len = LengthRange.parse(args.input_len), LengthRange.parse(args.output_len)
-    except ValueError as e:
-        return _error(str(e))
-    if args.num_prompts < 1 or args.hf_batch_size < 1 or args.kv_cache_gib <= 0:
-        return _error("--num-prompts, --hf-batch-size and --kv-cache-gib must be positive")
-    import torch
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return _error("--device cuda: no CUDA device is available")
-
-    from services.engine.errors import UnsupportedModel
-    from services.engine.llm import LLM
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.model is None:
-        from services.engine.make_model import default_model_dir
-
-        args.model = str(default_model_dir())
-    try:
-        llm = LLM(args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                  kv_cache_bytes=int(args.kv_cache_gib * 2**30), device=args.device, dtype=args.dtype,
-                  enforce_eager=args.enforce_eager)
-    except (OSError, UnsupportedModel, ValueError) as e:
+        _check(args)
+        llm = _load_pdserve(args, input_len, output_len)
+    except (OSError, ValueError) as e:  # ValueError covers UnsupportedModel and bad engine configs
         return _error(str(e))
     cfg = llm.engine.model_config
-    dtype_name = llm.engine.config.torch_dtype_name
-    if input_len.high + output_len.high > llm.engine.max_model_len:
-        return _error(f"input {input_len.high} + output {output_len.high} tokens exceed the context "
-                      f"of {llm.engine.max_model_len}")
     special = {t for t in (cfg.bos_token_id, *cfg.eos_token_ids) if t is not None}
     workload = make_workload(args.num_prompts, input_len, output_len, TokenSpace(cfg.vocab_size, frozenset(special)),
                              args.seed)
+    steps = StepLog()
+    ours = _time_pdserve(args, llm, workload, input_len, steps)
+    lines = _pdserve_lines(args, llm, workload, ours)
+    if not args.skip_transformers:
+        lines += _transformers_lines(args, llm, workload, ours)
+    lines += _decode_step_lines(llm, steps, args.device)
+    print("\n".join(lines), flush=True)
+    return 0
 
+
+def _check(args: argparse.Namespace) -> None:
+    """Raises ValueError for flags that cannot work."""
+    if args.num_prompts < 1 or args.hf_batch_size < 1 or args.kv_cache_gib <= 0:
+        raise ValueError("--num-prompts, --hf-batch-size and --kv-cache-gib must be positive")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+
+
+def _load_pdserve(args: argparse.Namespace, input_len: LengthRange, output_len: LengthRange) -> LLM:
+    """pdserve's offline engine on `args.model` (the default model if none), if its context holds the lengths."""
+    import torch
+
+    from services.engine.llm import LLM
+    from services.modelgen.default_model import resolve_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model = resolve_model(args.model)
+    llm = LLM(args.model, kv_cache_bytes=int(args.kv_cache_gib * 2**30), **ENGINE_FLAGS.values(args),
+              **SCHEDULER_FLAGS.values(args))
+    if input_len.high + output_len.high > llm.engine.max_model_len:
+        raise ValueError(f"input {input_len.high} + output {output_len.high} tokens exceed the context "
+                         f"of {llm.engine.max_model_len}")
+    return llm
+
+
+def _time_pdserve(args: argparse.Namespace, llm: LLM, workload: Workload, input_len: LengthRange,
+                  steps: StepLog) -> RunResult:
+    """Warms up, times the workload, then runs one more request alone so that `steps` logs batch-1 decode steps."""
+    import torch
+
+    vocab = llm.engine.model_config.vocab_size
     _log(f"model {args.model}: {args.num_prompts} prompts, input {args.input_len}, output {args.output_len}, "
          f"{workload.num_output_tokens} output tokens, torch threads {torch.get_num_threads()}")
-    run_pdserve(llm, make_workload(2, LengthRange(8, 8), LengthRange(4, 4), TokenSpace(cfg.vocab_size), 1))  # warm-up
-    steps = StepLog()
+    run_pdserve(llm, make_workload(2, LengthRange(8, 8), LengthRange(4, 4), TokenSpace(vocab), 1))  # warm-up
     steps.attach(llm)
     _log("pdserve ...")
     ours = run_pdserve(llm, workload)
     _log(f"pdserve: {ours.seconds:.1f}s")
-    run_pdserve(llm, make_workload(1, input_len, LengthRange(32, 32), TokenSpace(cfg.vocab_size), args.seed + 1))
+    run_pdserve(llm, make_workload(1, input_len, LengthRange(32, 32), TokenSpace(vocab), args.seed + 1))
+    return ours
 
-    lines = [f"pdserve bench offline: {args.num_prompts} prompts, input {args.input_len}, output {args.output_len} "
-             f"tokens (seed {args.seed}), {workload.num_output_tokens} output tokens, greedy, {dtype_name} on "
-             f"{_device_name(args.device)}, torch threads {torch.get_num_threads()}",
-             f"  pdserve       {ours.tokens_per_s(workload):9.1f} output tokens/s  ({ours.seconds:.1f}s"
-             f"{', CUDA graphs for decode steps' if llm.engine.runner.graphs is not None else ''})"]
-    if not args.skip_transformers:
-        hf = load_transformers(args.model, args.device, getattr(torch, dtype_name))
-        hf_generate(hf, [[1] * 8, [2] * 8], 4)  # warm-up
-        for batch_size in sorted({args.num_prompts, min(args.hf_batch_size, args.num_prompts)}, reverse=True):
-            lines += _compare_transformers(hf, workload, batch_size, ours)
-    weights = decode_weight_bytes(llm.engine.runner.model, cfg.tie_word_embeddings)
-    bandwidth = memory_bandwidth(args.device)
+
+def _pdserve_lines(args: argparse.Namespace, llm: LLM, workload: Workload, ours: RunResult) -> list[str]:
+    import torch
+
+    return [f"pdserve bench offline: {args.num_prompts} prompts, input {args.input_len}, output {args.output_len} "
+            f"tokens (seed {args.seed}), {workload.num_output_tokens} output tokens, greedy, "
+            f"{llm.engine.config.torch_dtype_name} on {_device_name(args.device)}, "
+            f"torch threads {torch.get_num_threads()}",
+            f"  pdserve       {ours.tokens_per_s(workload):9.1f} output tokens/s  ({ours.seconds:.1f}s"
+            f"{', CUDA graphs for decode steps' if llm.engine.runner.graphs is not None else ''})"]
+
+
+def _transformers_lines(args: argparse.Namespace, llm: LLM, workload: Workload, ours: RunResult) -> list[str]:
+    import torch
+
+    hf = load_transformers(args.model, args.device, getattr(torch, llm.engine.config.torch_dtype_name))
+    hf_generate(hf, [[1] * 8, [2] * 8], 4)  # warm-up
+    lines: list[str] = []
+    for batch_size in sorted({args.num_prompts, min(args.hf_batch_size, args.num_prompts)}, reverse=True):
+        lines += _compare_transformers(hf, workload, batch_size, ours)
+    return lines
+
+
+def _decode_step_lines(llm: LLM, steps: StepLog, device: str) -> list[str]:
+    """The decode roofline, and the median pure-decode step time per range of batch sizes against it."""
+    weights = decode_weight_bytes(llm.engine.runner.model, llm.engine.model_config.tie_word_embeddings)
+    bandwidth = memory_bandwidth(device)
     roofline_ms = weights / bandwidth * 1e3
-    lines.append(f"  decode roofline: {weights / 2**20:.1f} MiB of weights per step / {bandwidth / 1e9:.1f} GB/s "
-                 f"({'HBM' if args.device == 'cuda' else 'DRAM'} tensor copy) = {roofline_ms:.2f} ms per step")
+    lines = [f"  decode roofline: {weights / 2**20:.1f} MiB of weights per step / {bandwidth / 1e9:.1f} GB/s "
+             f"({'HBM' if device == 'cuda' else 'DRAM'} tensor copy) = {roofline_ms:.2f} ms per step"]
     for low, high in ((1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 128), (129, 1 << 30)):
         times = [t for b, ts in steps.decode_s.items() if low <= b <= high for t in ts]
         if times:
@@ -297,5 +335,4 @@ def run(args: argparse.Namespace) -> int:
             median_ms = statistics.median(times) * 1e3
             lines.append(f"  pure-decode step, batch {label:>7}: median {median_ms:7.2f} ms over {len(times):4d} steps "
                          f"({median_ms / roofline_ms:4.1f}x roofline)")
-    print("\n".join(lines), flush=True)
-    return 0
+    return lines

@@ -85,9 +85,9 @@ def _tokenizer_dir(args: argparse.Namespace) -> Path:
         return path
     if args.model and (Path(args.model) / "tokenizer.json").is_file():
         return Path(args.model)
-    from services.engine.make_model import default_model_dir
+    from services.modelgen.default_model import resolve_model
 
-    return default_model_dir()
+    return Path(resolve_model(None))
 
 
 def _special_ids(model_dir: Path) -> frozenset[int]:

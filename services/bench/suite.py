@@ -198,10 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     workloads = tuple(w for w in WORKLOADS if w.name in args.workloads.split(","))
     if not modes or not workloads:
         parser.error(f"choose modes from {[m.name for m in MODES]} and workloads from {[w.name for w in WORKLOADS]}")
-    if args.model is None:
-        from services.engine.make_model import default_model_dir
+    from services.modelgen.default_model import resolve_model
 
-        args.model = str(default_model_dir())
+    args.model = resolve_model(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

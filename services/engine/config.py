@@ -1,16 +1,32 @@
-"""Frozen, validated configuration of the engine's parts."""
+"""Frozen, validated configuration of the engine's parts.
+
+Each field's default and help text are written here once; `pdserve serve`'s flags and `LLM`'s keyword options
+are made from them (services/config_flags.py).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.config_flags import flag
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+GENERATION_CONFIGS = ("auto", "vllm")
+
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    num_blocks: int | None = None  # None: derived from kv_cache_bytes
-    kv_cache_bytes: int = 512 * 2**20
-    enable_prefix_caching: bool = True
+    block_size: int = field(default=16, metadata=flag("tokens per KV block, a power of two"))
+    num_blocks: int | None = field(
+        default=None, metadata=flag("KV blocks per worker (default: as many as the KV cache size holds)")
+    )
+    kv_cache_bytes: int = field(
+        default=512 * 2**20, metadata=flag("KV cache per worker, MiB", name="--kv-cache-mb", unit=2**20)
+    )
+    enable_prefix_caching: bool = field(
+        default=True, metadata=flag("reuse the KV of shared prompt prefixes", name="--no-prefix-caching")
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -23,9 +39,12 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = True
+    max_num_seqs: int = field(default=128, metadata=flag("most requests in the running batch"))
+    max_num_batched_tokens: int = field(default=2048, metadata=flag("token budget of one engine step"))
+    enable_chunked_prefill: bool = field(
+        default=True,
+        metadata=flag("prefill long prompts in chunks that fit a step's token budget", name="--no-chunked-prefill"),
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -37,19 +56,33 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
-    device: str = "cpu"
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    device: str = field(default="cpu", metadata=flag("where the model runs", choices=DEVICES))
+    dtype: str | None = field(
+        default=None, metadata=flag("weights and activations (default: float32 on CPU, bfloat16 on CUDA)",
+                                    choices=DTYPES)
+    )
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    max_model_len: int | None = None  # None: the model's own context length
-    enforce_eager: bool = False  # True: never replay CUDA graphs for decode steps
+    num_threads: int | None = field(
+        default=None, metadata=flag("torch intra-op threads (default: torch's own)")
+    )
+    max_model_len: int | None = field(
+        default=None, metadata=flag("context limit, tokens (default: the model's own context length)")
+    )
+    enforce_eager: bool = field(default=False, metadata=flag("no CUDA graphs for decode steps"))
+    generation_config: str = field(
+        default="auto",
+        metadata=flag("auto: the model's generation_config.json gives the defaults for sampling fields a request "
+                      "leaves out; vllm: it does not (pdserve's own defaults apply)", choices=GENERATION_CONFIGS),
+    )
 
     def __post_init__(self) -> None:
-        if self.device not in ("cpu", "cuda"):
+        if self.device not in DEVICES:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+        if self.dtype not in (None, *DTYPES):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.generation_config not in GENERATION_CONFIGS:
+            raise ValueError(f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}")
 
     @property
     def torch_dtype_name(self) -> str:

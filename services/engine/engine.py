@@ -32,7 +32,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         model_config = load_model_config(config.model)
-        self.max_model_len = min(model_config.max_model_len, config.max_model_len or model_config.max_model_len)
+        self.max_model_len = model_config.context_len(config.max_model_len)
         self.model_config: ModelConfig = model_config
         num_blocks = num_kv_blocks(config, model_config)
         block_size = config.cache.block_size

@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
-from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from services.config_flags import from_options
+from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.errors import InvalidRequest
 from services.engine.logprobs import PromptLogprobs, TokenLogprob
@@ -74,44 +76,21 @@ def prefix_groups(prompts: list[list[int]], block_size: int) -> list[list[int]]:
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str | None = None,
-        *,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        kv_cache_bytes: int = 512 * 2**20,
-        enable_prefix_caching: bool = True,
-        max_num_seqs: int = 128,
-        max_num_batched_tokens: int = 2048,
-        enable_chunked_prefill: bool = True,
-        max_model_len: int | None = None,
-        device: str = "cpu",
-        dtype: str | None = None,
-        enforce_eager: bool = False,
-        generation_config: str = "auto",
-    ) -> None:
-        """generation_config "auto": the model's generation_config.json gives the sampling defaults when
-        generate() gets no params; "vllm": SamplingParams' own defaults apply."""
-        if generation_config not in ("auto", "vllm"):
-            raise ValueError(f"generation_config must be 'auto' or 'vllm', got {generation_config!r}")
-        if model is None:
-            from services.engine.make_model import default_model_dir
+    def __init__(self, model: str | None = None, **options: Any) -> None:
+        """`model`: a Hugging Face model directory (default: the built-in tiny model, generated if missing).
 
-            model = str(default_model_dir())
-        self.engine = LLMEngine(
-            EngineConfig(
-                model=model,
-                device=device,
-                dtype=dtype,
-                enforce_eager=enforce_eager,
-                max_model_len=max_model_len,
-                cache=CacheConfig(block_size, num_blocks, kv_cache_bytes, enable_prefix_caching),
-                scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, enable_chunked_prefill),
-            )
-        )
+        `options` are the fields of EngineConfig, CacheConfig and SchedulerConfig by name, with their defaults
+        and meaning there: e.g. ``LLM(model, num_blocks=64, max_model_len=256, generation_config="vllm")``.
+        generation_config "auto": the model's generation_config.json gives the sampling defaults when
+        generate() gets no params; "vllm": SamplingParams' own defaults apply.
+        """
+        from services.modelgen.default_model import resolve_model
+
+        model = resolve_model(model)
+        config = from_options(EngineConfig, "LLM", options, model=model)
+        self.engine = LLMEngine(config)
         self.tokenizer = Tokenizer(model)
-        defaults = self.engine.model_config.generation_defaults if generation_config == "auto" else {}
+        defaults = self.engine.model_config.generation_defaults if config.generation_config == "auto" else {}
         self.default_sampling_params = SamplingParams.from_dict(dict(defaults))
 
     def generate(

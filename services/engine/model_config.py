@@ -70,6 +70,11 @@ class ModelConfig:
                 f"({self.num_kv_heads}); {_SUPPORTED}"
             )
 
+    def context_len(self, limit: int | None) -> int:
+        """The context length to serve: the model's own (max_model_len), lowered to `limit` when one is set
+        (EngineConfig.max_model_len). The engine and the router both use this."""
+        return min(self.max_model_len, limit or self.max_model_len)
+
 
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir)

@@ -90,4 +90,4 @@ class TransferStats:
 
     seconds: float
     num_bytes: int
-    failure_reason: str | None = None  # None on success; "timeout" | "peer_gone" | "bad_header" | "incompatible"
+    failure_reason: str | None = None  # None on success; else one of services.transfer.errors.FAILURE_REASONS

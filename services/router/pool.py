@@ -1,4 +1,15 @@
-"""Worker pools: starts the Ray actors, polls their load, notices workers that leave or come back."""
+"""Worker pools: find or start the named worker actors, poll their load, follow workers that come and go.
+
+Workers are named Ray actors, so every router replica finds the same ones, and a router that
+restarts finds them again. Which workers there should be is `plan_workers`:
+  a fixed count (--prefill-workers N): pdserve-prefill-0 .. N-1, placed by Ray;
+  worker groups (--worker-group-resources): one worker per unit of the group's resource
+  ("prefill" or "decode") on each live node that advertises it, pinned to that node and named
+  after it. Every poll re-reads the cluster's nodes, so a group that scales, or a node that
+  dies, shows within a poll interval.
+The first router to ask for a worker creates it (get_if_exists). On a cluster the router joined,
+workers are detached: they outlive any one router, and a router that stops leaves them be.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +17,11 @@ import asyncio
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from services.decode.worker import DecodeWorker
 from services.engine.config import EngineConfig
@@ -46,30 +58,58 @@ class WorkerHandle:
 
 @dataclass(frozen=True)
 class PoolSpec:
-    num_prefill: int
+    num_prefill: int  # with worker groups: how many to wait for at start-up
     num_decode: int
     colocated: bool
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # with worker groups, a node's CPUs and GPUs are shared out instead
     gpus_per_worker: float = 0.0
-    resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per role (e.g. KubeRay groups)
+    worker_groups: bool = False  # follow the nodes that advertise a "prefill" / "decode" resource
+    shared: bool = False  # on a cluster other routers use: detached workers that a stopping router leaves
 
 
-def _options(name: str, spec: PoolSpec, role: str) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "name": name,
-        "num_cpus": spec.cpus_per_worker,
-        "num_gpus": spec.gpus_per_worker,
-        "max_restarts": -1,
-        "max_task_retries": 0,
-        "max_concurrency": 1000,
-    }
-    if role in spec.resources:
-        options["resources"] = {role: spec.resources[role]}
-    return options
+@dataclass(frozen=True)
+class Node:
+    """What the pools need to know of a Ray node."""
+
+    node_id: str
+    alive: bool
+    resources: dict[str, float]
 
 
-def _threads(spec: PoolSpec) -> int:
-    return max(1, int(spec.cpus_per_worker)) if spec.gpus_per_worker == 0 else 1
+@dataclass(frozen=True)
+class WorkerSlot:
+    """One worker the pools should have."""
+
+    name: str  # the worker's name (in metrics); its actor is named "pdserve-<name>"
+    role: str  # prefill | decode | colocated
+    num_cpus: float
+    num_gpus: float
+    node_id: str | None = None  # pinned to this node (worker groups)
+    resource: str | None = None  # the group's resource, one unit per worker (worker groups)
+
+
+def plan_workers(spec: PoolSpec, nodes: list[Node]) -> list[WorkerSlot]:
+    """The workers that should exist, prefill first; `nodes` matters only with worker groups."""
+    roles = [("colocated", "decode", spec.num_decode)] if spec.colocated else [
+        ("prefill", "prefill", spec.num_prefill), ("decode", "decode", spec.num_decode)]
+    slots = []
+    for role, resource, count in roles:
+        if not spec.worker_groups:
+            slots += [WorkerSlot(f"{role}-{i}", role, spec.cpus_per_worker, spec.gpus_per_worker)
+                      for i in range(count)]
+            continue
+        for node in sorted(nodes, key=lambda n: n.node_id):
+            units = int(node.resources.get(resource, 0)) if node.alive else 0
+            for i in range(units):
+                cpus = node.resources.get("CPU", 0.0) / units
+                gpus = node.resources.get("GPU", 0.0) / units
+                slots.append(WorkerSlot(f"{role}-{node.node_id[:12]}-{i}", role, cpus, gpus,
+                                        node.node_id, resource))
+    return slots
+
+
+def cluster_nodes() -> list[Node]:
+    return [Node(n["NodeID"], bool(n["Alive"]), dict(n.get("Resources", {}))) for n in ray.nodes()]
 
 
 class WorkerPools:
@@ -82,36 +122,70 @@ class WorkerPools:
         self.decode: list[WorkerHandle] = []
         self._poller: asyncio.Task[None] | None = None
         self.poll_interval_s = 1.0
+        self._suffix = os.urandom(3).hex()
 
     @property
     def all(self) -> list[WorkerHandle]:
         return self.prefill + self.decode
 
     def start(self) -> None:
-        config = dataclasses.replace(self.engine_config, num_threads=_threads(self.spec))
-        suffix = os.urandom(3).hex()
+        """Finds or starts the workers the plan names (see the module docstring)."""
+        self._follow(plan_workers(self.spec, cluster_nodes() if self.spec.worker_groups else []))
 
-        def spawn(cls: type, role: str, resource: str, index: int, *extra: str) -> WorkerHandle:
-            name = f"{role}-{index}"
-            options = _options(f"pdserve-{name}-{suffix}", self.spec, resource)
-            actor: Any = ray.remote(cls).options(**options).remote(config, self.transfer_config, name, *extra)
-            return WorkerHandle(name, role, actor)
+    def _follow(self, plan: list[WorkerSlot]) -> None:
+        """Makes the pools hold exactly the planned workers: new ones are found or started, gone ones dropped."""
+        known = {w.name: w for w in self.all}
+        handles = [known.get(slot.name) or self._worker(slot) for slot in plan]
+        for name in known.keys() - {slot.name for slot in plan}:
+            log.info("worker %s has left its pool", name)
+            self.metrics.mark_worker_down(name, known[name].role)
+        self.prefill = [w for w in handles if w.role == "prefill"]
+        self.decode = [w for w in handles if w.role != "prefill"]
 
-        if self.spec.colocated:
-            n = self.spec.num_decode
-            self.decode = [spawn(DecodeWorker, "colocated", "decode", i, "colocated") for i in range(n)]
-            return
-        self.prefill = [spawn(PrefillWorker, "prefill", "prefill", i) for i in range(self.spec.num_prefill)]
-        self.decode = [spawn(DecodeWorker, "decode", "decode", i, "decode") for i in range(self.spec.num_decode)]
+    def _worker(self, slot: WorkerSlot) -> WorkerHandle:
+        # Workers of a router's own Ray are its alone: their names are its own too.
+        suffix = "" if self.spec.shared else f"-{self._suffix}"
+        options: dict[str, Any] = {
+            "name": f"pdserve-{slot.name}{suffix}",
+            "get_if_exists": True,
+            "num_cpus": slot.num_cpus,
+            "num_gpus": slot.num_gpus,
+            "max_restarts": -1,
+            "max_task_retries": 0,
+            "max_concurrency": 1000,
+        }
+        if self.spec.shared:
+            options["lifetime"] = "detached"
+        if slot.node_id is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot.node_id, soft=False)
+        if slot.resource is not None:
+            options["resources"] = {slot.resource: 1.0}
+        threads = max(1, int(slot.num_cpus)) if slot.num_gpus == 0 else 1
+        config = dataclasses.replace(self.engine_config, num_threads=threads)
+        actor: Any
+        if slot.role == "prefill":
+            actor = ray.remote(PrefillWorker).options(**options).remote(config, self.transfer_config, slot.name)
+        else:
+            actor = ray.remote(DecodeWorker).options(**options).remote(
+                config, self.transfer_config, slot.name, slot.role)
+        return WorkerHandle(slot.name, slot.role, actor)
 
     async def wait_ready(self, timeout_s: float = 300.0) -> None:
-        """Returns once every worker answered ready(); raises TimeoutError otherwise."""
-        async def one(w: WorkerHandle) -> None:
-            w.info = await w.actor.ready.remote()
-            w.last_load = await w.actor.load.remote(False, True)
-            w.alive = True
+        """Returns once the pools hold the workers the spec asks for, every one ready; else TimeoutError."""
 
-        await asyncio.wait_for(asyncio.gather(*(one(w) for w in self.all)), timeout_s)
+        async def ready() -> None:
+            while True:
+                await asyncio.gather(*(self._poll(w) for w in self.all if not w.alive))
+                alive_prefill = sum(w.alive for w in self.prefill)
+                alive_decode = sum(w.alive for w in self.decode)
+                wanted_prefill = 0 if self.spec.colocated else self.spec.num_prefill
+                if alive_prefill >= wanted_prefill and alive_decode >= self.spec.num_decode and self.all_alive:
+                    return
+                await asyncio.sleep(0.2)
+                if self.spec.worker_groups:
+                    self.start()
+
+        await asyncio.wait_for(ready(), timeout_s)
         self._poller = asyncio.create_task(self._poll_forever())
 
     @property
@@ -120,6 +194,11 @@ class WorkerPools:
 
     async def _poll_forever(self) -> None:
         while True:
+            if self.spec.worker_groups:
+                try:
+                    self.start()
+                except Exception as e:  # noqa: BLE001 - the GCS may be briefly away; try again next time
+                    log.warning("cannot read the cluster's nodes: %s", e)
             await asyncio.gather(*(self._poll(w) for w in self.all))
             await asyncio.sleep(self.poll_interval_s)
 
@@ -129,7 +208,8 @@ class WorkerPools:
             restarted = w.last_load is not None and load.pid != w.last_load.pid
             if restarted or not w.alive:  # a restarted actor has a new KV address
                 w.info = await asyncio.wait_for(w.actor.ready.remote(), 30)
-                log.info("worker %s is back (pid %d)", w.name, load.pid)
+                if w.last_load is not None:
+                    log.info("worker %s is back (pid %d)", w.name, load.pid)
             w.last_load = load
             w.alive = True
             self.metrics.update_worker(w.last_load.stats)  # type: ignore[union-attr]
@@ -143,5 +223,6 @@ class WorkerPools:
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
-        for w in self.all:
-            ray.kill(w.actor, no_restart=True)
+        if not self.spec.shared:
+            for w in self.all:
+                ray.kill(w.actor, no_restart=True)

@@ -295,7 +295,7 @@ class Router:
         """Counts the failure; raises Unavailable under the fail policy."""
         self.metrics.observe_transfer(TransferStats(seconds=0.0, num_bytes=0, failure_reason=_failure(reason)))
         log.warning("request %s: KV hand-off failed (%s): %s", st.rid, reason, message)
-        if self.config.failure_policy == "fail":
+        if self.pools.transfer_config.failure_policy == "fail":
             raise Unavailable(f"KV hand-off failed ({reason}): {message}")
 
     def _choose(self, workers: list[WorkerHandle], policy: Policy, routing: RoutingRequest, role: str) -> WorkerHandle:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from services.config_flags import flag
 
 FAILURE_POLICIES = ("recompute", "fail")
 PROGRESS_MODES = ("thread", "thread-polling")
@@ -28,35 +30,41 @@ CUDA_UCX_TLS = "cuda_copy,cuda_ipc"
 
 @dataclass(frozen=True)
 class TransferConfig:
-    """Settings shared by KVSender and KVReceiver.
+    """Settings shared by KVSender and KVReceiver, and what a decode worker and the router do when a hand-off fails.
 
-    timeout_s: limit on every single network operation (connect, handshake, one header+payload)
-        and the default for `KVReceiver.wait`.
-    failure_policy: what the decode worker does when a transfer fails: "recompute" the prompt
-        locally, or "fail" the request. The transfer layer only carries it.
+    timeout_s is also the default for `KVReceiver.wait`.
+    failure_policy: the transfer layer only carries it; the decode worker and the router act on it.
     host: the address the receiver advertises in `start()` (its listener accepts on every interface).
-    port: the receiver's listening port; 0 picks a free one.
-    ucx_tls: UCX transports (UCX_TLS); must include tcp, which the connection manager needs.
-        Empty (the default): UCX_TLS from the environment if it is set there, as UCX users
-        expect, else DEFAULT_UCX_TLS, plus CUDA_UCX_TLS where torch sees a CUDA device.
-    staging_mib: the sender's staging ring for host KV, shared memory allocated through UCX
-        (see staging.py); 0 registers every tensor in place instead, as CUDA tensors always are.
-    progress_mode: ucxx progress thread of the control endpoints, which sleeps in epoll
-        ("thread") or spins ("thread-polling", costs one core per process); see ucx_runtime.
-    spin_us: how long the receiving event loop keeps polling for the next header of a request
-        whose layers are arriving, before it goes back to sleep (0: never poll). Headers that
-        find it polling need no wake-up: the sender's post takes about 2 us instead of 12 here.
-        The loop is busy for at most this long after each header.
+    ucx_tls: must include tcp, which the connection manager needs. Empty (the default): UCX_TLS from the
+        environment if it is set there, as UCX users expect, else DEFAULT_UCX_TLS, plus CUDA_UCX_TLS where
+        torch sees a CUDA device.
+    staging_mib: shared memory allocated through UCX (see staging.py); CUDA tensors are always registered in place.
+    progress_mode: the ucxx progress thread of the control endpoints sleeps in epoll ("thread") or spins
+        ("thread-polling", costs one core per process); see ucx_runtime.
+    spin_us: headers that find the loop polling need no wake-up: the sender's post takes about 2 us instead of
+        12 here. The loop is busy for at most this long after each header.
     """
 
-    timeout_s: float = 30.0
-    failure_policy: str = "recompute"
+    timeout_s: float = field(
+        default=30.0, metadata=flag("limit on each KV network operation (connect, handshake, a header and payload), s")
+    )
+    failure_policy: str = field(
+        default="recompute",
+        metadata=flag("when a KV hand-off fails: recompute the prompt on the decode worker, or fail the request "
+                      "(UNAVAILABLE)", choices=FAILURE_POLICIES),
+    )
     host: str = "127.0.0.1"
-    port: int = 0
-    ucx_tls: str = ""
-    staging_mib: int = 256
+    port: int = 0  # the receiver's listening port; 0 picks a free one
+    ucx_tls: str = ""  # UCX transports (UCX_TLS)
+    staging_mib: int = field(
+        default=256,
+        metadata=flag("each prefill worker's staging ring for host KV (shared memory); 0 registers tensors in place"),
+    )
     progress_mode: str = "thread"
-    spin_us: int = 200
+    spin_us: int = field(
+        default=200,
+        metadata=flag("how long a decode worker polls for a request's next KV layer before sleeping; 0 never polls"),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:

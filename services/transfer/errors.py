@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
+# Every value of TransferError.reason: the one list, which the other modules import.
 Reason = Literal["timeout", "peer_gone", "bad_header", "incompatible", "cancelled"]
-REASONS: tuple[str, ...] = ("timeout", "peer_gone", "bad_header", "incompatible", "cancelled")
+REASONS: tuple[Reason, ...] = get_args(Reason)
+# The reasons a failed hand-off is counted under (the metrics' reason label). A cancellation the router did not
+# ask for means the other side went away, so it is counted as "peer_gone".
+FAILURE_REASONS: tuple[Reason, ...] = tuple(r for r in REASONS if r != "cancelled")
 
 
 class TransferError(Exception):

@@ -56,7 +56,7 @@ def start_server(tmp_dir: Path, model_dir: str, *args: str, env: dict[str, str] 
 @pytest.fixture(scope="session")
 def serve_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny preset, generated once for the service tests."""
-    from services.engine.make_model import make_model
+    from services.modelgen.build import make_model
 
     return str(make_model(tmp_path_factory.mktemp("serve-model") / "tiny", preset="tiny", seed=0))
 

@@ -38,9 +38,9 @@ def examples() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
-    from services.engine.make_model import default_model_dir
+    from services.modelgen.default_model import resolve_model
 
-    running = start_server(tmp_path_factory.mktemp("readme"), str(default_model_dir()))
+    running = start_server(tmp_path_factory.mktemp("readme"), resolve_model(None))
     yield running
     running.stop()
 

@@ -27,8 +27,7 @@ TORCH_HEAVY_ENGINE = (
     "services.engine.cuda_graphs",
     "services.engine.llm",
     "services.engine.offline",
-    "services.engine.random_weights",
-    "services.engine.make_model",
+    "services.modelgen",
 )
 
 

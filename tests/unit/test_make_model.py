@@ -21,15 +21,12 @@ import transformers
 from safetensors import safe_open
 from tokenizers import Tokenizer
 
-from services.engine.make_model import (
-    LLAMA3_ROPE_SCALING,
-    PRESETS,
-    add_arguments,
-    default_model_dir,
-    make_model,
-    run,
-)
-from services.engine.tokenizer_train import BOS_TOKEN, EOS_TOKEN, EOT_TOKEN, write_tokenizer_files
+from services.modelgen.build import make_model
+from services.modelgen.cli import add_arguments, run
+from services.modelgen.default_model import default_model_dir, resolve_model
+from services.modelgen.preset import LLAMA3_ROPE_SCALING, PRESETS
+from services.modelgen.tokenizer import BOS_TOKEN, EOS_TOKEN, EOT_TOKEN, write_tokenizer_files
+from services.modelgen.weights import num_parameters
 
 SMALL: dict[str, Any] = {
     "num_hidden_layers": 2,
@@ -110,7 +107,7 @@ def test_tiny_preset_loads_in_transformers(models: dict[str, Path]) -> None:
     assert (config["num_key_value_heads"], config["head_dim"], config["max_position_embeddings"]) == (4, 64, 2048)
     assert config["torch_dtype"] == "float32" and config["tie_word_embeddings"] is False
     assert 18e6 < model.num_parameters() < 24e6
-    assert model.num_parameters() == PRESETS["tiny"].num_parameters
+    assert model.num_parameters() == num_parameters(PRESETS["tiny"])
     assert isinstance(model, transformers.LlamaForCausalLM)
     assert (models["tiny"] / "model.safetensors").is_file()
 
@@ -232,7 +229,7 @@ def test_same_seed_gives_identical_bytes(models: dict[str, Path], tmp_path: Path
 def test_tokenizer_training_is_deterministic_across_processes(tmp_path: Path, qwen2: bool) -> None:
     """The in-process cache would hide nondeterminism: train again in a fresh interpreter and compare bytes."""
     code = (
-        "import sys, pathlib; from services.engine.tokenizer_train import write_tokenizer_files; "
+        "import sys, pathlib; from services.modelgen.tokenizer import write_tokenizer_files; "
         f"write_tokenizer_files(pathlib.Path(sys.argv[1]), 8192, 2048, {qwen2})"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, env={**os.environ, "PYTHONHASHSEED": "7"})
@@ -331,3 +328,4 @@ def test_default_model_dir_survives_a_race(tmp_path: Path, monkeypatch: pytest.M
     mtime = (stale / "model.safetensors").stat().st_mtime_ns
     assert default_model_dir() == stale and (stale / "model.safetensors").stat().st_mtime_ns == mtime
     assert json.loads((stale / "config.json").read_text())["hidden_size"] == 512
+    assert resolve_model(None) == str(stale) and resolve_model("some/model") == "some/model"

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from services.modelgen.preset import MIN_VOCAB_SIZE
+
 CORPUS_DIR = Path(__file__).with_name("corpus")
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -41,7 +43,6 @@ START_HEADER_TOKEN = "<|start_header_id|>"
 END_HEADER_TOKEN = "<|end_header_id|>"
 EOT_TOKEN = "<|eot_id|>"
 NUM_RESERVED_FOR_SPECIALS = 256
-MIN_VOCAB_SIZE = 1024
 
 # Qwen2's pre-tokenizer split: contractions, letter runs with one leading non-letter, single digits,
 # punctuation runs, newlines, other whitespace.

@@ -16,18 +16,11 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
-if TYPE_CHECKING:
-    from services.engine.make_model import ModelPreset
-
-# dtype name -> (torch dtype, safetensors dtype tag)
-SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, str]] = {
-    "float32": (torch.float32, "F32"),
-    "bfloat16": (torch.bfloat16, "BF16"),
-}
+from services.modelgen.preset import SAFETENSORS_DTYPES, ModelPreset
 
 LOGIT_STD = 4.0
 NORM_WEIGHT_SPREAD = 0.25  # RMSNorm weights ~ U(1 - spread, 1 + spread)
@@ -39,6 +32,7 @@ QKV_BIAS_STD = {"q_proj": 0.5, "k_proj": 0.5, "v_proj": 0.1}
 TIED_RESIDUAL_GAIN = 8.0
 SPECIAL_ROW_SCALE = 0.25  # output rows of special tokens: rarely the argmax, as in a trained model
 _CHUNK_ELEMENTS = 1 << 24
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -90,6 +84,10 @@ def tensor_plan(spec: ModelPreset, special_start: int | None = None) -> list[Ten
     return plan
 
 
+def num_parameters(spec: ModelPreset) -> int:
+    return sum(math.prod(t.shape) for t in tensor_plan(spec))
+
+
 def _tensor_chunks(t: TensorSpec, seed: int, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """Deterministic values for ``t``, yielded in row chunks of at most ~``_CHUNK_ELEMENTS`` elements."""
     digest = hashlib.sha256(f"pdserve-make-model:{seed}:{t.name}".encode()).digest()
@@ -122,7 +120,7 @@ def _plan_shards(plan: list[TensorSpec], itemsize: int, shard_size: int) -> list
 
 def _write_safetensors(f: BinaryIO, tensors: list[TensorSpec], spec: ModelPreset, seed: int, preset: str) -> int:
     """Stream ``tensors`` into ``f`` in the safetensors format; returns the number of data bytes."""
-    dtype, st_dtype = SAFETENSORS_DTYPES[spec.dtype]
+    dtype, st_dtype = getattr(torch, spec.dtype), SAFETENSORS_DTYPES[spec.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "pdserve_preset": preset, "pdserve_seed": str(seed)}}
     offset = 0
@@ -142,7 +140,7 @@ def _write_safetensors(f: BinaryIO, tensors: list[TensorSpec], spec: ModelPreset
 
 def write_weights(out_dir: Path, spec: ModelPreset, seed: int, preset: str, special_start: int) -> None:
     plan = tensor_plan(spec, special_start)
-    itemsize = torch.empty((), dtype=SAFETENSORS_DTYPES[spec.dtype][0]).element_size()
+    itemsize = torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
     shards = _plan_shards(plan, itemsize, spec.shard_size_bytes)
     if len(shards) == 1:
         with open(out_dir / "model.safetensors", "wb") as f:

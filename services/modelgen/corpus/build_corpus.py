@@ -3,7 +3,7 @@
 The hand-written ``*.txt`` files beside this script carry natural prose; this script adds breadth: a wide
 vocabulary in varied sentence frames, numbers, dates, logs, records and small code fragments, so that the
 BPE merges cover more than one register of English. It is deterministic (fixed seed, no hashing of sets),
-so re-running it reproduces ``generated.txt`` byte for byte. Run: ``python services/engine/corpus/build_corpus.py``.
+so re-running it reproduces ``generated.txt`` byte for byte. Run: ``python services/modelgen/corpus/build_corpus.py``.
 """
 
 from __future__ import annotations
