@@ -55,7 +55,7 @@ class Flag:
             parser.add_argument(self.option, dest=self.dest, action="store_true", help=self.spec.help + on)
             return
         default = self.default if self.spec.unit == 1 else self.default // self.spec.unit
-        help_text = self.spec.help if default is None else f"{self.spec.help} (default: {default})"
+        help_text = self.spec.help if default in (None, "") else f"{self.spec.help} (default: {default})"
         parser.add_argument(self.option, dest=self.dest, type=self.kind, default=default, choices=self.spec.choices,
                             help=help_text)
 

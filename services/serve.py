@@ -26,7 +26,7 @@ ENGINE_FLAGS = ConfigFlags(EngineConfig, exclude=("model", "device", "cache", "s
 CACHE_FLAGS = ConfigFlags(CacheConfig, exclude=("enable_prefix_caching",))
 SCHEDULER_FLAGS = ConfigFlags(SchedulerConfig)
 ROUTER_FLAGS = ConfigFlags(RouterConfig, exclude=("max_request_bytes",))
-TRANSFER_FLAGS = ConfigFlags(TransferConfig, prefix="transfer-", exclude=("host", "port", "ucx_tls", "progress_mode"))
+TRANSFER_FLAGS = ConfigFlags(TransferConfig, prefix="transfer-", exclude=("port", "ucx_tls", "progress_mode"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +169,7 @@ def engine_config(a: argparse.Namespace, device: str) -> EngineConfig:
 
 
 def transfer_config(a: argparse.Namespace) -> TransferConfig:
-    return TRANSFER_FLAGS.build(a, host=a.host if a.host not in ("0.0.0.0", "::") else "127.0.0.1")
+    return TRANSFER_FLAGS.build(a)
 
 
 def router_config(a: argparse.Namespace) -> RouterConfig:

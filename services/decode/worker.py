@@ -13,6 +13,7 @@ reservation not claimed within its lease is released, so a dead request never st
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -36,6 +37,7 @@ class DecodeWorker(EngineWorker):
     def __init__(self, config: EngineConfig, transfer: TransferConfig, name: str, role: str = "decode") -> None:
         super().__init__(config, name)
         self.role = role
+        transfer = dataclasses.replace(transfer, host=transfer.host or node_address())
         self.transfer_config = transfer
         self.receiver = KVReceiver(self.engine.kv_cache, kv_fingerprint(self), transfer)
         self.address: str | None = None
@@ -172,3 +174,10 @@ def _logprobs(batch: list[RequestOutput]) -> list[TokenLogprob] | None:
     if all(out.logprobs is None for out in batch):
         return None
     return [lp for out in batch for lp in out.logprobs or []]
+
+
+def node_address() -> str:
+    """This worker's address in the Ray cluster, which other hosts reach it at; 127.0.0.1 outside Ray."""
+    import ray
+
+    return str(ray.util.get_node_ip_address()) if ray.is_initialized() else "127.0.0.1"

@@ -34,7 +34,8 @@ class TransferConfig:
 
     timeout_s is also the default for `KVReceiver.wait`.
     failure_policy: the transfer layer only carries it; the decode worker and the router act on it.
-    host: the address the receiver advertises in `start()` (its listener accepts on every interface).
+    host: the address the receiver advertises in `start()` (its listener accepts on every interface). Empty:
+        a decode worker advertises its node's address in the Ray cluster; a bare KVReceiver, 127.0.0.1.
     ucx_tls: must include tcp, which the connection manager needs. Empty (the default): UCX_TLS from the
         environment if it is set there, as UCX users expect, else DEFAULT_UCX_TLS, plus CUDA_UCX_TLS where
         torch sees a CUDA device.
@@ -53,7 +54,11 @@ class TransferConfig:
         metadata=flag("when a KV hand-off fails: recompute the prompt on the decode worker, or fail the request "
                       "(UNAVAILABLE)", choices=FAILURE_POLICIES),
     )
-    host: str = "127.0.0.1"
+    host: str = field(
+        default="",
+        metadata=flag("the address a decode worker advertises for KV hand-offs (default: its node's address in the "
+                      "Ray cluster)", name="--advertise-host"),
+    )
     port: int = 0  # the receiver's listening port; 0 picks a free one
     ucx_tls: str = ""  # UCX transports (UCX_TLS)
     staging_mib: int = field(
@@ -74,9 +79,10 @@ class TransferConfig:
                 f"TransferConfig.failure_policy must be one of {FAILURE_POLICIES}, got {self.failure_policy!r}"
             )
         try:
-            ipaddress.ip_address(self.host)
+            if self.host:
+                ipaddress.ip_address(self.host)
         except ValueError:
-            raise ValueError(f"TransferConfig.host must be an IP address, got {self.host!r}") from None
+            raise ValueError(f"TransferConfig.host must be an IP address or empty, got {self.host!r}") from None
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ValueError(f"TransferConfig.port must be in [0, 65535], got {self.port!r}")
         if self.ucx_tls:

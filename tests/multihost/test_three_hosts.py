@@ -1,0 +1,155 @@
+"""pdserve across test hosts (netns.py, cluster.py): Ray head and router on a, prefill on b, decode on c, router on d.
+
+Token authentication is on everywhere. Every prefill goes to the prefill worker on b, so every
+request's KV crosses the network from b to c. Answers are checked against transformers.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+import torch
+
+from services.bench.offline import hf_generate, load_transformers
+from services.engine.tokenizer import Tokenizer
+from services.proto_gen import generation_pb2 as pb
+from services.proto_gen import generation_pb2_grpc as pb_grpc
+from tests.multihost.cluster import Cluster, Router, start_cluster, stop_cluster
+from tests.multihost.netns import unavailable
+
+pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "test hosts can be made")
+
+NUM_OUT = 8
+PROMPTS = [[(7 * i + 11 * j) % 900 + 5 for j in range(n)] for i, n in enumerate((40, 97, 150))]
+
+
+@pytest.fixture(scope="module")
+def expected(make_test_model: Callable[..., Path]) -> list[list[int]]:
+    model = make_test_model()
+    return hf_generate(load_transformers(str(model), "cpu", torch.float32), PROMPTS, NUM_OUT)
+
+
+@pytest.fixture(scope="module")
+def cluster(make_test_model: Callable[..., Path]) -> Iterator[Cluster]:
+    deployment = start_cluster(make_test_model(), ["--local-prefill-threshold", "0", "--transfer-failure-policy",
+                                                   "fail"])
+    try:
+        yield deployment
+    finally:
+        stop_cluster(deployment)
+
+
+def _stub(router: Router) -> pb_grpc.GenerationStub:
+    return pb_grpc.GenerationStub(grpc.insecure_channel(router.grpc_target))
+
+
+def _grpc_tokens(router: Router, prompt: list[int]) -> list[int]:
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt),
+                                 sampling=pb.SamplingParams(temperature=0, max_tokens=NUM_OUT, ignore_eos=True))
+    replies = list(_stub(router).Generate(request, timeout=60))
+    assert replies[-1].HasField("complete") and replies[-1].complete.finish_reason == "length"
+    return [t for r in replies if r.HasField("chunk") for t in r.chunk.token_ids]
+
+
+def _metric(router: Router, name: str, **labels: str) -> float:
+    """The sum of a series' samples on the router's /metrics whose labels include `labels`."""
+    text = httpx.get(f"{router.http_base}/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        match = re.match(rf"{name}(?:{{(.*)}})? (\S+)$", line)
+        if match and all(f'{k}="{v}"' in (match.group(1) or "") for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def _decode_workers(router: Router) -> list[pb.WorkerLoad]:
+    load = _stub(router).GetLoad(pb.LoadRequest(check_integrity=True), timeout=30)
+    return [w for w in load.workers if w.role == "decode"]
+
+
+def test_every_router_gives_transformers_answers(cluster: Cluster, expected: list[list[int]],
+                                                 make_test_model: Callable[..., Path]) -> None:
+    tokenizer = Tokenizer(str(make_test_model()))
+    assert len(cluster.routers) == 2
+    for router in cluster.routers:
+        client = openai.OpenAI(base_url=f"{router.http_base}/v1", api_key="unused", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        for prompt, want in zip(PROMPTS, expected, strict=True):
+            assert _grpc_tokens(router, prompt) == want, f"gRPC via {router.host.name}: {len(prompt)} tokens"
+            out = client.completions.create(model=model, prompt=prompt, temperature=0.0, max_tokens=NUM_OUT,
+                                            extra_body={"ignore_eos": True})
+            assert out.choices[0].text == tokenizer.decode(want), f"HTTP via {router.host.name}"
+
+
+def test_the_routers_share_one_pair_of_workers(cluster: Cluster) -> None:
+    names = [sorted(w.worker for w in _stub(r).GetLoad(pb.LoadRequest(), timeout=30).workers) for r in cluster.routers]
+    assert names[0] == names[1] and len(names[0]) == 2, names
+
+
+def test_the_kv_crossed_the_network(cluster: Cluster, expected: list[list[int]]) -> None:
+    router = cluster.routers[0]
+    before = _metric(router, "pdserve_kv_transfer_bytes_sum")
+    assert _grpc_tokens(router, PROMPTS[2]) == expected[2]
+    assert _metric(router, "pdserve_kv_transfer_bytes_sum") > before
+    assert _metric(router, "pdserve_kv_transfer_failures_total") == 0
+    for worker in _decode_workers(router):
+        assert worker.alive and not worker.integrity_error
+
+
+def test_a_killed_decode_worker_comes_back(cluster: Cluster, expected: list[list[int]]) -> None:
+    router = cluster.routers[0]
+    (worker,) = _decode_workers(router)
+    decode_host = cluster.net.hosts["c"]
+    assert decode_host.run(["kill", "-9", str(worker.pid)], cluster.env()).returncode == 0
+    deadline = time.monotonic() + 60
+    while True:
+        workers = _decode_workers(router)
+        if workers and workers[0].alive and workers[0].pid != worker.pid:
+            break
+        assert time.monotonic() < deadline, f"the decode worker did not come back:\n{cluster.logs()}"
+        time.sleep(0.5)
+    for router in cluster.routers:
+        assert _grpc_tokens(router, PROMPTS[0]) == expected[0]
+
+
+def test_a_decode_group_that_scales_up_takes_load(cluster: Cluster, expected: list[list[int]]) -> None:
+    router = cluster.routers[0]
+    failures: list[str] = []
+    done = threading.Event()
+    served = [0]
+
+    def load() -> None:
+        while not done.is_set():
+            i = served[0] % len(PROMPTS)
+            try:
+                if _grpc_tokens(router, PROMPTS[i]) != expected[i]:
+                    failures.append(f"wrong answer to prompt {i}")
+            except grpc.RpcError as e:
+                failures.append(f"{e.code()}: {e.details()}")
+            served[0] += 1
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    try:
+        cluster.add_node("e", '{"decode": 1}', 1)
+        deadline = time.monotonic() + 90
+        while len([w for w in _decode_workers(router) if w.alive]) < 2:
+            assert time.monotonic() < deadline, f"the second decode worker never joined:\n{cluster.logs()}"
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        done.set()
+        thread.join(120)
+    assert not failures and served[0] > 0, failures
+    for router in cluster.routers:
+        assert len([w for w in _decode_workers(router) if w.alive]) == 2
+        for prompt, want in zip(PROMPTS, expected, strict=True):
+            assert _grpc_tokens(router, prompt) == want
