@@ -26,6 +26,10 @@
 {{- printf "%s-ray" (include "pdserve.fullname" .) }}
 {{- end }}
 
+{{- define "pdserve.rayTokenSecretName" -}}
+{{- printf "%s-ray-token" (include "pdserve.fullname" .) }}
+{{- end }}
+
 {{/* Labels ----------------------------------------------------------------------------------------- */}}
 
 {{- define "pdserve.selectorLabels" -}}
@@ -41,9 +45,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: pdserve
 {{- end }}
 
-{{- define "pdserve.routerSelectorLabels" -}}
+{{/* The router Service's own labels, which the ServiceMonitor selects. */}}
+{{- define "pdserve.routerServiceLabels" -}}
 {{ include "pdserve.selectorLabels" . }}
 app.kubernetes.io/component: router
+{{- end }}
+
+{{/* Router pods: KubeRay labels every pod of a group with these two, and users cannot override them. */}}
+{{- define "pdserve.routerPodSelector" -}}
+ray.io/cluster: {{ include "pdserve.rayClusterName" . }}
+ray.io/group: router
 {{- end }}
 
 {{/* Images: (dict "root" $ "flavor" "cpu"|"cuda") ----------------------------------------------------- */}}
@@ -95,11 +106,38 @@ app.kubernetes.io/component: router
 
 {{/* Ray ------------------------------------------------------------------------------------------------ */}}
 
-{{- define "pdserve.rayAddress" -}}
-{{- if .Values.rayCluster.address }}
-{{- .Values.rayCluster.address }}
-{{- else }}
-{{- printf "ray://%s-head-svc.%s.svc.cluster.local:10001" (include "pdserve.rayClusterName" .) .Release.Namespace }}
+{{- define "pdserve.rayTokenDir" -}}
+/etc/pdserve/ray-token
+{{- end }}
+
+{{/* Ray token authentication, on every container that runs Ray or talks to it. */}}
+{{- define "pdserve.rayAuthEnv" -}}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN_PATH
+  value: {{ printf "%s/token" (include "pdserve.rayTokenDir" .) | quote }}
+{{- end }}
+
+{{- define "pdserve.rayTokenVolume" -}}
+- name: ray-token
+  secret:
+    secretName: {{ include "pdserve.rayTokenSecretName" . }}
+    defaultMode: 256   # 0400
+    items:
+      - key: token
+        path: token
+{{- end }}
+
+{{- define "pdserve.rayTokenMount" -}}
+- name: ray-token
+  mountPath: {{ include "pdserve.rayTokenDir" . }}
+  readOnly: true
+{{- end }}
+
+{{/* rayStartParams as YAML single-quoted strings (KubeRay wants strings): a dict of flag -> value. */}}
+{{- define "pdserve.rayStartParams" -}}
+{{- range $k, $v := . }}
+{{ $k }}: {{ printf "'%s'" ($v | toString | replace "'" "''") }}
 {{- end }}
 {{- end }}
 
@@ -114,11 +152,13 @@ app.kubernetes.io/component: router
 {{- end }}
 
 {{/*
-KubeRay passes rayStartParams to `ray start` through a shell, so the custom-resources JSON is itself quoted:
-  resources: '"{\"prefill\": 1}"'
+KubeRay passes rayStartParams to `ray start` through bash, so the custom-resources JSON is itself quoted for
+the shell. Single quotes, as KubeRay writes it itself: its accelerator code parses this value as JSON after
+trimming the quotes, which a backslash-escaped form would fail.
+  resources: '{"prefill": 1}'   (the rayStartParams value, quotes included)
 */}}
 {{- define "pdserve.rayResourcesParam" -}}
-{{- printf "\"{\\\"%s\\\": %d}\"" .group (int .count) }}
+{{- printf "'{\"%s\": %d}'" .group (int .count) }}
 {{- end }}
 
 {{/* Checks that JSON Schema cannot express ------------------------------------------------------------- */}}

@@ -1,5 +1,6 @@
 {{/*
-Pod template shared by the Ray head and the worker groups.
+Pod template shared by the Ray head and the prefill/decode worker groups: one container, which KubeRay starts
+`ray start` in. The router group's two-container pod is in _routerpod.tpl.
 Args: (dict "root" $ "component" "ray-head"|"prefill"|"decode" "container" NAME "spec" GROUP-VALUES "ports" LIST)
 */}}
 {{- define "pdserve.rayPodTemplate" -}}
@@ -26,6 +27,7 @@ spec:
       env:
         - name: HOME
           value: /tmp
+        {{- include "pdserve.rayAuthEnv" $root | nindent 8 }}
         {{- with $spec.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -40,9 +42,11 @@ spec:
         {{- toYaml $root.Values.securityContext.container | nindent 8 }}
       volumeMounts:
         {{- include "pdserve.scratchMounts" (dict "shm" $spec.shmSizeLimit) | nindent 8 }}
+        {{- include "pdserve.rayTokenMount" $root | nindent 8 }}
         {{- with include "pdserve.modelVolumeMount" $root }}{{ . | nindent 8 }}{{ end }}
   volumes:
     {{- include "pdserve.scratchVolumes" (dict "tmp" $spec.tmpSizeLimit "shm" $spec.shmSizeLimit) | nindent 4 }}
+    {{- include "pdserve.rayTokenVolume" $root | nindent 4 }}
     {{- with include "pdserve.modelVolume" $root }}{{ . | nindent 4 }}{{ end }}
   {{- with $spec.nodeSelector }}
   nodeSelector:
