@@ -1,30 +1,32 @@
-"""A pdserve deployment across test hosts (netns.py): the Ray head, worker groups and routers.
+"""A pdserve deployment across test hosts (netns.py), started with the commands the Helm chart's pods run.
 
-    host a: Ray head (no actors) and router 1, a driver on the head's raylet
-    host b: a Ray node advertising {"prefill": 1}
-    host c: a Ray node advertising {"decode": 1}
-    host d: a Ray node advertising {"router": 1} (no CPUs for actors) and router 2 on it
-Every process runs with Ray token authentication on; the token is a file that every host reads,
-as a Secret mounted in every pod. The routers run `pdserve serve --ray-address HEAD:6379
---worker-group-resources`, so the pools follow the nodes: one worker per unit of a group's resource.
+    host a: the Ray head pod's container, and a router container (a driver on the head's raylet)
+    host b: a prefill worker pod (a Ray node advertising {"prefill": 1})
+    host c: a decode worker pod (a Ray node advertising {"decode": 1})
+    host d: a router pod: its Ray container (a node advertising {"router": 1}) and its router container
+Each host runs the argv and environment that tests/deploy/pod_commands.py reads from the rendered chart,
+so the harness and the chart cannot drift apart. What Kubernetes would fill in, the harness does: the head
+service's address becomes host a's, and the Ray token Secret's mount path a token file every host reads.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.deploy.pod_commands import ContainerCommand, pod_commands
 from tests.multihost.netns import Host, TestNetwork
 
-REPO = Path(__file__).resolve().parents[2]
 RAY_PORT = 6379
 GRPC_PORT = 50051
 HTTP_PORT = 8000
@@ -53,12 +55,21 @@ class Router:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def chart_values(model: Path, serve_args: list[str]) -> dict[str, Any]:
+    """The chart's values for the test hosts: one core per worker pod, the model at a path every host sees."""
+    one_core = {"resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}}}
+    return {
+        "model": {"source": "image", "image": {"path": str(model)}},
+        "workers": {"prefill": one_core, "decode": one_core},
+        "router": {"extraArgs": serve_args},
+    }
+
+
 @dataclass
 class Cluster:
     net: TestNetwork
     shared: Path  # seen by every host at the same path (the model, the token, the logs)
-    model: Path
-    serve_args: list[str]
+    commands: dict[str, ContainerCommand]  # by role, as the chart renders them
     routers: list[Router] = field(default_factory=list)
 
     @property
@@ -66,37 +77,41 @@ class Cluster:
         return self.net.hosts["a"]
 
     @property
-    def head_address(self) -> str:
-        return f"{self.head.ip}:{RAY_PORT}"
+    def token(self) -> Path:
+        return self.shared / "ray-token"
 
     def env(self) -> dict[str, str]:
-        venv_bin = str(Path(sys.executable).parent)
+        """What a shell on a test host needs for `ray` and `pdserve`, with the token of this cluster."""
         return {
-            "PATH": f"{venv_bin}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
             "HOME": "/tmp",
             "PYTHONUNBUFFERED": "1",
             "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(self.shared / "ray-token"),
+            "RAY_AUTH_TOKEN_PATH": str(self.token),
             "RAY_USAGE_STATS_ENABLED": "0",
         }
 
-    def ray_start(self, host: Host, *params: str) -> None:
-        argv = ["ray", "start", f"--node-ip-address={host.ip}", "--disable-usage-stats", *params]
-        result = host.run(argv, self.env(), timeout=120)
-        if result.returncode != 0:
-            raise RuntimeError(f"ray start on host {host.name} failed:\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
+    def run_container(self, host: Host, role: str) -> subprocess.Popen[bytes]:
+        """Starts the container of `role` on `host`, as its pod would."""
+        command = self.commands[role].fill({"head": self.head.ip})
+        env = dict(command.env)
+        for mount in command.files:  # the Secret's mount: the shared token file
+            env = {k: v.replace(mount, str(self.token)) for k, v in env.items()}
+        env = {**env, **{k: v for k, v in self.env().items() if k not in env or k == "PATH"}}
+        unfilled = {k for k, v in env.items() if "{" in v}
+        for name in unfilled:  # pod metadata the Downward API gives; nothing here reads it
+            env[name] = host.name
+        return host.start(command.argv, env, self.shared / f"{role}-{host.name}.log")
 
-    def add_node(self, name: str, resources: str, num_cpus: int) -> Host:
+    def add_node(self, name: str, role: str) -> Host:
+        """A new host running the Ray container of a worker pod of `role` ("prefill" or "decode")."""
         host = self.net.add_host(name)
-        self.ray_start(host, f"--address={self.head_address}", f"--num-cpus={num_cpus}", f"--resources={resources}")
+        self.run_container(host, role)
         return host
 
     def start_router(self, host: Host) -> Router:
         log = self.shared / f"router-{host.name}.log"
-        argv = ["pdserve", "serve", "--model", str(self.model), "--ray-address", self.head_address,
-                "--worker-group-resources", "--host", "0.0.0.0", "--grpc-port", str(GRPC_PORT),
-                "--http-port", str(HTTP_PORT), *self.serve_args]
-        router = Router(host, host.start(argv, self.env(), log), log)
+        router = Router(host, self.run_container(host, "router"), log)
         self.routers.append(router)
         return router
 
@@ -105,33 +120,44 @@ class Cluster:
         for router in self.routers:
             while not router.serving():
                 if router.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"router on {router.host.name} is not serving:\n"
-                                       f"{router.log.read_text(errors='replace')[-4000:]}")
+                    raise RuntimeError(f"router on {router.host.name} is not serving:\n{self.logs()}")
                 time.sleep(0.5)
 
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.shared.glob("*.log"))
 
 
-def start_cluster(model_source: Path, serve_args: list[str], second_router: bool = True) -> Cluster:
-    """Hosts a-c (and d), Ray on each with token auth, and the routers; returns once every router serves."""
+def _wait_for_port(address: str, port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def start_cluster(model_source: Path, serve_args: list[str]) -> Cluster:
+    """Hosts a-d with the chart's containers on them; returns once both routers serve."""
     net = TestNetwork()
     shared = Path(f"/var/tmp/pdserve-hosts-{net.tag}")
     try:
         shared.mkdir(parents=True)
-        token = shared / "ray-token"
-        token.write_text(os.urandom(24).hex())
-        token.chmod(0o400)
         model = shared / "model"
         shutil.copytree(model_source, model)
-        cluster = Cluster(net, shared, model, serve_args)
+        cluster = Cluster(net, shared, pod_commands(chart_values(model, serve_args)))
+        cluster.token.write_text(os.urandom(24).hex())
+        cluster.token.chmod(0o400)
         head = net.add_host("a")
-        cluster.ray_start(head, "--head", f"--port={RAY_PORT}", "--num-cpus=0", "--include-dashboard=false")
-        cluster.add_node("b", '{"prefill": 1}', 1)
-        cluster.add_node("c", '{"decode": 1}', 1)
+        cluster.run_container(head, "head")
+        _wait_for_port(head.ip, RAY_PORT)
+        cluster.add_node("b", "prefill")
+        cluster.add_node("c", "decode")
+        router_host = cluster.add_node("d", "router-ray")
         cluster.start_router(head)
-        if second_router:
-            cluster.start_router(cluster.add_node("d", '{"router": 1}', 0))
+        cluster.start_router(router_host)
         cluster.wait_serving()
         return cluster
     except BaseException:

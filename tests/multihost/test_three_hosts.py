@@ -1,7 +1,8 @@
 """pdserve across test hosts (netns.py, cluster.py): Ray head and router on a, prefill on b, decode on c, router on d.
 
-Token authentication is on everywhere. Every prefill goes to the prefill worker on b, so every
-request's KV crosses the network from b to c. Answers are checked against transformers.
+Every host runs the Helm chart's pod commands; token authentication is on everywhere. Every prefill goes
+to the prefill worker on b, so every request's KV crosses the network from b to c. Answers are checked
+against transformers.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ def test_a_decode_group_that_scales_up_takes_load(cluster: Cluster, expected: li
     thread = threading.Thread(target=load)
     thread.start()
     try:
-        cluster.add_node("e", '{"decode": 1}', 1)
+        cluster.add_node("e", "decode")
         deadline = time.monotonic() + 90
         while len([w for w in _decode_workers(router) if w.alive]) < 2:
             assert time.monotonic() < deadline, f"the second decode worker never joined:\n{cluster.logs()}"
