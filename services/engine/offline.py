@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from services.config_flags import ConfigFlags
+from services.engine.config import CacheConfig, SchedulerConfig
 from services.engine.errors import InvalidRequest
 from services.engine.llm import LLM, GenerationResult
 from services.engine.sampling_params import SamplingParams
@@ -94,13 +96,17 @@ def run_offline(llm: LLM, lines: list[str], use_tqdm: bool = True) -> list[dict[
     return [result_record(i, by_item.get(id(i))) for i in items]
 
 
+# The engine settings `pdserve offline` takes (defaults and help on the config fields).
+_CACHE_FLAGS = ConfigFlags(CacheConfig, exclude=("num_blocks", "kv_cache_bytes", "enable_prefix_caching"))
+_SCHEDULER_FLAGS = ConfigFlags(SchedulerConfig, exclude=("enable_chunked_prefill",))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model directory (default: the built-in tiny model)")
     parser.add_argument("--input", required=True, help="JSONL file of requests")
     parser.add_argument("--output", required=True, help="JSONL file for the results, in input order")
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--max-num-seqs", type=int, default=128)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    _CACHE_FLAGS.add_to(parser)
+    _SCHEDULER_FLAGS.add_to(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,12 +120,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     with output:
         try:
-            llm = LLM(
-                args.model,
-                block_size=args.block_size,
-                max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens,
-            )
+            llm = LLM(args.model, **_CACHE_FLAGS.values(args), **_SCHEDULER_FLAGS.values(args))
         except (OSError, ValueError) as e:  # ValueError covers UnsupportedModel and bad engine configs
             print(f"pdserve offline: error: {e}", file=sys.stderr)
             return 2
