@@ -1,4 +1,4 @@
-"""The `pdserve` command: serve, offline, make-model, bench."""
+"""The `pdserve` command: serve, offline, make-model, drain-node, bench."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ _COMMANDS = {
     "serve": ("services.serve", "run the router and the worker pools"),
     "offline": ("services.engine.offline", "run a JSONL batch through the offline engine"),
     "make-model": ("services.modelgen.cli", "write a random-initialised Hugging Face model directory"),
+    "drain-node": ("services.drain", "drain this host's Ray node: its workers finish their requests, get no new ones"),
 }
 _BENCHES = {
     "offline": ("services.bench.offline", "pdserve's engine against transformers generate"),

@@ -7,6 +7,9 @@ restarts finds them again. Which workers there should be is `plan_workers`:
   ("prefill" or "decode") on each live node that advertises it, pinned to that node and named
   after it. Every poll re-reads the cluster's nodes, so a group that scales, or a node that
   dies, shows within a poll interval.
+A node the GCS was asked to drain (`pdserve drain-node` in a pod's pre-stop hook, `ray drain-node`,
+autoscaler v2) keeps its workers in the pools, marked draining: they finish the requests they have
+and the router sends them no new ones (`WorkerHandle.routable`). They leave once the node is gone.
 The first router to ask for a worker creates it (get_if_exists). On a cluster the router joined,
 workers are detached: they outlive any one router, and a router that stops leaves them be.
 """
@@ -42,6 +45,12 @@ class WorkerHandle:
     alive: bool = False
     last_load: LoadInfo | None = None
     inflight: int = 0  # requests the router has sent and not yet seen finish
+    draining: bool = False  # its node is draining: it finishes what it has and gets nothing new
+
+    @property
+    def routable(self) -> bool:
+        """Whether the router may send it a new request."""
+        return self.alive and not self.draining
 
     @property
     def free_blocks(self) -> int:
@@ -74,6 +83,7 @@ class Node:
     node_id: str
     alive: bool
     resources: dict[str, float]
+    draining: bool = False  # the GCS was asked to drain it; ray.nodes() still shows it alive as before
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,7 @@ class WorkerSlot:
     num_gpus: float
     node_id: str | None = None  # pinned to this node (worker groups)
     resource: str | None = None  # the group's resource, one unit per worker (worker groups)
+    draining: bool = False  # on a draining node: keep it for the requests it has, send it no new ones
 
 
 def plan_workers(spec: PoolSpec, nodes: list[Node]) -> list[WorkerSlot]:
@@ -104,12 +115,20 @@ def plan_workers(spec: PoolSpec, nodes: list[Node]) -> list[WorkerSlot]:
                 cpus = node.resources.get("CPU", 0.0) / units
                 gpus = node.resources.get("GPU", 0.0) / units
                 slots.append(WorkerSlot(f"{role}-{node.node_id[:12]}-{i}", role, cpus, gpus,
-                                        node.node_id, resource))
+                                        node.node_id, resource, node.draining))
     return slots
 
 
 def cluster_nodes() -> list[Node]:
-    return [Node(n["NodeID"], bool(n["Alive"]), dict(n.get("Resources", {}))) for n in ray.nodes()]
+    draining = draining_node_ids()
+    return [Node(n["NodeID"], bool(n["Alive"]), dict(n.get("Resources", {})), n["NodeID"] in draining)
+            for n in ray.nodes()]
+
+
+def draining_node_ids() -> set[str]:
+    """The nodes the GCS was asked to drain, by hex id. ray.nodes() does not tell them apart (alive, same
+    resources); the GCS's table of draining nodes, which Ray Serve reads too, does."""
+    return set(ray._private.state.state.get_draining_nodes())
 
 
 class WorkerPools:
@@ -136,6 +155,10 @@ class WorkerPools:
         """Makes the pools hold exactly the planned workers: new ones are found or started, gone ones dropped."""
         known = {w.name: w for w in self.all}
         handles = [known.get(slot.name) or self._worker(slot) for slot in plan]
+        for slot, handle in zip(plan, handles, strict=True):
+            if slot.draining and not handle.draining:
+                log.info("worker %s is draining: it finishes its requests and gets no new ones", slot.name)
+            handle.draining = slot.draining
         for name in known.keys() - {slot.name for slot in plan}:
             log.info("worker %s has left its pool", name)
             self.metrics.mark_worker_down(name, known[name].role)

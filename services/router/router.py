@@ -257,7 +257,7 @@ class Router:
 
     async def _prefill(self, st: _RequestState, routing: RoutingRequest, token_start: int) -> PrefillResult | None:
         """Runs the remote prefill. None means it failed and the decode worker recomputes."""
-        alive = [w for w in self.pools.prefill if w.alive]
+        alive = [w for w in self.pools.prefill if w.routable]
         decode = st.decode
         assert decode is not None
         if not alive:
@@ -299,7 +299,7 @@ class Router:
             raise Unavailable(f"KV hand-off failed ({reason}): {message}")
 
     def _choose(self, workers: list[WorkerHandle], policy: Policy, routing: RoutingRequest, role: str) -> WorkerHandle:
-        alive = [w for w in workers if w.alive]
+        alive = [w for w in workers if w.routable]
         if not alive:
             raise Unavailable(f"no {role} worker is alive")
         choice = policy.choose(alive, routing)

@@ -154,3 +154,78 @@ def test_a_decode_group_that_scales_up_takes_load(cluster: Cluster, expected: li
         assert len([w for w in _decode_workers(router) if w.alive]) == 2
         for prompt, want in zip(PROMPTS, expected, strict=True):
             assert _grpc_tokens(router, prompt) == want
+
+
+class _Load:
+    """Requests through one router on a few threads until the block ends; keeps what went wrong."""
+
+    def __init__(self, router: Router, expected: list[list[int]], threads: int = 3) -> None:
+        self.router = router
+        self.expected = expected
+        self.failures: list[str] = []
+        self.served = 0
+        self._done = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, offset: int) -> None:
+        i = offset
+        while not self._done.is_set():
+            prompt = i % len(PROMPTS)
+            try:
+                if _grpc_tokens(self.router, PROMPTS[prompt]) != self.expected[prompt]:
+                    self.failures.append(f"wrong answer to prompt {prompt}")
+            except grpc.RpcError as e:
+                self.failures.append(f"{e.code()}: {e.details()}")
+            self.served += 1
+            i += 1
+
+    def __enter__(self) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        for thread in self._threads:
+            thread.join(120)
+
+
+def _wait_for_decode_workers(cluster: Cluster, count: int, timeout_s: float = 60) -> None:
+    """Until every router's pools hold exactly `count` decode workers, all alive."""
+    deadline = time.monotonic() + timeout_s
+    for router in cluster.routers:
+        while not ((workers := _decode_workers(router)) and len(workers) == count and all(w.alive for w in workers)):
+            assert time.monotonic() < deadline, f"router {router.host.name} has {workers}:\n{cluster.logs()}"
+            time.sleep(0.5)
+
+
+def _prompt_tokens_seen(cluster: Cluster, worker: str) -> float:
+    """Prompt tokens the worker looked up in its prefix cache, as every router counted them: one lookup per
+    request a decode worker takes."""
+    return sum(_metric(r, "pdserve_prefix_cache_queries_total", worker=worker) for r in cluster.routers)
+
+
+def test_a_draining_decode_node_finishes_its_requests_and_leaves(cluster: Cluster,
+                                                                 expected: list[list[int]]) -> None:
+    """Host e's decode node (from the scale-up test) runs a pod's pre-stop hook, then stops, under load."""
+    if "e" not in cluster.net.hosts:  # this test ran alone
+        cluster.add_node("e", "decode")
+        _wait_for_decode_workers(cluster, 2, timeout_s=90)
+    host = cluster.net.hosts["e"]
+    with _Load(cluster.routers[0], expected) as load:
+        drained = host.run(["pdserve", "drain-node", "--timeout-s", "60"], cluster.env(), timeout=90)
+        assert drained.returncode == 0, f"{drained.stdout}{drained.stderr}\n{cluster.logs()}"
+        (worker,) = re.findall(r"pdserve-(decode-[0-9a-f]{12}-\d+)", drained.stdout)
+        time.sleep(1.5)  # every router has polled the worker since its last request ended
+        before = _prompt_tokens_seen(cluster, worker)
+        time.sleep(2)
+        assert _prompt_tokens_seen(cluster, worker) == before > 0, "a router sent the draining worker requests"
+        stopped = host.run(["ray", "stop"], cluster.env(), timeout=60)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        _wait_for_decode_workers(cluster, 1)
+        time.sleep(1)
+    assert not load.failures and load.served > 0, load.failures
+    for router in cluster.routers:
+        assert [w.worker for w in _decode_workers(router)] != [worker]
+        for prompt, want in zip(PROMPTS, expected, strict=True):
+            assert _grpc_tokens(router, prompt) == want
