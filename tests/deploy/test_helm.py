@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from tests.deploy.pod_commands import ROLES, ContainerCommand, commands_from_objects, quantity
+from tests.deploy.pod_commands import render as pod_render
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "pdserve"
@@ -818,3 +819,18 @@ def test_readme_values_table_names_real_keys() -> None:
                 continue
             assert isinstance(node, dict) and part in node, f"README names {key}, which values.yaml lacks"
             node = node[part]
+
+
+def test_worker_pods_drain_before_they_stop() -> None:
+    """Prefill and decode pods run `pdserve drain-node` before stopping, with a grace period longer than its wait."""
+    objects = pod_render({"workers": {"decode": {"drainTimeoutSeconds": 120}}})
+    cluster = next(o for o in objects if o["kind"] == "RayCluster")
+    groups = {g["groupName"]: g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]}
+    for name, timeout in (("prefill", 300), ("decode", 120)):
+        pod = groups[name]
+        hook = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook == ["pdserve", "drain-node", "--timeout-s", str(timeout)]
+        assert pod["terminationGracePeriodSeconds"] == timeout + 30
+    assert "lifecycle" not in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    router = groups["router"]
+    assert all("lifecycle" not in c for c in router["containers"])

@@ -12,6 +12,9 @@ metadata:
     app.kubernetes.io/component: {{ .component }}
 spec:
   enableServiceLinks: false
+  {{- if $spec.drainTimeoutSeconds }}
+  terminationGracePeriodSeconds: {{ add $spec.drainTimeoutSeconds 30 }}
+  {{- end }}
   securityContext:
     {{- toYaml $root.Values.securityContext.pod | nindent 4 }}
   {{- with $root.Values.images.pullSecrets }}
@@ -38,6 +41,13 @@ spec:
       {{- end }}
       resources:
         {{- toYaml $resources | nindent 8 }}
+      {{- if $spec.drainTimeoutSeconds }}
+      lifecycle:
+        preStop:
+          # Workers on a draining node take no new requests; this returns once their requests are done.
+          exec:
+            command: ["pdserve", "drain-node", "--timeout-s", {{ $spec.drainTimeoutSeconds | quote }}]
+      {{- end }}
       securityContext:
         {{- toYaml $root.Values.securityContext.container | nindent 8 }}
       volumeMounts:
