@@ -261,7 +261,7 @@ class Router:
         decode = st.decode
         assert decode is not None
         if not alive:
-            self._prefill_failed(st, "peer_gone", "no prefill worker is alive")
+            self._prefill_failed(st, "peer_gone", "no prefill worker is alive and taking requests")
             return None
         prefill = self.prefill_policy.choose(alive, routing)
         self.prefill_policy.record(prefill, routing)
@@ -301,7 +301,7 @@ class Router:
     def _choose(self, workers: list[WorkerHandle], policy: Policy, routing: RoutingRequest, role: str) -> WorkerHandle:
         alive = [w for w in workers if w.routable]
         if not alive:
-            raise Unavailable(f"no {role} worker is alive")
+            raise Unavailable(f"no {role} worker is alive and taking requests")
         choice = policy.choose(alive, routing)
         policy.record(choice, routing)
         return choice
