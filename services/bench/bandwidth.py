@@ -3,8 +3,8 @@
 One request is every layer of a token range, sent layer by layer from a "compute" thread, exactly
 as a prefill worker does, into a decode actor's real kv_cache at random block ids. By default
 the prefill actor's KV sits at random blocks of a KV cache in shared memory and goes with
-`KVSender.submit_cached`, as a prefill worker on CPU sends it; `--source tensors` sends it as
-tensors with `KVSender.submit`, which stages them (or registers them in place, `--staging-mib 0`).
+`KVSender.submit` as `KVBlocks`, as a prefill worker on CPU sends it; `--source tensors` sends it
+as `KVTensors`, which are staged (or registered in place, `--staging-mib 0`).
 A request's time runs from the first layer's submission (prefill actor) to the moment the last
 of it is in place (decode actor; `KVReceiver.wait` reports when that was), both on the host's
 monotonic clock. The decode actor starts waiting when the request is announced, so no Ray call
@@ -132,7 +132,7 @@ class _Pair:
 def _measure(args: argparse.Namespace, fp: KVFingerprint, sizes: list[int]) -> list[dict[str, Any]]:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         pair = _Pair(args, fp, sizes)
         rows = []

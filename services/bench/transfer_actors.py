@@ -18,6 +18,7 @@ import torch
 from services.transfer.config import TransferConfig
 from services.transfer.expected import slot_ids
 from services.transfer.fingerprint import KVFingerprint
+from services.transfer.kv import KVBlocks, KVTensors
 from services.transfer.receiver import KVReceiver
 from services.transfer.sender import KVSender
 
@@ -148,10 +149,11 @@ class PrefillSide:
         loop = asyncio.get_running_loop()
         table = self._write(kv, token_start) if self.cache is not None else []
 
+        blocks = KVBlocks(num_tokens, table) if self.cache is not None else None  # the same for every layer
+
         def submit(layer: int) -> concurrent.futures.Future[int]:
-            if self.cache is not None:
-                return self.sender.submit_cached(loop, peer, request_id, layer, token_start, num_tokens, table)
-            return self.sender.submit(loop, peer, request_id, layer, token_start, kv[layer, 0], kv[layer, 1])
+            sent = blocks if blocks is not None else KVTensors(kv[layer, 0], kv[layer, 1])
+            return self.sender.submit(loop, peer, request_id, layer, token_start, sent)
 
         def compute_thread() -> float:
             t0 = time.monotonic()

@@ -51,6 +51,7 @@ class RemoteRequest:
         self._receiver = receiver
         self._registry = registry
         self._lease: asyncio.TimerHandle | None = None
+        self._expiry: asyncio.Future[None] | None = None
         registry[request_id] = self
 
     @classmethod
@@ -90,7 +91,10 @@ class RemoteRequest:
                 on_expired()
                 await self.close("expired")
 
-        self._lease = asyncio.get_running_loop().call_later(lease_s, lambda: asyncio.ensure_future(expire()))
+        def start_expiry() -> None:
+            self._expiry = asyncio.ensure_future(expire())  # held here, so that it runs to its end
+
+        self._lease = asyncio.get_running_loop().call_later(lease_s, start_expiry)
 
     def claim(self) -> asyncio.Queue[RequestOutput]:
         """generate() takes the request over: the lease stops, and its outputs start to queue up."""

@@ -8,7 +8,17 @@ from __future__ import annotations
 from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.fingerprint import KVFingerprint
+from services.transfer.kv import KVBlocks, KVTensors
 from services.transfer.receiver import KVReceiver
 from services.transfer.sender import KVSender
 
-__all__ = ["KVFingerprint", "KVIncompatible", "KVReceiver", "KVSender", "TransferConfig", "TransferError"]
+__all__ = [
+    "KVBlocks",
+    "KVFingerprint",
+    "KVIncompatible",
+    "KVReceiver",
+    "KVSender",
+    "KVTensors",
+    "TransferConfig",
+    "TransferError",
+]

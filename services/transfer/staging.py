@@ -1,9 +1,8 @@
 """The sender's staging ring: shared memory that UCX allocates, which host KV is copied into.
 
 On one host the decode side maps this memory (ucp_rkey_ptr) and copies straight from it into its
-blocks: one user-space copy on each side, no syscall per piece. Measured here, reading 64 KiB
-pieces into scattered blocks that way ran at 7-12 GB/s, against 3.5-5 GB/s for RMA gets of the
-same pieces over cma out of the prefill's own tensors.
+blocks: one user-space copy on each side, no syscall per piece, which beats RMA gets of the same
+pieces out of the prefill's own tensors (services/bench/README.md has the figures).
 
 Space is handed out in allocation order, around a ring; `give` may come in any order (acks from
 several decode workers), and space is reused once everything allocated before it is given back.

@@ -13,7 +13,7 @@ padding.
 from __future__ import annotations
 
 import struct
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from google.protobuf.message import DecodeError, Message
@@ -59,3 +59,13 @@ def parse(data: bytes, msg_type: type[M]) -> M:
 
 def new_frame_buffer() -> np.ndarray:
     return np.empty(FRAME_BYTES, dtype=np.uint8)
+
+
+async def request(ep: Any, message: Message, reply_type: type[M]) -> M:
+    """Send `message` as a frame on a control endpoint and read the reply frame (the sender's half of the handshake)."""
+    from services.transfer.ucx_ops import post_recv, post_send
+
+    reply = new_frame_buffer()
+    await post_send(ep, encode_frame(message))
+    await post_recv(ep, reply)
+    return decode_frame(reply, reply_type)

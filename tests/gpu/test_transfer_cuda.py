@@ -10,7 +10,7 @@ from a seed on both ends and must land bit for bit, in the expected blocks only.
 Every case needs cuda_copy among UCX's transports, which TransferConfig adds where CUDA is
 available: without it UCX takes device pointers for host memory and each fetch fails with
 "Input/output error". On an H200 with UCX 1.21, every get that touches CUDA memory runs as UCX's
-software emulation over sysv (about 0.7 GB/s), ucx_perftest's ucp_get included.
+software emulation over sysv, ucx_perftest's ucp_get included (figures: services/bench/README.md).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import torch
 
 from services.bench.transfer_actors import DecodeSide, PrefillSide, make_kv
 from services.proto_gen import kv_pb2
-from services.transfer import KVFingerprint, TransferConfig
+from services.transfer import KVBlocks, KVFingerprint, KVTensors, TransferConfig
+from services.transfer.kv import LayerKV
 
 pytestmark = [
     pytest.mark.gpu,
@@ -72,7 +73,7 @@ class Prefill(PrefillSide):
     """The bench's prefill end (its `send_request` submits every layer from a thread), plus awaited sends."""
 
     async def send(self, peer: str, request_id: str, token_start: int, num_tokens: int, seed: int, chunk: int) -> int:
-        """Every layer with `send` (or `send_cached`), `chunk` tokens at a time; returns the bytes acknowledged."""
+        """Every layer with an awaited `send`, `chunk` tokens at a time; returns the bytes acknowledged."""
         await self.start()
         kv = self.kv(num_tokens, seed)
         table = self._write(kv, token_start) if self.cache is not None else []
@@ -81,22 +82,22 @@ class Prefill(PrefillSide):
             n = min(chunk, num_tokens - lo)
             for layer in range(self.fp.num_layers):
                 if self.cache is not None:
-                    sent += await self.sender.send_cached(peer, request_id, layer, token_start + lo, n, table)
+                    part: LayerKV = KVBlocks(n, table)
                 else:
-                    k, v = kv[layer, 0, lo : lo + n], kv[layer, 1, lo : lo + n]
-                    sent += await self.sender.send(peer, request_id, layer, token_start + lo, k, v)
+                    part = KVTensors(kv[layer, 0, lo : lo + n], kv[layer, 1, lo : lo + n])
+                sent += await self.sender.send(peer, request_id, layer, token_start + lo, part)
         return sent
 
     def send_raw(self, peer: str, header: bytes) -> None:
         """Put bytes on the data path as if they were a header (the connection must be open)."""
-        self.sender._conns[peer].data.send(header)
+        self.sender._links.by_peer[peer].data.send(header)
 
     def state(self) -> dict[str, Any]:
-        conns = self.sender._conns
+        conns = self.sender._links.by_peer
         return {
             "connects": self.sender.connects,
             "peers": list(conns),
-            "pending": len(self.sender._pending),
+            "pending": len(self.sender._in_flight.pending),
             "staged": [c.staged for c in conns.values()],
             "cached": [c.cached for c in conns.values()],
         }
@@ -261,7 +262,7 @@ def round_trips(p: Pair, fp: KVFingerprint = FP, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_tensors_land_in_a_cuda_cache(dtype: str) -> None:
-    """CUDA K and V registered in place (`send`, `submit`) are fetched device to device."""
+    """CUDA K and V registered in place (awaited `send`, threaded `submit`) are fetched device to device."""
     fp = KVFingerprint(model="tiny", dtype=dtype, block_size=4, num_layers=3, num_kv_heads=2, head_dim=8)
     with pair(GPU, GPU, fp=fp) as p:
         round_trips(p, fp)

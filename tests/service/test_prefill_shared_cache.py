@@ -47,7 +47,8 @@ async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> 
     )
     async with worker_pair(config, TransferConfig(timeout_s=10)) as (prefill, decode, peer):
         assert prefill.shared_cache
-        assert prefill.engine.runner.kv_cache.data_ptr() == prefill.sender._cache.tensor.data_ptr()
+        assert prefill.sender._cache is not None
+        assert prefill.engine.kv_cache.data_ptr() == prefill.sender._cache.tensor.data_ptr()
 
         params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
         want = LLM(str(small_model)).generate([list(range(10, 110))], params, use_tqdm=False)[0].token_ids
@@ -63,9 +64,10 @@ async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> 
             assert load.integrity_error is None
             assert not any(h.startswith("kv-send:") for h in prefill.engine.block_manager.req_blocks)
         assert reservation.cached_tokens == 96  # the decode side had the second prompt cached
-        conn = prefill.sender._conns[peer]
-        assert conn.cached and not prefill.sender._pending
-        ring = prefill.sender._ring
+        conn = prefill.sender._links.by_peer[peer]
+        assert conn.cached and not prefill.sender._in_flight.pending
+        assert prefill.sender._staging is not None
+        ring = prefill.sender._staging.ring
         assert ring is not None and int(ring.buffer[: 1 << 16].count_nonzero()) == 0  # nothing was staged
 
 

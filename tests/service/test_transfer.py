@@ -11,7 +11,15 @@ import torch
 
 from services.bench.transfer_actors import make_kv
 from services.proto_gen import kv_pb2
-from services.transfer import KVFingerprint, KVIncompatible, KVReceiver, KVSender, TransferConfig, TransferError
+from services.transfer import (
+    KVFingerprint,
+    KVIncompatible,
+    KVReceiver,
+    KVSender,
+    KVTensors,
+    TransferConfig,
+    TransferError,
+)
 
 FP = KVFingerprint(model="tiny", dtype="float32", block_size=4, num_layers=3, num_kv_heads=2, head_dim=8)
 CFG = TransferConfig(timeout_s=5.0)
@@ -34,7 +42,7 @@ async def send_all(sender: KVSender, peer: str, rid: str, start: int, kv: torch.
     for lo in range(0, kv.shape[2], chunk):
         hi = min(lo + chunk, kv.shape[2])
         for layer in range(FP.num_layers):
-            sent += await sender.send(peer, rid, layer, start + lo, kv[layer, 0, lo:hi], kv[layer, 1, lo:hi])
+            sent += await sender.send(peer, rid, layer, start + lo, KVTensors(kv[layer, 0, lo:hi], kv[layer, 1, lo:hi]))
     return sent
 
 
@@ -99,7 +107,7 @@ async def test_handshake_mismatch_is_refused(pair: Pair) -> None:
     try:
         k = torch.zeros(2, 4, 16)
         with pytest.raises(KVIncompatible) as info:
-            await sender.send(pair.addr, "x", 0, 0, k, k)
+            await sender.send(pair.addr, "x", 0, 0, KVTensors(k, k))
         msg = str(info.value)
         assert info.value.reason == "incompatible"
         assert "num_kv_heads: local=2 remote=4" in msg and "head_dim: local=8 remote=16" in msg
@@ -155,8 +163,8 @@ async def test_range_outside_expectation_is_bad_header(pair: Pair) -> None:
 async def test_malformed_header_fails_request_and_closes_connection(pair: Pair) -> None:
     pair.receiver.expect("bad", [11], 0, 4)
     kv = make_kv(FP, 1, seed=5)
-    await pair.sender.send(pair.addr, "bad", 0, 0, kv[0, 0], kv[0, 1])  # opens the connection
-    data = pair.sender._conns[pair.addr].data
+    await pair.sender.send(pair.addr, "bad", 0, 0, KVTensors(kv[0, 0], kv[0, 1]))  # opens the connection
+    data = pair.sender._links.by_peer[pair.addr].data
     header = kv_pb2.KVHeader(request_id="bad", layer=1, token_start=1, num_tokens=2, payload_bytes=12345)
     data.send(header.SerializeToString())
     with pytest.raises(TransferError) as info:
@@ -172,8 +180,8 @@ async def test_malformed_header_fails_request_and_closes_connection(pair: Pair) 
 async def test_garbage_on_the_data_path_closes_the_connection(pair: Pair) -> None:
     pair.receiver.expect("junk", [12], 0, 4)
     kv = make_kv(FP, 1, seed=5)
-    await pair.sender.send(pair.addr, "junk", 0, 0, kv[0, 0], kv[0, 1])
-    pair.sender._conns[pair.addr].data.send(b"\xff" * 40)
+    await pair.sender.send(pair.addr, "junk", 0, 0, KVTensors(kv[0, 0], kv[0, 1]))
+    pair.sender._links.by_peer[pair.addr].data.send(b"\xff" * 40)
     with pytest.raises(TransferError) as info:
         await pair.receiver.wait("junk")
     assert info.value.reason == "bad_header" and "malformed KV header" in str(info.value)
@@ -188,10 +196,10 @@ async def test_unacknowledged_send_times_out_and_drops_the_connection() -> None:
         receiver._on_events = lambda conn, events: None  # type: ignore[method-assign]  # a decode side that never answers
         kv = make_kv(FP, 4, seed=6)
         with pytest.raises(TransferError) as info:
-            await sender.send(addr, "mute", 0, 0, kv[0, 0], kv[0, 1])
+            await sender.send(addr, "mute", 0, 0, KVTensors(kv[0, 0], kv[0, 1]))
         assert info.value.reason == "timeout"
-        assert addr not in sender.peers and not sender._pending
-        assert len(sender._retired) == 1  # its memory is held a while: the peer might still read it
+        assert addr not in sender.peers and not sender._in_flight.pending
+        assert len(sender._in_flight.retired) == 1  # its memory is held a while: the peer might still read it
     finally:
         await sender.close()
         await receiver.close()
@@ -210,7 +218,7 @@ async def test_send_to_closed_receiver_is_peer_gone_and_endpoint_dropped() -> No
         await receiver.close()
         with pytest.raises(TransferError) as info:
             for _ in range(50):  # the sender learns of the disconnect asynchronously
-                await sender.send(addr, "b", 0, 0, kv[0, 0], kv[0, 1])
+                await sender.send(addr, "b", 0, 0, KVTensors(kv[0, 0], kv[0, 1]))
                 await asyncio.sleep(0.02)
         # The receiver's goodbye drops the connection (peer_gone if a send is waiting); a new
         # connection to the closed listener then fails or times out.
@@ -223,7 +231,7 @@ async def test_send_to_closed_receiver_is_peer_gone_and_endpoint_dropped() -> No
 async def test_sender_disconnect_fails_receiving_request_with_peer_gone(pair: Pair) -> None:
     pair.receiver.expect("half", [12, 13], 0, 8)
     kv = make_kv(FP, 8, seed=7)
-    await pair.sender.send(pair.addr, "half", 0, 0, kv[0, 0], kv[0, 1])  # one layer of three
+    await pair.sender.send(pair.addr, "half", 0, 0, KVTensors(kv[0, 0], kv[0, 1]))  # one layer of three
     await pair.sender.close()
     with pytest.raises(TransferError) as info:
         await pair.receiver.wait("half")
@@ -235,7 +243,7 @@ async def test_nothing_listening_is_peer_gone() -> None:
     kv = torch.zeros(1, FP.num_kv_heads, FP.head_dim)
     try:
         with pytest.raises(TransferError) as info:
-            await sender.send("127.0.0.1:1", "x", 0, 0, kv, kv)
+            await sender.send("127.0.0.1:1", "x", 0, 0, KVTensors(kv, kv))
         assert info.value.reason in ("peer_gone", "timeout")
     finally:
         await sender.close()
@@ -244,11 +252,11 @@ async def test_nothing_listening_is_peer_gone() -> None:
 async def test_bad_arguments_are_clear_errors(pair: Pair) -> None:
     k = torch.zeros(2, FP.num_kv_heads, FP.head_dim)
     with pytest.raises(ValueError, match="layer 3 out of range"):
-        await pair.sender.send(pair.addr, "r", 3, 0, k, k)
+        await pair.sender.send(pair.addr, "r", 3, 0, KVTensors(k, k))
     with pytest.raises(ValueError, match="dtype"):
-        await pair.sender.send(pair.addr, "r", 0, 0, k.double(), k.double())
+        await pair.sender.send(pair.addr, "r", 0, 0, KVTensors(k.double(), k.double()))
     with pytest.raises(ValueError, match="host:port"):
-        await pair.sender.send("nowhere", "r", 0, 0, k, k)
+        await pair.sender.send("nowhere", "r", 0, 0, KVTensors(k, k))
     with pytest.raises(ValueError, match="blocks"):
         pair.receiver.expect("r", [1], 0, 9)
     with pytest.raises(ValueError, match="block ids"):
@@ -265,7 +273,7 @@ def test_two_ray_actors_move_kv(cache_blocks: int) -> None:
     ray = pytest.importorskip("ray")
     from services.bench.transfer_actors import DecodeSide, PrefillSide
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         decode = ray.remote(num_cpus=0)(DecodeSide).remote(FP, CFG, NUM_BLOCKS)
         prefill = ray.remote(num_cpus=0)(PrefillSide).remote(FP, CFG, cache_blocks)
@@ -305,7 +313,7 @@ async def test_layers_of_every_size_sent_together_land_exactly() -> None:
         for n in sizes:
             for layer in range(BIG.num_layers):
                 k, v = kv[layer, 0, start : start + n], kv[layer, 1, start : start + n]
-                sends.append(asyncio.ensure_future(sender.send(addr, "mix", layer, start, k, v)))
+                sends.append(asyncio.ensure_future(sender.send(addr, "mix", layer, start, KVTensors(k, v))))
             start += n
         assert sum(await asyncio.gather(*sends)) == BIG.num_layers * BIG.payload_bytes(total)
         await receiver.wait("mix")
@@ -313,7 +321,7 @@ async def test_layers_of_every_size_sent_together_land_exactly() -> None:
         pos = torch.arange(total)
         slots = torch.as_tensor(blocks)[pos // BIG.block_size] * BIG.block_size + pos % BIG.block_size
         assert torch.equal(flat[:, :, slots], kv)
-        assert not sender._pending and not sender._retired  # every send acknowledged and released
+        assert not sender._in_flight.pending and not sender._in_flight.retired  # every send acknowledged and released
     finally:
         await sender.close()
         await receiver.close()
@@ -328,7 +336,7 @@ async def test_sends_of_a_cancelled_request_are_acknowledged_not_fetched(pair: P
     pair.receiver.cancel("c2")
     await asyncio.gather(
         *(
-            pair.sender.send(pair.addr, rid, layer, 0, kv[layer, 0], kv[layer, 1])
+            pair.sender.send(pair.addr, rid, layer, 0, KVTensors(kv[layer, 0], kv[layer, 1]))
             for rid, kv in kvs.items()
             for layer in range(FP.num_layers)
         )
@@ -337,13 +345,13 @@ async def test_sends_of_a_cancelled_request_are_acknowledged_not_fetched(pair: P
         await pair.receiver.wait(rid)
         assert torch.equal(stored(pair.cache, blocks[rid], 0, 6), kvs[rid])
     assert pair.cache[:, :, blocks["c2"]].abs().sum() == 0
-    assert not pair.sender._pending
+    assert not pair.sender._in_flight.pending
 
 
 async def test_header_pointing_outside_the_staging_ring_is_refused(pair: Pair) -> None:
     pair.receiver.expect("far", [14], 0, 4)
     kv = make_kv(FP, 1, seed=5)
-    await pair.sender.send(pair.addr, "far", 0, 0, kv[0, 0], kv[0, 1])
+    await pair.sender.send(pair.addr, "far", 0, 0, KVTensors(kv[0, 0], kv[0, 1]))
     header = kv_pb2.KVHeader(
         request_id="far",
         layer=1,
@@ -354,7 +362,7 @@ async def test_header_pointing_outside_the_staging_ring_is_refused(pair: Pair) -
         k_address=8,
         v_address=8,
     )
-    pair.sender._conns[pair.addr].data.send(header.SerializeToString())
+    pair.sender._links.by_peer[pair.addr].data.send(header.SerializeToString())
     with pytest.raises(TransferError) as info:
         await pair.receiver.wait("far")
     assert info.value.reason == "bad_header" and "staging ring" in str(info.value)
@@ -374,8 +382,8 @@ async def test_ring_on_another_host_is_fetched_by_rma_get(monkeypatch: pytest.Mo
         await send_all(p.sender, p.addr, "remote", 1, kv, chunk=4)
         await p.receiver.wait("remote")
         assert torch.equal(stored(p.cache, blocks, 1, 11), kv)
-        link = next(iter(p.receiver._conns.values()))
-        assert link.staging is not None and link.staging.mapped == 0
+        link = next(iter(p.receiver._links.values()))
+        assert link.ring is not None and link.ring.region is not None and link.ring.region.mapped == 0
     finally:
         await p.sender.close()
         await p.receiver.close()
@@ -404,7 +412,7 @@ async def test_ring_the_receiver_cannot_reach_means_in_place_for_that_connection
         await send_all(p.sender, p.addr, "apart", 0, kv, chunk=8)
         await p.receiver.wait("apart")
         assert torch.equal(stored(p.cache, [5, 9], 0, 8), kv)
-        assert not p.sender._conns[p.addr].staged
+        assert not p.sender._links.by_peer[p.addr].staged
         assert len(calls) == 1 + 2 * FP.num_layers  # then a key for K and for V of every layer
     finally:
         await p.sender.close()

@@ -20,7 +20,7 @@ import torch
 
 from services.bench.transfer_actors import make_kv
 from services.proto_gen import kv_pb2
-from services.transfer import KVSender, TransferConfig, TransferError
+from services.transfer import KVBlocks, KVSender, KVTensors, TransferConfig, TransferError
 from tests.service.test_transfer import CFG, FP, NUM_BLOCKS, Pair, slots_of, stored
 
 CACHE_BLOCKS = 40
@@ -48,11 +48,17 @@ def put(source: torch.Tensor, table: list[int], start: int, kv: torch.Tensor) ->
     flat[:, :, slots_of(table, start, start + kv.shape[2])] = kv
 
 
+def cached_header(sender: KVSender, rid: str, layer: int, start: int, kv: KVBlocks) -> kv_pb2.KVHeader:
+    """The header a send of `kv` from the shared cache puts on the wire (its sequence still 0)."""
+    header: kv_pb2.KVHeader = sender._header(rid, layer, start, kv)
+    return header
+
+
 async def send_cached_all(p: Pair, rid: str, start: int, n: int, table: list[int], chunk: int) -> int:
     sent = 0
     for lo in range(start, start + n, chunk):
         for layer in range(FP.num_layers):
-            sent += await p.sender.send_cached(p.addr, rid, layer, lo, min(chunk, start + n - lo), table)
+            sent += await p.sender.send(p.addr, rid, layer, lo, KVBlocks(min(chunk, start + n - lo), table))
     return sent
 
 
@@ -75,7 +81,7 @@ async def check_cache_round_trip(p: Pair, source: torch.Tensor) -> None:
         assert sent == FP.num_layers * FP.payload_bytes(end - start)
         assert torch.equal(stored(p.cache, blocks, start, end), kv), i
         p.cache.zero_()
-    assert p.sender.connects == 1 and not p.sender._pending
+    assert p.sender.connects == 1 and not p.sender._in_flight.pending
 
 
 def count_fetches(p: Pair) -> list[str]:
@@ -83,9 +89,9 @@ def count_fetches(p: Pair) -> list[str]:
     fetched: list[str] = []
     fetch = p.receiver._fetch
 
-    def counting(conn: int, link: object, hdr: kv_pb2.KVHeader, exp: object) -> bool:
+    def counting(link: object, hdr: kv_pb2.KVHeader, exp: object) -> bool:
         fetched.append(hdr.request_id)
-        return fetch(conn, link, hdr, exp)  # type: ignore[arg-type]
+        return fetch(link, hdr, exp)  # type: ignore[arg-type]
 
     p.receiver._fetch = counting  # type: ignore[method-assign]
     return fetched
@@ -96,11 +102,12 @@ async def test_sends_from_the_shared_cache_land_exactly() -> None:
         fetched = count_fetches(p)
         await check_cache_round_trip(p, source)
         assert fetched == []  # every header went through its route
-        assert p.sender._conns[p.addr].cached
-        ring = p.sender._ring
+        assert p.sender._links.by_peer[p.addr].cached
+        assert p.sender._staging is not None
+        ring = p.sender._staging.ring
         assert ring is not None and int(ring.buffer[: 1 << 16].count_nonzero()) == 0  # nothing was staged
-        link = next(iter(p.receiver._conns.values()))
-        assert link.cache is not None and link.cache.mapped
+        link = next(iter(p.receiver._links.values()))
+        assert link.cache is not None and link.cache.region is not None and link.cache.region.mapped
 
 
 async def test_shared_cache_on_another_host_is_fetched_by_rma_get(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,8 +116,8 @@ async def test_shared_cache_on_another_host_is_fetched_by_rma_get(monkeypatch: p
     monkeypatch.setattr(native.RemoteKey, "local_address", lambda self, remote: 0)
     async with cache_pair() as (p, source):
         await check_cache_round_trip(p, source)
-        link = next(iter(p.receiver._conns.values()))
-        assert link.cache is not None and link.cache.mapped == 0
+        link = next(iter(p.receiver._links.values()))
+        assert link.cache is not None and link.cache.region is not None and link.cache.region.mapped == 0
 
 
 async def test_shared_cache_the_receiver_cannot_reach_is_staged_instead(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,27 +135,27 @@ async def test_shared_cache_the_receiver_cannot_reach_is_staged_instead(monkeypa
     monkeypatch.setattr(native.Connection, "unpack", cache_fails)
     async with cache_pair() as (p, source):
         await check_cache_round_trip(p, source)
-        assert not p.sender._conns[p.addr].cached and p.sender._conns[p.addr].staged
+        assert not p.sender._links.by_peer[p.addr].cached and p.sender._links.by_peer[p.addr].staged
 
 
 async def test_header_pointing_outside_the_shared_cache_is_refused() -> None:
     async with cache_pair() as (p, source):
         p.receiver.expect("far", [1, 2], 0, 8)
-        await p.sender.send_cached(p.addr, "far", 0, 0, 1, [3])  # opens the connection
+        await p.sender.send(p.addr, "far", 0, 0, KVBlocks(1, [3]))  # opens the connection
         good = kv_pb2.KVHeader()
-        header = p.sender._cached_header("far", 1, 0, 4, [3])
+        header = cached_header(p.sender, "far", 1, 0, KVBlocks(4, [3]))
         good.CopyFrom(header)
         header.sequence, header.source_blocks[0] = 98, 2 * FP.num_layers * CACHE_BLOCKS  # past the whole region
-        p.sender._conns[p.addr].data.send(header.SerializeToString())
+        p.sender._links.by_peer[p.addr].data.send(header.SerializeToString())
         with pytest.raises(TransferError) as info:
             await p.receiver.wait("far")
         assert info.value.reason == "bad_header" and "shared KV cache" in str(info.value)
 
         async with cache_pair() as (p2, _):
             p2.receiver.expect("short", [1, 2], 0, 8)
-            await p2.sender.send_cached(p2.addr, "short", 0, 0, 1, [3])
+            await p2.sender.send(p2.addr, "short", 0, 0, KVBlocks(1, [3]))
             good.sequence, good.request_id, good.num_tokens, good.payload_bytes = 99, "short", 6, FP.payload_bytes(6)
-            p2.sender._conns[p2.addr].data.send(good.SerializeToString())  # one block cannot hold 6 tokens
+            p2.sender._links.by_peer[p2.addr].data.send(good.SerializeToString())  # one block cannot hold 6 tokens
             with pytest.raises(TransferError) as info:
                 await p2.receiver.wait("short")
             assert info.value.reason == "bad_header" and "do not hold its tokens" in str(info.value)
@@ -159,7 +166,7 @@ async def test_shared_cache_bad_arguments_are_clear_errors() -> None:
     try:
         plain.addr = await plain.receiver.start()
         with pytest.raises(ValueError, match="allocate_cache"):
-            await plain.sender.send_cached(plain.addr, "r", 0, 0, 4, [1])
+            await plain.sender.send(plain.addr, "r", 0, 0, KVBlocks(4, [1]))
     finally:
         await plain.sender.close()
         await plain.receiver.close()
@@ -167,16 +174,16 @@ async def test_shared_cache_bad_arguments_are_clear_errors() -> None:
         with pytest.raises(RuntimeError, match="once"):
             p.sender.allocate_cache(tuple(source.shape))
         with pytest.raises(ValueError, match="need 3"):
-            await p.sender.send_cached(p.addr, "r", 0, 4, 6, [1, 2])  # tokens up to 10 need 3 blocks
+            await p.sender.send(p.addr, "r", 0, 4, KVBlocks(6, [1, 2]))  # tokens up to 10 need 3 blocks
         with pytest.raises(ValueError, match="block ids"):
-            await p.sender.send_cached(p.addr, "r", 0, 0, 4, [CACHE_BLOCKS])
+            await p.sender.send(p.addr, "r", 0, 0, KVBlocks(4, [CACHE_BLOCKS]))
         with pytest.raises(ValueError, match="at most"):
-            await p.sender.send_cached(p.addr, "r", 0, 0, 257 * FP.block_size, [0] * 257)
+            await p.sender.send(p.addr, "r", 0, 0, KVBlocks(257 * FP.block_size, [0] * 257))
         with pytest.raises(ValueError, match="num_tokens"):
-            await p.sender.send_cached(p.addr, "r", 0, 0, 0, [1])
+            await p.sender.send(p.addr, "r", 0, 0, KVBlocks(0, [1]))
         with pytest.raises(ValueError, match="layer 3 out of range"):
-            await p.sender.send_cached(p.addr, "r", 3, 0, 4, [1])
-        failed = p.sender.submit_cached(asyncio.get_running_loop(), p.addr, "r", 0, -1, 4, [1])
+            await p.sender.send(p.addr, "r", 3, 0, KVBlocks(4, [1]))
+        failed = p.sender.submit(asyncio.get_running_loop(), p.addr, "r", 0, -1, KVBlocks(4, [1]))
         with pytest.raises(ValueError, match="token_start"):
             await asyncio.wrap_future(failed)
     fresh = KVSender(FP, CFG)
@@ -212,9 +219,9 @@ async def test_many_sends_in_flight_are_all_acknowledged() -> None:
         kv = make_kv(FP, n, seed=8)
         put(source, table, 0, kv)
         p.receiver.expect("many", list(range(10, 20)), 0, n)
-        await p.sender.send_cached(p.addr, "many", 0, 0, 1, table)  # connect first
+        await p.sender.send(p.addr, "many", 0, 0, KVBlocks(1, table))  # connect first
         sends = [
-            p.sender.send_cached(p.addr, "many", layer, t, 1, table)
+            p.sender.send(p.addr, "many", layer, t, KVBlocks(1, table))
             for t in range(n)
             for layer in range(FP.num_layers)
             if (layer, t) != (0, 0)
@@ -223,7 +230,7 @@ async def test_many_sends_in_flight_are_all_acknowledged() -> None:
         await asyncio.wait_for(asyncio.gather(*sends), 5)
         await p.receiver.wait("many")
         assert torch.equal(stored(p.cache, list(range(10, 20)), 0, n), kv)
-        assert not p.sender._pending
+        assert not p.sender._in_flight.pending
 
 
 async def test_nothing_lands_for_a_request_after_it_is_cancelled() -> None:
@@ -231,10 +238,10 @@ async def test_nothing_lands_for_a_request_after_it_is_cancelled() -> None:
         kv = make_kv(FP, 8, seed=9)
         put(source, [6, 7], 0, kv)
         p.receiver.expect("gone", [1, 2], 0, 8)
-        await p.sender.send_cached(p.addr, "gone", 0, 0, 8, [6, 7])
+        await p.sender.send(p.addr, "gone", 0, 0, KVBlocks(8, [6, 7]))
         p.receiver.cancel("gone")
         for layer in range(1, FP.num_layers):  # acknowledged, not written
-            await asyncio.wait_for(p.sender.send_cached(p.addr, "gone", layer, 0, 8, [6, 7]), 5)
+            await asyncio.wait_for(p.sender.send(p.addr, "gone", layer, 0, KVBlocks(8, [6, 7])), 5)
         landed = stored(p.cache, [1, 2], 0, 8)
         assert torch.equal(landed[0], kv[0]) and not landed[1:].any()
 
@@ -246,9 +253,9 @@ async def test_a_request_placed_partly_in_c_and_partly_in_python_completes() -> 
         kv = make_kv(FP, 8, seed=10)
         put(source, [3, 5], 0, kv)
         p.receiver.expect("mixed", [7, 8], 0, 8)
-        await p.sender.send_cached(p.addr, "mixed", 0, 0, 8, [3, 5])
+        await p.sender.send(p.addr, "mixed", 0, 0, KVBlocks(8, [3, 5]))
         for layer in range(1, FP.num_layers):
-            await p.sender.send(p.addr, "mixed", layer, 0, kv[layer, 0], kv[layer, 1])
+            await p.sender.send(p.addr, "mixed", layer, 0, KVTensors(kv[layer, 0], kv[layer, 1]))
         await p.receiver.wait("mixed")
         assert torch.equal(stored(p.cache, [7, 8], 0, 8), kv)
         assert fetched == ["mixed"] * (FP.num_layers - 1)
@@ -270,13 +277,13 @@ async def test_headers_the_c_path_does_not_parse_go_to_python() -> None:
         kv = make_kv(FP, 8, seed=11)
         put(source, [2, 4], 0, kv)
         p.receiver.expect("odd", [9, 11], 0, 8)
-        await p.sender.send_cached(p.addr, "odd", 0, 0, 8, [2, 4])  # opens the connection
-        data = p.sender._conns[p.addr].data
-        unpacked = p.sender._cached_header("odd", 1, 0, 8, [2, 4])
+        await p.sender.send(p.addr, "odd", 0, 0, KVBlocks(8, [2, 4]))  # opens the connection
+        data = p.sender._links.by_peer[p.addr].data
+        unpacked = cached_header(p.sender, "odd", 1, 0, KVBlocks(8, [2, 4]))
         del unpacked.source_blocks[:]
         unpacked.sequence = 1001
         data.send(unpacked.SerializeToString() + b"".join(b"\x58" + _varint(b) for b in (2, 4)))
-        twice = p.sender._cached_header("odd", 2, 0, 8, [2, 4])
+        twice = cached_header(p.sender, "odd", 2, 0, KVBlocks(8, [2, 4]))
         twice.sequence = 1002
         data.send(twice.SerializeToString() + b"\x10" + _varint(2))  # layer 2 once more
         await p.receiver.wait("odd")
@@ -288,7 +295,7 @@ async def test_a_sender_that_goes_away_mid_request_fails_it_at_once() -> None:
     async with cache_pair() as (p, source):
         put(source, [1, 2], 0, make_kv(FP, 8, seed=12))
         p.receiver.expect("half", [3, 4], 0, 8)
-        await p.sender.send_cached(p.addr, "half", 0, 0, 8, [1, 2])
+        await p.sender.send(p.addr, "half", 0, 0, KVBlocks(8, [1, 2]))
         await p.sender.close()
         start = time.monotonic()
         with pytest.raises(TransferError) as info:

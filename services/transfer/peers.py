@@ -1,0 +1,143 @@
+"""The sender's connections, one per decode worker: opened by the handshake on first use, watched until they end.
+
+    prefill (PeerLinks.open)                        decode (KVReceiver)
+    ucxx endpoint to host:port; frame(HandshakeRequest: layout, worker address, tag,
+                                      the staging ring and shared cache it may read)  ───►
+                                                     ◄───  frame(HandshakeReply: ok, worker address, tag,
+                                                                 whether it reads the ring and the cache)
+    data-path connection to its worker (native/); the endpoint stays open and carries nothing more
+
+Headers and acks then travel on the data path. Any completion on the control endpoint means the
+connection ended, and so does a failure the data path reports (`on_events` gets those).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from services.proto_gen import kv_pb2
+from services.transfer import native, ucx_runtime
+from services.transfer.config import TransferConfig
+from services.transfer.errors import KVIncompatible, TransferError
+from services.transfer.fingerprint import KVFingerprint
+from services.transfer.wire import new_frame_buffer, request
+
+
+@dataclass(eq=False)
+class PeerLink:
+    peer: str
+    ep: Any  # ucxx control endpoint
+    data: native.Connection
+    tag: int
+    staged: bool  # the receiver reads the staging ring (else tensors are registered in place)
+    cached: bool  # the receiver reads the shared KV cache (else what is sent from it is gathered)
+    watch: asyncio.Task[None] | None = None
+
+
+def parse_peer(peer: str) -> tuple[str, int]:
+    """Split "host:port"; ValueError with the offending text otherwise."""
+    host, sep, port = peer.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"peer must be 'host:port', got {peer!r}")
+    return host, int(port)
+
+
+def _shared_region(region: native.Region) -> Any:
+    return kv_pb2.SharedRegion(rkey=region.rkey, address=region.address, bytes=region.length)
+
+
+class PeerLinks:
+    """Open connections by peer; `on_events` gets each one's data-path events, `on_end` its end."""
+
+    def __init__(
+        self,
+        fingerprint: KVFingerprint,
+        config: TransferConfig,
+        on_events: Callable[[PeerLink, list[tuple[int, int, bytes]]], None],
+        on_end: Callable[[PeerLink, TransferError], None],
+    ) -> None:
+        self._fp = fingerprint
+        self._config = config
+        self._on_events = on_events
+        self._on_end = on_end
+        self.by_peer: dict[str, PeerLink] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self.connects = 0  # connections opened so far (reuse means this stays at one per peer)
+
+    async def get(self, peer: str, ucxx: Any, staging: native.Region | None, cache: native.Region | None) -> PeerLink:
+        """The connection to `peer`, opened now if there is none (offering the regions it may read)."""
+        link = self.by_peer.get(peer)
+        if link is not None:
+            return link
+        host, port = parse_peer(peer)
+        lock = self._connecting.setdefault(peer, asyncio.Lock())
+        async with lock:
+            link = self.by_peer.get(peer)
+            if link is not None:
+                return link
+            timeout = self._config.timeout_s
+            try:
+                link = await asyncio.wait_for(self._open(ucxx, peer, host, port, staging, cache), timeout)
+            except TimeoutError:
+                raise TransferError("timeout", f"connecting to {peer} took over {timeout}s") from None
+            self.by_peer[peer] = link
+            link.watch = asyncio.ensure_future(self._watch(link))
+            self.connects += 1
+            return link
+
+    def close(self, link: PeerLink) -> None:
+        """Forget the connection and close both of its endpoints."""
+        if self.by_peer.get(link.peer) is link:
+            del self.by_peer[link.peer]
+        ucx_runtime.unsubscribe(link.tag)
+        link.ep.abort()  # which also ends the watch's receive
+        link.data.close()
+
+    async def _open(
+        self, ucxx: Any, peer: str, host: str, port: int, staging: native.Region | None, cache: native.Region | None
+    ) -> PeerLink:
+        try:
+            ep = await ucxx.create_endpoint(host, port, connect_timeout=self._config.timeout_s)
+        except Exception as exc:
+            raise TransferError("peer_gone", f"cannot connect to KV receiver at {peer}: {exc!r}") from exc
+        box: list[PeerLink] = []
+        tag = ucx_runtime.subscribe(lambda events: self._on_events(box[0], events) if box else None)
+        try:
+            node = ucx_runtime.node()
+            hello = kv_pb2.HandshakeRequest(fingerprint=self._fp.to_proto(), worker_address=node.address, tag=tag)
+            if staging is not None:
+                hello.staging.CopyFrom(_shared_region(staging))
+            if cache is not None:
+                hello.cache.CopyFrom(_shared_region(cache))
+            reply = await request(ep, hello, kv_pb2.HandshakeReply)
+            if not reply.ok:
+                raise KVIncompatible(f"decode worker at {peer} refused the KV hand-off: {reply.error}")
+            data = node.connect(reply.worker_address, reply.tag, tag)
+            staged, cached = reply.staging and staging is not None, reply.cache and cache is not None
+            box.append(PeerLink(peer, ep, data, tag, staged, cached))
+            return box[0]
+        except BaseException as exc:
+            ucx_runtime.unsubscribe(tag)
+            ep.abort()
+            if isinstance(exc, (KVIncompatible, asyncio.CancelledError)):
+                raise
+            if isinstance(exc, ValueError):
+                raise TransferError("bad_header", f"bad handshake reply from {peer}: {exc}") from exc
+            raise TransferError("peer_gone", f"handshake with {peer} failed: {exc!r}") from exc
+
+    async def _watch(self, link: PeerLink) -> None:
+        """The control endpoint carries nothing after the handshake: any completion means it ended."""
+        from services.transfer.ucx_ops import post_recv
+
+        try:
+            await post_recv(link.ep, new_frame_buffer())
+            reason = "sent on the control endpoint"
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            reason = repr(exc)
+        if self.by_peer.get(link.peer) is link:
+            self._on_end(link, TransferError("peer_gone", f"connection to {link.peer} ended: {reason}"))

@@ -1,0 +1,191 @@
+"""The receiver's paths: how the K and V that a KVHeader names reach the KV cache.
+
+    the header names                      this side                          path
+    the sender's shared cache or ring     maps it (same host), host cache    MappedCopy: copies out of the mapping
+    the sender's shared cache             cannot map it (another host)       RemoteGet: RMA gets straight into place
+    the sender's ring                     cannot map it, host cache          BouncedGet: one get, then copies
+    either, into a CUDA cache             -                                  RemoteGet (UCX copies host to device)
+    tensors registered in place (keys)    -                                  InPlaceGet: RMA gets, with the keys
+
+Every path copies only the pieces it is given: runs of slots consecutive on both sides
+(expected.py), into the planes of one layer. All of it happens synchronously, so once `read`
+returns the KV is in place and nothing is left in flight.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.transfer import native
+from services.transfer.fingerprint import KVFingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SharedRegion:
+    """A region of the sender's memory that this side reads: its staging ring or its KV cache."""
+
+    key: native.RemoteKey
+    address: int  # in the sender's address space
+    length: int
+    mapped: int  # where it is mapped here (0: not mapped, fetch by RMA get)
+
+    def holds(self, address: int, length: int) -> bool:
+        return self.address <= address and address + length <= self.address + self.length
+
+
+def open_region(conn: int, data: native.Connection, region: Any, what: str, prefault: bool) -> SharedRegion | None:
+    """Unpack a SharedRegion message of the sender's (mapping it when on this host); None if unreachable.
+
+    The first touch of each page of a mapping costs a fault, which requests read from random blocks
+    of the sender's KV cache would pay for a long while: `prefault` maps all of it now instead (see
+    services/bench/README.md for both costs). The staging ring needs none of that: it is reused
+    from its start, so its first pages are warm after one request.
+    """
+    try:
+        key = data.unpack(region.rkey)
+    except native.NativeError as exc:
+        log.warning("KV connection %d: cannot reach the sender's %s (%s)", conn, what, exc)
+        return None
+    shared = SharedRegion(key, region.address, region.bytes, key.local_address(region.address))
+    if shared.mapped and prefault:
+        try:
+            native.prefault(shared.mapped, shared.length)
+        except OSError as exc:  # only slower: pages then map on first touch
+            log.warning("KV connection %d: %s", conn, exc)
+    return shared
+
+
+class ReadPath(ABC):
+    """One way of reading what headers of one kind name (one connection's cache, ring or registered tensors)."""
+
+    region: SharedRegion | None = None  # what it reads, for the headers that name addresses in it
+
+    @abstractmethod
+    def read(self, hdr: Any, pieces: native.Pieces, k_plane: int, v_plane: int) -> None:
+        """Copy the header's K and V into the layer's planes at `pieces`.
+
+        Raises NativeError when UCX fails (status UCS_ERR_TIMED_OUT past the config's timeout_s).
+        """
+
+
+class MappedCopy(ReadPath):
+    """A region mapped into this process (same host) into a host cache: copies, no syscall per piece."""
+
+    def __init__(self, region: SharedRegion) -> None:
+        self.region = region
+
+    def read(self, hdr: Any, pieces: native.Pieces, k_plane: int, v_plane: int) -> None:
+        assert self.region is not None
+        offset = self.region.mapped - self.region.address
+        native.copy_kv(offset + hdr.k_address, offset + hdr.v_address, k_plane, v_plane, pieces)
+
+
+class RemoteGet(ReadPath):
+    """RMA gets straight into place: a cache this process cannot map, or any region into a CUDA cache."""
+
+    def __init__(self, data: native.Connection, region: SharedRegion, timeout_s: float) -> None:
+        self.region = region
+        self._data = data
+        self._timeout_s = timeout_s
+
+    def read(self, hdr: Any, pieces: native.Pieces, k_plane: int, v_plane: int) -> None:
+        assert self.region is not None
+        self._data.fetch(self.region.key, hdr.k_address, k_plane, pieces, self._timeout_s)
+        self._data.fetch(self.region.key, hdr.v_address, v_plane, pieces, self._timeout_s)
+
+
+class BounceBuffer:
+    """Host memory that BouncedGet reads a header's K and V into; one per receiver, grown as needed."""
+
+    def __init__(self) -> None:
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def address(self, nbytes: int) -> int:
+        if self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        return int(self._buffer.data_ptr())
+
+
+class BouncedGet(ReadPath):
+    """A ring this process cannot map, into a host cache: one get of K and V into a bounce buffer, then copies.
+
+    K and V are contiguous in the ring, so one get takes both, where gets into place would be one
+    per piece.
+    """
+
+    def __init__(self, data: native.Connection, region: SharedRegion, timeout_s: float, bounce: BounceBuffer) -> None:
+        self.region = region
+        self._data = data
+        self._timeout_s = timeout_s
+        self._bounce = bounce
+
+    def read(self, hdr: Any, pieces: native.Pieces, k_plane: int, v_plane: int) -> None:
+        assert self.region is not None
+        half = int(hdr.payload_bytes) // 2
+        bounce = self._bounce.address(2 * half)
+        whole = native.Pieces(np.array([[0], [0], [2 * half]]))
+        self._data.fetch(self.region.key, hdr.k_address, bounce, whole, self._timeout_s)
+        native.copy_kv(bounce, bounce + half, k_plane, v_plane, pieces)
+
+
+class InPlaceGet(ReadPath):
+    """Tensors the sender registered in place (CUDA, or no ring): the header carries their keys, one get each."""
+
+    def __init__(self, data: native.Connection, timeout_s: float) -> None:
+        self._data = data
+        self._timeout_s = timeout_s
+
+    def read(self, hdr: Any, pieces: native.Pieces, k_plane: int, v_plane: int) -> None:
+        for rkey, address, plane in ((hdr.k_rkey, hdr.k_address, k_plane), (hdr.v_rkey, hdr.v_address, v_plane)):
+            key = self._data.unpack(rkey)
+            try:
+                self._data.fetch(key, address, plane, pieces, self._timeout_s)
+            finally:
+                key.close()
+
+
+def region_path(
+    data: native.Connection, region: SharedRegion, cache: bool, on_cuda: bool, timeout_s: float, bounce: BounceBuffer
+) -> ReadPath:
+    """The path for the sender's shared cache (`cache`) or its ring, into a host or CUDA KV cache."""
+    if region.mapped and not on_cuda:
+        return MappedCopy(region)
+    if on_cuda or cache:
+        return RemoteGet(data, region, timeout_s)
+    return BouncedGet(data, region, timeout_s, bounce)
+
+
+def header_problem(hdr: Any, fp: KVFingerprint, token_bytes: int, cache: ReadPath | None, ring: ReadPath | None) -> str:
+    """Why a header cannot be trusted, or "" (`cache` and `ring` read the sender's regions, if any)."""
+    if hdr.layer >= fp.num_layers:
+        return f"header layer {hdr.layer} out of range (num_layers={fp.num_layers})"
+    if hdr.num_tokens == 0:
+        return "header with num_tokens=0"
+    half = hdr.num_tokens * token_bytes
+    if hdr.payload_bytes != 2 * half:
+        return (
+            f"header payload_bytes={hdr.payload_bytes} but {hdr.num_tokens} tokens of this layout take {2 * half} bytes"
+        )
+    if bool(hdr.k_rkey) != bool(hdr.v_rkey) or not hdr.k_address or not hdr.v_address:
+        return "header without the addresses of its K and V, or with only one key"
+    if hdr.source_blocks:  # in the shared KV cache: every block named must lie inside it
+        blocks = hdr.source_blocks
+        if hdr.k_rkey or len(blocks) * fp.block_size < hdr.source_offset + hdr.num_tokens:
+            return "header with cache blocks that do not hold its tokens, or with keys as well"
+        plane = (max(blocks) + 1) * fp.block_size * token_bytes
+        region = cache.region if cache is not None else None
+        if region is None or not (region.holds(hdr.k_address, plane) and region.holds(hdr.v_address, plane)):
+            return "header points outside the sender's shared KV cache"
+    elif not hdr.k_rkey:  # in the staging ring: it must lie inside it
+        region = ring.region if ring is not None else None
+        if region is None or not region.holds(hdr.k_address, 2 * half) or hdr.v_address != hdr.k_address + half:
+            return "header points outside the sender's staging ring"
+    return ""
