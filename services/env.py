@@ -13,12 +13,19 @@ class Env:
     # PDSERVE_FAULT: test-only fault injection. "drop_kv": prefill workers send no KV, so hand-offs
     # time out on the decode side and the failure policy is exercised end to end.
     fault: str
+    # PDSERVE_HOST: the default of `pdserve serve --host`; the Docker images set it to 0.0.0.0, so that a
+    # container is reachable from outside.
+    host: str
+    # PDSERVE_API_KEYS: API keys, comma-separated, besides --api-key and --api-key-file (router/auth.py).
+    api_keys: str
 
     @classmethod
     def read(cls) -> Env:
         return cls(
             home=Path(os.environ.get("PDSERVE_HOME", Path.home() / ".cache" / "pdserve")),
             fault=os.environ.get("PDSERVE_FAULT", ""),
+            host=os.environ.get("PDSERVE_HOST", "127.0.0.1"),
+            api_keys=os.environ.get("PDSERVE_API_KEYS", ""),
         )
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from services.config_flags import ConfigFlags
 from services.engine.config import DEVICES, CacheConfig, EngineConfig, SchedulerConfig
+from services.env import ENV
+from services.router.auth import API_KEYS_ENV, Security, SecurityConfigError
 from services.router.config import RouterConfig
 from services.transfer.config import TransferConfig
 
@@ -49,7 +51,9 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-workers", type=int, default=1, help="prefill workers (default: 1)")
     parser.add_argument("--decode-workers", type=int, default=1,
                         help="decode workers, or colocated workers in colocated mode (default: 1)")
-    parser.add_argument("--host", default="127.0.0.1", help="address of the gRPC and HTTP servers")
+    parser.add_argument("--host", default=ENV.host,
+                        help="address the gRPC and HTTP servers listen on; 0.0.0.0 for every interface "
+                        "(default: $PDSERVE_HOST if set, which the Docker images set to 0.0.0.0, else 127.0.0.1)")
     parser.add_argument("--grpc-port", type=int, default=50051, help="gRPC port (default: 50051)")
     parser.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible API and /metrics; 0 disables")
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
@@ -61,6 +65,24 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout-s", type=float, default=30.0,
                         help="how long in-flight requests may take to finish on SIGTERM (default: 30)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    _add_security_arguments(parser.add_argument_group("security (API keys and TLS, for gRPC and HTTP alike)"))
+
+
+def _add_security_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                       help="accept this key as 'Authorization: Bearer KEY' (repeatable; visible in the process "
+                       f"list, so prefer --api-key-file or ${API_KEYS_ENV}, comma-separated). Any key turns "
+                       "authentication on")
+    group.add_argument("--api-key-file", default=None, metavar="FILE",
+                       help="a file of API keys, one per line (blank lines and # comments are skipped)")
+    group.add_argument("--auth-all-endpoints", action="store_true",
+                       help="require the key on health checks (HTTP /health, grpc.health.v1), /metrics, /version "
+                       "and gRPC reflection too; without it they stay open to probes and scrapers")
+    group.add_argument("--tls-cert", default=None, metavar="FILE", help="PEM certificate chain: serve TLS on "
+                       "both ports (with --tls-key)")
+    group.add_argument("--tls-key", default=None, metavar="FILE", help="PEM private key of --tls-cert")
+    group.add_argument("--tls-client-ca", default=None, metavar="FILE",
+                       help="PEM CA certificate(s): require client certificates signed by them (mutual TLS)")
 
 
 @dataclass
@@ -78,6 +100,7 @@ class Service:
         from services.router.router import Router
 
         a = self.args
+        security = security_from_args(a)  # before anything starts: a bad flag fails at once
         a.model = resolve_model(a.model)
         engine = engine_config(a, a.device or _available_device())
         model = load_model_config(a.model)
@@ -91,15 +114,17 @@ class Service:
                              model.context_len(engine.max_model_len), engine.cache.block_size, defaults)
         eos = model.eos_token_ids[0] if model.eos_token_ids else 0
         servicer = GenerationServicer(self.router, names[0], engine.torch_dtype_name, eos)
-        self.grpc_server, self.health, self.grpc_port = build_server(servicer, a.host, a.grpc_port)
+        grpc_server = build_server(servicer, a.host, a.grpc_port, security)
+        self.grpc_server, self.health, self.grpc_port = grpc_server.server, grpc_server.health, grpc_server.port
         self.http = None
         await self._set_health(False)
         await self.grpc_server.start()
         if a.http_port:
             from services.router.http_server import HttpServer
 
-            self.http = HttpServer(self.router, self.metrics, self.tokenizer, names, a.host, a.http_port)
+            self.http = HttpServer(self.router, self.metrics, self.tokenizer, names, a.host, a.http_port, security)
             await self.http.start()
+        log.info("%s", security.describe())
         log.info("gRPC on %s:%d; waiting for %d workers", a.host, self.grpc_port, num_workers)
         await self.pools.wait_ready()
         await self._set_health(True)
@@ -119,7 +144,7 @@ class Service:
         if a.ray_address:
             ray.init(address=a.ray_address, namespace="pdserve", log_to_driver=True)
         else:
-            ray.init(num_cpus=max(cores, num_workers), include_dashboard=False, log_to_driver=True)
+            ray.init(address="local", num_cpus=max(cores, num_workers), include_dashboard=False, log_to_driver=True)
             self.started_ray = True
         cpus = a.cpus_per_worker or max(cores / num_workers, 1.0) if engine.device == "cpu" else 1.0
         spec = PoolSpec(a.prefill_workers, a.decode_workers, colocated, cpus_per_worker=cpus,
@@ -174,6 +199,15 @@ def transfer_config(a: argparse.Namespace) -> TransferConfig:
 
 def router_config(a: argparse.Namespace) -> RouterConfig:
     return ROUTER_FLAGS.build(a)
+
+
+def security_from_args(a: argparse.Namespace) -> Security:
+    """API keys and TLS from the flags; a wrong flag exits with its message (no traceback, nothing started)."""
+    try:
+        return Security.from_flags(a.api_key, a.api_key_file, a.auth_all_endpoints, a.tls_cert, a.tls_key,
+                                   a.tls_client_ca)
+    except SecurityConfigError as e:
+        raise SystemExit(f"pdserve serve: error: {e}") from None
 
 
 async def serve(args: argparse.Namespace) -> None:

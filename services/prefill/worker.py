@@ -116,6 +116,9 @@ class PrefillWorker(EngineWorker):
             outputs: list[RequestOutput] = []
             async for batch in self.async_engine.outputs(request_id, stream):
                 outputs.extend(batch)
+            if not outputs[0].new_token_ids:  # aborted (or failed) before its first token
+                raise TransferError("cancelled", f"request {request_id} ended before its first token "
+                                    f"({outputs[-1].finish_reason})")
             computed = time.monotonic()
             plan = self.plans[request_id]
             sends = [asyncio.wrap_future(f) for f in plan.sends]

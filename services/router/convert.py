@@ -11,7 +11,7 @@ from services.engine.errors import InvalidRequest
 from services.engine.logprobs import TokenLogprob
 from services.engine.sampling_params import SamplingParams
 from services.proto_gen import generation_pb2 as pb
-from services.router.router import Chunk, Completion, Event, GenerateInput
+from services.router.messages import Chunk, Completion, Event, GenerateInput
 from services.worker.messages import LoadInfo
 
 # SamplingParams fields whose proto field is `optional`: unset takes the model's default, then SamplingParams'.

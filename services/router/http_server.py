@@ -9,7 +9,9 @@ model the request named, or the first name.
 
 Status codes: 400 bad parameters (pydantic errors included), 404 unknown model or path, 413 body over
 router.config.max_request_bytes, 429 ResourceExhausted, 503 while starting or draining and on Unavailable,
-504 on a deadline; every error body is OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+504 on a deadline, 401 without a valid API key when keys are configured (services/router/auth.py says which paths
+need one); every error body is OpenAI's `{"error": {"message", "type", "param", "code"}}`. With TLS files it
+serves HTTPS, and with a client CA it requires client certificates.
 The router's generate iterator is always closed when a client goes away (streaming or not), which aborts the
 request and frees its KV on both sides. uvicorn runs as a task on the caller's event loop and leaves signal
 handling to `pdserve serve`, which drains before it calls stop().
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Generator, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -30,11 +31,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
 from services.engine.tokenizer import Tokenizer
+from services.router.auth import ApiKeys, Security
 from services.router.errors import Unavailable
 from services.router.http_errors import HttpError, code_for, error_response, http_error_for, validation_error
 from services.router.http_stream import (
@@ -45,6 +49,8 @@ from services.router.http_stream import (
     stream_events,
     until_disconnect,
 )
+from services.router.json_body import parse_json_object
+from services.router.messages import GenerateInput
 from services.router.metrics import Metrics
 from services.router.openai_format import ChatFormat, CompletionFormat, LogprobOptions
 from services.router.openai_logprobs import TokenText
@@ -57,7 +63,7 @@ from services.router.openai_protocol import (
     chat_prompt_ids,
 )
 from services.router.openai_responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, new_id, now
-from services.router.router import GenerateInput, Router
+from services.router.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +82,31 @@ class _EmbeddedServer(uvicorn.Server):
         yield
 
 
+class ApiKeyMiddleware:
+    """Answers 401 (OpenAI's invalid_api_key, `WWW-Authenticate: Bearer`) to a request for a path that needs a key
+    and lacks a valid `Authorization: Bearer KEY` header; passes every other request through."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self.keys.http_path_open(scope["path"]):
+            refusal = self.keys.refusal(Headers(scope=scope).get("authorization"))
+            if refusal is not None:
+                response = error_response(HttpError(401, refusal, type="authentication_error", code="invalid_api_key"))
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class HttpServer:
     """Serves the API on host:port (0 picks a free port; the bound one is `port` after start())."""
 
     def __init__(self, router: Router, metrics: Metrics, tokenizer: Tokenizer, model_names: Sequence[str], host: str,
-                 port: int) -> None:
-        """`model_names`: the served names, the first the main one."""
+                 port: int, security: Security | None = None) -> None:
+        """`model_names`: the served names, the first the main one. `security`: API keys and TLS (default none)."""
         self.router = router
         self.metrics = metrics
         self.tokenizer = tokenizer
@@ -91,6 +116,7 @@ class HttpServer:
             raise ValueError("the HTTP server needs at least one served model name")
         self.host = host
         self.port = port
+        self.security = security or Security()
         self.ready = False
         self.draining = False
         self.created = now()
@@ -101,8 +127,9 @@ class HttpServer:
 
     # ---- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
+        tls = self.security.tls.uvicorn_options() if self.security.tls is not None else {}
         config = uvicorn.Config(self.app, host=self.host, port=self.port, lifespan="off", log_config=None,
-                                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+                                log_level="warning", access_log=False, timeout_graceful_shutdown=5, **tls)
         sock = config.bind_socket()
         self.port = sock.getsockname()[1]
         self._server = _EmbeddedServer(config)
@@ -112,7 +139,7 @@ class HttpServer:
                 self._task.result()
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
-        log.info("OpenAI HTTP API on %s:%d", self.host, self.port)
+        log.info("OpenAI HTTP API on %s://%s:%d", "https" if tls else "http", self.host, self.port)
 
     async def stop(self) -> None:
         if self._server is None or self._task is None:
@@ -145,6 +172,8 @@ class HttpServer:
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/metrics", self.metrics_text, methods=["GET"])
         app.add_api_route("/version", self.version_info, methods=["GET"])
+        if self.security.api_keys.enabled:
+            app.add_middleware(ApiKeyMiddleware, keys=self.security.api_keys)
         return app
 
     async def completions(self, request: Request) -> Response:
@@ -205,14 +234,7 @@ class HttpServer:
 
     async def _parse_json(self, request: Request) -> dict[str, Any]:
         self._check_serving()
-        body = await self._read_body(request)
-        try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise HttpError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise HttpError(400, "the request body must be a JSON object", code="invalid_json")
-        return data
+        return parse_json_object(await self._read_body(request))
 
     def _validate(self, data: dict[str, Any], model: type[_T]) -> _T:
         try:

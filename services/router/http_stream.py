@@ -13,9 +13,9 @@ from starlette.types import Receive, Scope, Send
 
 from services.router.errors import Unavailable
 from services.router.http_errors import http_error_for
+from services.router.messages import Chunk, Event
 from services.router.openai_format import CompletionFormat, Outputs
 from services.router.openai_responses import ErrorInfo, ErrorResponse
-from services.router.router import Chunk, Event
 
 _T = TypeVar("_T")
 

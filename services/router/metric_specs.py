@@ -15,7 +15,21 @@ PREFIX = "pdserve_"
 ROLES: tuple[str, ...] = ("prefill", "decode", "colocated")
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "error")
 SUCCESS_REASONS: tuple[str, ...] = ("stop", "length")
+# services.transfer.errors.FAILURE_REASONS, written out: importing services.transfer runs its package, which
+# imports torch, and this table stays pure Python. tests/unit/test_metrics.py checks that the two lists agree.
 TRANSFER_FAILURE_REASONS: tuple[str, ...] = ("timeout", "peer_gone", "bad_header", "incompatible")
+# Why a request the router took ended in an error instead of a completion (failures.failure_reason):
+#   invalid_request     the router refused it: prompt over the context, token id outside the vocabulary, too many
+#                       stop strings, a request id in use, ... (HTTP 400 / INVALID_ARGUMENT)
+#   resource_exhausted  no decode worker had room for its KV (HTTP 429 / RESOURCE_EXHAUSTED)
+#   unavailable         no worker alive and taking requests, or the server draining (HTTP 503 / UNAVAILABLE)
+#   transfer_failed     its KV hand-off failed under the "fail" policy (503 / UNAVAILABLE)
+#   worker_failed       a worker died or failed while it ran the request (503 / UNAVAILABLE)
+#   internal            an error the router did not expect; it is logged (503 / UNAVAILABLE)
+# A request the client cancels, or whose deadline passes, is not a failure: it finishes with reason "abort".
+REQUEST_FAILURE_REASONS: tuple[str, ...] = (
+    "invalid_request", "resource_exhausted", "unavailable", "transfer_failed", "worker_failed", "internal",
+)
 DISAGG_DECISIONS: tuple[str, ...] = ("remote_prefill", "local_prefill")
 STAGES: tuple[str, ...] = ("queue", "prefill", "transfer", "decode_queue", "decode")
 SLOS: tuple[str, ...] = ("ttft", "tpot")
@@ -105,8 +119,13 @@ SPECS: tuple[MetricSpec, ...] = (
     # Request totals.
     _c("prompt_tokens_total", "Prompt tokens of finished requests.", _MODEL),
     _c("prompt_tokens_cached_total", "Prompt tokens of finished requests found in the prefix cache.", _MODEL),
-    _c("generation_tokens_total", "Output tokens of finished requests.", _MODEL),
-    _c("request_success_total", "Finished requests, by finish reason.", _MODEL + ("finished_reason",)),
+    _c("generation_tokens_total", "Output tokens sent to clients, counted as they stream.", _MODEL),
+    _c("request_success_total", "Finished requests, by finish reason; \"error\": ended by a failure after the "
+       "router took it (see request_failures_total).", _MODEL + ("finished_reason",)),
+    _c("request_failures_total", "Requests that ended in an error instead of a completion, by reason (one of "
+       "REQUEST_FAILURE_REASONS): those refused at admission as well as those that failed while running. "
+       "Bodies the HTTP or gRPC server cannot parse never reach the router and are not counted.",
+       _MODEL + ("reason",)),
     _c("requests_finished_total", "Finished requests, whatever the finish reason.", _MODEL),
     _c("requests_slo_met_total", "Requests finished by stop/length within the TTFT and TPOT targets.",
        _MODEL),

@@ -9,7 +9,9 @@ Workers are Ray actors in other processes and never serve `/metrics` themselves:
 
     PrefillWorker / DecodeWorker ──WorkerStats (≈1/s poll)──► router ─► Metrics.update_worker()
     router request path ──first token / token gaps──────────────────► Metrics.observe_first_token()
+                        ──output tokens as they stream─────────────► Metrics.observe_generated_tokens()
                         ──FinishedRequestStats (RequestTimes)───────► Metrics.observe_finished()
+                        ──a request that ends in an error──────────► Metrics.observe_failure()
                         ──TransferStats────────────────────────────► Metrics.observe_transfer()
     Prometheus ──GET http://router:8000/metrics──► Metrics.render()
 
@@ -18,8 +20,10 @@ The router polls every worker about once a second. When a poll fails the router 
 worker leaves the pool on purpose the router calls `remove_worker` and every series of that worker
 disappears.
 
-Request-level series are observed in the router: TTFT and inter-token latency while streaming
-(only there, so they are never counted twice), everything else once, when the request ends.
+Request-level series are observed in the router: TTFT, inter-token latency and generation tokens while
+streaming (only there, so they are never counted twice), everything else once, when the request ends. A
+request that fails after the router took it finishes with reason "error" and counts in
+`pdserve_request_failures_total` by reason; one refused at admission counts there only.
 
 SLO accounting: with `slo_ttft_ms` / `slo_tpot_ms` set, a request finished with "stop" or
 "length" whose TTFT and TPOT are within their targets counts in `pdserve_requests_slo_met_total`.
@@ -39,6 +43,7 @@ from services.router.metric_specs import (
     FINISH_REASONS,
     MODEL_LABELS,
     PREFIX,
+    REQUEST_FAILURE_REASONS,
     SPECS,
     STAGES,
     SUCCESS_REASONS,
@@ -87,6 +92,8 @@ class Metrics:
             f.counter("request_success_total").labels(m, reason)
         for reason in TRANSFER_FAILURE_REASONS:
             f.counter("kv_transfer_failures_total").labels(m, reason)
+        for reason in REQUEST_FAILURE_REASONS:
+            f.counter("request_failures_total").labels(m, reason)
         for decision in DISAGG_DECISIONS:
             f.counter("disagg_decisions_total").labels(m, decision)
         for slo, target in (("ttft", self.slo_ttft_s), ("tpot", self.slo_tpot_s)):
@@ -122,10 +129,21 @@ class Metrics:
         _check_seconds("itl_s", itl_s)
         self._families.histogram("inter_token_latency_seconds").labels(self.model_name).observe(itl_s)
 
-    def observe_finished(self, stats: FinishedRequestStats) -> None:
-        """A request ended: latencies, stage breakdown, token totals, finish reason and SLO.
+    def observe_generated_tokens(self, count: int) -> None:
+        """Streaming: `count` more output tokens of a request reached the router."""
+        if not count >= 0:
+            raise ValueError(f"count must be non-negative, got {count!r}")
+        self._families.counter("generation_tokens_total").labels(self.model_name).inc(count)
 
-        TTFT and inter-token latency are not observed here; the streaming calls did that.
+    def observe_failure(self, reason: str) -> None:
+        """A request ended in an error instead of a completion (reason: one of REQUEST_FAILURE_REASONS)."""
+        check_choice("request failure reason", reason, REQUEST_FAILURE_REASONS)
+        self._families.counter("request_failures_total").labels(self.model_name, reason).inc()
+
+    def observe_finished(self, stats: FinishedRequestStats) -> None:
+        """A request ended: latencies, stage breakdown, prompt token totals, finish reason and SLO.
+
+        TTFT, inter-token latency and generation tokens are not observed here; the streaming calls did that.
         """
         check_choice("finish_reason", stats.finish_reason, FINISH_REASONS)
         for what in ("prompt_tokens", "generation_tokens", "cached_tokens"):
@@ -151,7 +169,6 @@ class Metrics:
                 histogram(f"request_{stage}_time_seconds").labels(m).observe(stages[stage])
         counter("prompt_tokens_total").labels(m).inc(stats.prompt_tokens)
         counter("prompt_tokens_cached_total").labels(m).inc(stats.cached_tokens)
-        counter("generation_tokens_total").labels(m).inc(stats.generation_tokens)
         counter("request_success_total").labels(m, stats.finish_reason).inc()
         counter("requests_finished_total").labels(m).inc()
         self._observe_slo(stats)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from services.engine.logprobs import PromptLogprobs, TokenLogprob
+from services.router.messages import Chunk, Completion, Event
 from services.router.openai_logprobs import TokenText
 from services.router.openai_responses import (
     AssistantMessage,
@@ -23,7 +24,6 @@ from services.router.openai_responses import (
     Usage,
     now,
 )
-from services.router.router import Chunk, Completion, Event
 
 # ---- collecting outputs ----------------------------------------------------------------------------------
 

@@ -4,81 +4,49 @@ disagg:    reserve on a decode worker ─► prefill worker computes and streams
            ─► first token to the client ─► decode worker claims the reservation and streams the rest
 local:     colocated mode, or an uncached prompt part under the threshold: the decode worker does both
 The router detokenizes incrementally and applies stop strings; abort, client cancellation and
-deadlines release the request's KV on both sides.
+deadlines release the request's KV on both sides, the prefill worker's included while it still computes.
+A request id is taken from admission until every release of its outputs is done, so a new request with the
+same id can never meet the old one's KV on a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
-
-from ray import ObjectRef
-from ray.exceptions import RayError
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
 from services.engine.logprobs import PromptLogprobs, TokenLogprob
 from services.engine.sampling_params import SamplingParams
-from services.engine.stats import FinishedRequestStats, RequestTimes, TransferStats
+from services.engine.stats import FinishedRequestStats, TransferStats
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from services.router.config import RouterConfig
 from services.router.errors import Unavailable
+from services.router.failures import (
+    TransferFailed,
+    WorkerFailed,
+    client_error,
+    failure_reason,
+    transfer_failure_reason,
+    unwrap,
+)
+from services.router.messages import Chunk, Completion, Event, GenerateInput, PreparedRequest
 from services.router.metrics import Metrics
+from services.router.openai_fields import RequestError
 from services.router.policies import Policy, RoutingRequest, make_policy
 from services.router.pool import WorkerHandle, WorkerPools
+from services.router.request_state import RequestState, worker_ids
 from services.transfer.errors import TransferError
 from services.worker.messages import PrefillResult, TokenBatch
 from services.worker.validation import validate_prompt
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class GenerateInput:
-    request_id: str = ""
-    text: str | None = None
-    token_ids: list[int] | None = None
-    params: SamplingParams | None = None
-    priority: int = 0
-
-
-@dataclass
-class Chunk:
-    """New tokens of one output (`index`, 0 to n-1) and the text they complete."""
-
-    token_ids: list[int]
-    text: str
-    index: int = 0
-    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
-    prompt_logprobs: PromptLogprobs | None = None  # on an output's first chunk, when asked for
-
-
-@dataclass
-class Completion:
-    """The end of one output (`index`); a request with n outputs ends after n of these."""
-
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    index: int = 0
-
-
-Event = Chunk | Completion
-
-
-@dataclass(frozen=True)
-class PreparedRequest:
-    """A request that passed validation: its id, prompt tokens and sampling parameters."""
-
-    request_id: str
-    token_ids: list[int]
-    params: SamplingParams
+# Each stop string is searched for in the new text of every token; past a few dozen that is work for nothing.
+MAX_STOP_STRINGS = 64
 
 
 class Router:
@@ -97,6 +65,8 @@ class Router:
         self.prefill_policy = make_policy(config.prefill_policy)
         self.decode_policy = make_policy(config.decode_policy)
         self.active: dict[str, list[asyncio.Task[None]]] = {}  # by request id: one task per output
+        self.owners: dict[str, str | None] = {}  # by request id: GenerateInput.owner
+        self.worker_ids: set[str] = set()  # the ids the active requests' outputs run under on the workers
         self.draining = False
 
     # ---- input ----------------------------------------------------------------------------
@@ -110,38 +80,46 @@ class Router:
         defaults = {**self.sampling_defaults, "max_tokens": self.config.default_max_tokens}
         params = inp.params or SamplingParams(**defaults)
         validate_prompt(ids, params, self.vocab_size, self.max_model_len)
+        if len(params.stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"stop holds {len(params.stop)} strings; at most {MAX_STOP_STRINGS} are allowed",
+                               "stop")
         rid = inp.request_id or uuid.uuid4().hex
-        if rid in self.active:
+        if rid in self.active or not self.worker_ids.isdisjoint(worker_ids(rid, params.n)):
             raise InvalidRequest(f"request id {rid!r} is already in use")
         return PreparedRequest(rid, ids, params)
 
     # ---- the request path ---------------------------------------------------------------------
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Event]:
         """Streams Chunks and one Completion per output (params.n of them, told apart by `index`).
-        Raises InvalidRequest, ResourceExhausted, Unavailable.
+        Raises InvalidRequest, ResourceExhausted, Unavailable (each counted as a request failure).
 
         With n > 1, output 0 runs first; the others start once it has its first token, so that
         the prompt's KV is in the workers' prefix caches by then and is shared, not recomputed."""
-        if self.draining:
-            raise Unavailable("the server is draining")
-        prepared = self.prepare(inp)
+        try:
+            if self.draining:
+                raise Unavailable("the server is draining")
+            prepared = self.prepare(inp)
+        except Exception as e:
+            self.metrics.observe_failure(failure_reason(e))
+            raise
         rid, ids, params = prepared.request_id, prepared.token_ids, prepared.params
         queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
-        n = params.n
+        n, children = params.n, worker_ids(rid, params.n)
 
         def start(index: int) -> None:
-            child = rid if n == 1 else f"{rid}-{index}"
             sample = params if n == 1 else params.for_sample(index)
-            tasks.append(asyncio.create_task(self._run(child, index, ids, sample, inp.priority, queue)))
+            tasks.append(asyncio.create_task(self._run(children[index], index, ids, sample, inp.priority, queue)))
 
         tasks: list[asyncio.Task[None]] = []
-        self.active[rid] = tasks
+        self.active[rid], self.owners[rid] = tasks, inp.owner
+        self.worker_ids.update(children)
         start(0)
         try:
             done = 0
             while done < n:
                 event = await queue.get()
                 if isinstance(event, BaseException):
+                    self.metrics.observe_failure(failure_reason(event))
                     raise event
                 if len(tasks) == 1 and n > 1:
                     for index in range(1, n):
@@ -149,13 +127,21 @@ class Router:
                 yield event
                 done += isinstance(event, Completion)
         finally:
-            self.active.pop(rid, None)
             for task in tasks:
                 if not task.done():
                     task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            finally:  # only now: the releases (aborts by id on the workers) are over
+                self.active.pop(rid, None)
+                self.owners.pop(rid, None)
+                self.worker_ids.difference_update(children)
 
-    def abort(self, request_id: str) -> bool:
+    def abort(self, request_id: str, owner: str | None) -> bool:
+        """Cancels the request if `owner` started it (GenerateInput.owner); False when the id is unknown, the
+        request is over, or it is another owner's, which the caller cannot tell apart: ids do not leak."""
+        if owner is None or self.owners.get(request_id) != owner:
+            return False
         tasks = [t for t in self.active.get(request_id, []) if not t.done()]
         for task in tasks:
             task.cancel()
@@ -163,8 +149,8 @@ class Router:
 
     async def _run(self, rid: str, index: int, ids: list[int], params: SamplingParams, priority: int,
                    queue: asyncio.Queue[Event | BaseException]) -> None:
-        st = _RequestState(rid, index, ids, params, IncrementalDetokenizer(self.tokenizer, params.stop,
-                                                                                  params.min_tokens))
+        st = RequestState(rid, index, ids, params, IncrementalDetokenizer(self.tokenizer, params.stop,
+                                                                          params.min_tokens))
         try:
             await self._dispatch(st, priority, queue)
         except asyncio.CancelledError:
@@ -173,12 +159,17 @@ class Router:
             raise
         except Exception as e:  # noqa: BLE001 - every failure reaches the client as a clear error
             await asyncio.shield(self._release(st))
-            queue.put_nowait(_client_error(e, rid))
+            cause = unwrap(e)
+            if isinstance(cause, TransferError):  # the decode worker's, under the "fail" policy
+                self._count_transfer_failure(st, cause.reason)
+            if not st.finished:
+                self._record_finished(st, "error")
+            queue.put_nowait(client_error(e, rid))
         finally:
             if st.decode is not None:
                 st.decode.inflight -= 1
 
-    async def _dispatch(self, st: _RequestState, priority: int, queue: asyncio.Queue[Event | BaseException]) -> None:
+    async def _dispatch(self, st: RequestState, priority: int, queue: asyncio.Queue[Event | BaseException]) -> None:
         """Reserve on a decode worker, prefill remotely (unless short or colocated), then stream the decode."""
         routing = RoutingRequest(st.ids, self.block_size)
         decode = self._choose(self.pools.decode, self.decode_policy, routing, "decode")
@@ -196,7 +187,7 @@ class Router:
                     return
         await self._stream_decode(st, decode, first, local, priority, queue)
 
-    async def _reserve(self, st: _RequestState, decode: WorkerHandle) -> bool:
+    async def _reserve(self, st: RequestState, decode: WorkerHandle) -> bool:
         """Holds the prompt's blocks on the decode worker; True when the part its prefix cache lacks is short
         enough to prefill there."""
         st.reserving = decode.actor.reserve.remote(st.rid, st.ids, st.params, self.config.lease_s)
@@ -208,7 +199,7 @@ class Router:
         self.metrics.record_disagg_decision("local_prefill" if local else "remote_prefill")
         return local
 
-    async def _emit_first(self, st: _RequestState, first: PrefillResult,
+    async def _emit_first(self, st: RequestState, first: PrefillResult,
                           queue: asyncio.Queue[Event | BaseException]) -> bool:
         """Sends the token the prefill side sampled; True when it already ends the request."""
         st.cached_tokens = first.cached_tokens  # the prompt tokens whose compute the cache saved
@@ -221,7 +212,7 @@ class Router:
         self._finish(st, reason, queue)
         return True
 
-    async def _stream_decode(self, st: _RequestState, decode: WorkerHandle, first: PrefillResult | None,
+    async def _stream_decode(self, st: RequestState, decode: WorkerHandle, first: PrefillResult | None,
                              local: bool, priority: int, queue: asyncio.Queue[Event | BaseException]) -> None:
         """The decode worker's token stream to the client: after `first`, or from the prompt when local."""
         st.reserved = False  # from here the decode worker's generate owns the blocks
@@ -234,8 +225,7 @@ class Router:
         async for ref in stream:
             batch: TokenBatch = await ref
             if batch.kv_failure is not None:  # the KV never arrived: the decode worker recomputed the prompt
-                self.metrics.observe_transfer(
-                    TransferStats(seconds=0.0, num_bytes=0, failure_reason=_failure(batch.kv_failure)))
+                self._count_transfer_failure(st, batch.kv_failure)
             if batch.decode_start is not None:
                 st.times.decode_start = time.monotonic()
                 if first is None:  # prefilled on the decode worker: its first batch ends the prefill
@@ -251,12 +241,14 @@ class Router:
             if batch.finished:
                 st.decoding = False
                 if batch.finish_reason == "error":
-                    raise Unavailable("the decode worker failed while running the request")
+                    raise WorkerFailed("the decode worker failed while running the request")
                 self._finish(st, batch.finish_reason or "stop", queue)
                 return
 
-    async def _prefill(self, st: _RequestState, routing: RoutingRequest, token_start: int) -> PrefillResult | None:
-        """Runs the remote prefill. None means it failed and the decode worker recomputes."""
+    async def _prefill(self, st: RequestState, routing: RoutingRequest, token_start: int) -> PrefillResult | None:
+        """Runs the remote prefill. None means it failed and the decode worker recomputes. While it runs,
+        st.prefill names the worker, so that a cancellation aborts it there (_release) rather than leaving the
+        worker to compute the whole prompt for nobody."""
         alive = [w for w in self.pools.prefill if w.routable]
         decode = st.decode
         assert decode is not None
@@ -272,8 +264,11 @@ class Router:
             result: PrefillResult = await prefill.actor.prefill.remote(
                 st.rid, st.ids, st.params, decode.kv_address, token_start
             )
+        except asyncio.CancelledError:
+            raise  # st.prefill stays set for _release
         except Exception as e:  # noqa: BLE001 - sorted below
-            cause = _unwrap(e)
+            st.prefill = None  # the call is over on the worker
+            cause = unwrap(e)
             if isinstance(cause, (InvalidRequest, ResourceExhausted)):
                 raise cause from None
             if isinstance(cause, TransferError):
@@ -283,7 +278,7 @@ class Router:
             return None
         finally:
             prefill.inflight -= 1
-            st.prefill = None
+        st.prefill = None
         now = time.monotonic()
         dispatched = st.times.dispatched or now
         st.times.prefill_done = max(now - result.transfer_wait_s, dispatched)
@@ -291,12 +286,19 @@ class Router:
         self.metrics.observe_transfer(TransferStats(seconds=time.monotonic() - started, num_bytes=result.bytes_sent))
         return result
 
-    def _prefill_failed(self, st: _RequestState, reason: str, message: str) -> None:
-        """Counts the failure; raises Unavailable under the fail policy."""
-        self.metrics.observe_transfer(TransferStats(seconds=0.0, num_bytes=0, failure_reason=_failure(reason)))
+    def _prefill_failed(self, st: RequestState, reason: str, message: str) -> None:
+        """Counts the failure; raises TransferFailed under the fail policy."""
+        self._count_transfer_failure(st, reason)
         log.warning("request %s: KV hand-off failed (%s): %s", st.rid, reason, message)
         if self.pools.transfer_config.failure_policy == "fail":
-            raise Unavailable(f"KV hand-off failed ({reason}): {message}")
+            raise TransferFailed(f"KV hand-off failed ({reason}): {message}")
+
+    def _count_transfer_failure(self, st: RequestState, reason: str) -> None:
+        """Counts the request's failed KV hand-off once, though both the prefill and the decode side report it."""
+        if not st.transfer_failed:
+            st.transfer_failed = True
+            stats = TransferStats(seconds=0.0, num_bytes=0, failure_reason=transfer_failure_reason(reason))
+            self.metrics.observe_transfer(stats)
 
     def _choose(self, workers: list[WorkerHandle], policy: Policy, routing: RoutingRequest, role: str) -> WorkerHandle:
         alive = [w for w in workers if w.routable]
@@ -307,7 +309,7 @@ class Router:
         return choice
 
     # ---- output ---------------------------------------------------------------------------------
-    def _emit(self, st: _RequestState, token_ids: list[int], queue: asyncio.Queue[Event | BaseException],
+    def _emit(self, st: RequestState, token_ids: list[int], queue: asyncio.Queue[Event | BaseException],
               logprobs: list[TokenLogprob] | None = None, prompt_logprobs: PromptLogprobs | None = None) -> None:
         now = time.monotonic()
         if st.times.first_token is None:
@@ -319,18 +321,23 @@ class Router:
                 self.metrics.observe_token_gap(gap)
         st.last_emit = now
         st.completion_tokens += len(token_ids)
+        self.metrics.observe_generated_tokens(len(token_ids))
         text = st.detok.add(token_ids)
         queue.put_nowait(Chunk(token_ids, text, st.index, logprobs, prompt_logprobs))
 
-    def _finish(self, st: _RequestState, reason: str, queue: asyncio.Queue[Event | BaseException]) -> None:
+    def _finish(self, st: RequestState, reason: str, queue: asyncio.Queue[Event | BaseException]) -> None:
         if st.finished:
             return
-        st.finished = True
         rest = st.detok.flush()
         if rest:
             queue.put_nowait(Chunk([], rest, st.index))
-        st.times.finished = time.monotonic()
+        self._record_finished(st, reason)
         queue.put_nowait(Completion(reason, len(st.ids), st.completion_tokens, st.cached_tokens, st.index))
+
+    def _record_finished(self, st: RequestState, reason: str) -> None:
+        """Marks the output finished and observes it: reason "error" for one that failed."""
+        st.finished = True
+        st.times.finished = time.monotonic()
         try:
             self.metrics.observe_finished(FinishedRequestStats(
                 finish_reason=reason, prompt_tokens=len(st.ids), generation_tokens=st.completion_tokens,
@@ -338,7 +345,7 @@ class Router:
         except ValueError:
             log.exception("request %s: inconsistent stage times %s", st.rid, st.times)
 
-    async def _release(self, st: _RequestState) -> None:
+    async def _release(self, st: RequestState) -> None:
         """Frees the request's KV on both sides (reservation or running request). A reservation still
         being made is waited for, so that it is given back now rather than when its lease runs out."""
         if st.reserving is not None:
@@ -352,44 +359,3 @@ class Router:
         st.reserved = st.decoding = False
         if calls:
             await asyncio.gather(*calls, return_exceptions=True)
-
-
-@dataclass
-class _RequestState:
-    rid: str
-    index: int
-    ids: list[int]
-    params: SamplingParams
-    detok: IncrementalDetokenizer
-    times: RequestTimes = dataclasses.field(default_factory=lambda: RequestTimes(arrival=time.monotonic()))
-    decode: WorkerHandle | None = None
-    prefill: WorkerHandle | None = None
-    reserving: ObjectRef | None = None  # the decode worker's reserve() while it is in flight
-    reserved: bool = False
-    decoding: bool = False
-    finished: bool = False
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    last_emit: float | None = None
-
-
-def _unwrap(e: BaseException) -> BaseException:
-    """The exception raised inside a worker, when Ray wrapped it."""
-    cause = getattr(e, "cause", None) if isinstance(e, RayError) else None
-    return cause if isinstance(cause, BaseException) else e
-
-
-def _client_error(e: BaseException, rid: str) -> BaseException:
-    cause = _unwrap(e)
-    if isinstance(cause, (InvalidRequest, ResourceExhausted, Unavailable)):
-        return type(cause)(str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
-    if isinstance(cause, TransferError):
-        return Unavailable(f"KV hand-off failed: {cause}")
-    if isinstance(cause, RayError):
-        return Unavailable(f"a worker failed: {type(cause).__name__}")
-    log.error("request %s failed", rid, exc_info=cause)
-    return Unavailable(f"internal error: {type(cause).__name__}: {cause}")
-
-
-def _failure(reason: str) -> str:
-    return reason if reason in ("timeout", "peer_gone", "bad_header", "incompatible") else "peer_gone"

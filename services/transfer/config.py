@@ -56,8 +56,8 @@ class TransferConfig:
     )
     host: str = field(
         default="",
-        metadata=flag("the address a decode worker advertises for KV hand-offs (default: its node's address in the "
-                      "Ray cluster)", name="--advertise-host"),
+        metadata=flag("the address a decode worker gives prefill workers to send it KV (default: its node's "
+                      "address in the Ray cluster)", name="--advertise-host"),
     )
     port: int = 0  # the receiver's listening port; 0 picks a free one
     ucx_tls: str = ""  # UCX transports (UCX_TLS)

@@ -223,3 +223,35 @@ def test_python_311_base(flavor: str) -> None:
     else:
         assert base.startswith("nvidia/cuda:12.")
         assert "python3.11 -m venv" in " ".join(ins.args for ins in instructions if ins.keyword == "RUN")
+
+
+def _env(instructions: list[Instruction]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for ins in instructions:
+        if ins.keyword == "ENV":
+            for pair in shlex.split(ins.args):
+                name, sep, value = pair.partition("=")
+                assert sep, f"ENV {ins.args}: write NAME=value"
+                env[name] = value
+    return env
+
+
+def test_serve_listens_on_every_interface_in_the_image(flavor: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`docker run -p ... IMAGE serve` is reachable: the image makes 0.0.0.0 the default of `pdserve serve --host`,
+    while on a bare machine it stays 127.0.0.1."""
+    import services.serve
+    from services.cli import build_parser
+    from services.env import Env
+
+    instructions = _dockerfile(flavor)
+    assert json.loads([ins.args for ins in instructions if ins.keyword == "CMD"][-1]) == ["serve"]
+    image_host = _env(instructions).get("PDSERVE_HOST")
+    assert image_host == "0.0.0.0"
+    for host, expected in ((image_host, "0.0.0.0"), (None, "127.0.0.1")):
+        if host is None:
+            monkeypatch.delenv("PDSERVE_HOST", raising=False)
+        else:
+            monkeypatch.setenv("PDSERVE_HOST", host)
+        monkeypatch.setattr(services.serve, "ENV", Env.read())  # what a process started with this env reads
+        assert build_parser(["serve"]).parse_args(["serve"]).host == expected
+        assert build_parser(["serve"]).parse_args(["serve", "--host", "10.0.0.7"]).host == "10.0.0.7"

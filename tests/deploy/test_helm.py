@@ -834,3 +834,93 @@ def test_worker_pods_drain_before_they_stop() -> None:
     assert "lifecycle" not in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     router = groups["router"]
     assert all("lifecycle" not in c for c in router["containers"])
+
+
+# API keys and TLS ----------------------------------------------------------------------------------------------
+
+KEYS_SECRET, TLS_SECRET = "pdserve-keys", "pdserve-tls"
+TLS_CASES = {"keys only": {}, "tls": {"existingSecret": TLS_SECRET},
+             "mtls": {"existingSecret": TLS_SECRET, "clientAuth": True}}
+
+
+@pytest.mark.parametrize("case", TLS_CASES)
+def test_api_keys_and_tls_reach_the_router(case: str) -> None:
+    """The users' Secrets become `pdserve serve` flags on files mounted read-only; under TLS the probes, the
+    Service, the ServiceMonitor and the test pod follow (tests/service/test_auth_tls.py runs the mTLS probe and
+    test pod against a real server)."""
+    from services.cli import build_parser
+
+    tls = TLS_CASES[case]
+    values = {"auth": {"apiKeys": {"existingSecret": KEYS_SECRET}}, "tls": tls,
+              "monitoring": {"serviceMonitor": {"enabled": True}}}
+    _, objects = _render_values(values)
+    for obj in objects:
+        if obj["kind"] not in CUSTOM_KINDS:
+            _validate_core(obj)
+    template = _groups(objects)["router"]["template"]
+    _validate_core(_as_pod(template, "router"))
+    router = template["spec"]["containers"][1]
+    command = commands_from_objects(objects)["router"]
+    args = build_parser(_serve_args(command)).parse_args(_serve_args(command))
+    secret_files = {
+        args.api_key_file: f"{{secret:{KEYS_SECRET}/api-keys}}",
+        **({args.tls_cert: f"{{secret:{TLS_SECRET}/tls.crt}}", args.tls_key: f"{{secret:{TLS_SECRET}/tls.key}}"}
+           if tls else {}),
+        **({args.tls_client_ca: f"{{secret:{TLS_SECRET}/ca.crt}}"} if tls.get("clientAuth") else {}),
+    }
+    assert command.files == {TOKEN_PATH: command.files[TOKEN_PATH], **secret_files}
+    assert (args.tls_cert is None) == (not tls) and (args.tls_client_ca is None) == (not tls.get("clientAuth"))
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    for mount in router["volumeMounts"]:
+        if mount["name"] in ("api-keys", "tls"):
+            assert mount["readOnly"] and volumes[mount["name"]]["secret"]["defaultMode"] == 0o400
+    for probe in (router[name] for name in ("startupProbe", "readinessProbe", "livenessProbe")):
+        if not tls:  # the kubelet's gRPC probe has no TLS; its HTTPS probe skips verification, has no client cert
+            assert probe["grpc"] == {"port": 50051}
+        elif not tls.get("clientAuth"):
+            assert probe["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}
+        else:
+            assert probe["exec"]["command"][0] == "wget" and f"--private-key={args.tls_key}" in probe["exec"]["command"]
+    scheme = "https" if tls else "http"
+    assert {p["name"]: p["appProtocol"] for p in _one(objects, "Service")["spec"]["ports"]} == {
+        "grpc": "grpc", "http": scheme, "metrics": scheme}
+    (endpoint,) = _one(objects, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == scheme and ("cert" in endpoint.get("tlsConfig", {})) == bool(tls.get("clientAuth"))
+    pod = _one(objects, "Pod", "-test-completion")
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    assert env["COMPLETIONS_URL"].startswith(f"{scheme}://") and env["API_KEY_FILE"] == args.api_key_file
+    assert env.get("TLS_CLIENT_CERT") == (args.tls_cert if tls.get("clientAuth") else None)
+    assert {v["name"] for v in pod["spec"]["volumes"]} == {"api-keys"} | ({"tls"} if tls else set())
+
+
+def test_security_is_off_by_default_and_schema_checked(chart: Any) -> None:
+    values, objects = _render("default")
+    assert values["auth"] == {"apiKeys": {"existingSecret": ""}} and values["tls"] == {"existingSecret": "",
+                                                                                       "clientAuth": False}
+    args = _groups(objects)["router"]["template"]["spec"]["containers"][1]["args"]
+    assert not {"--api-key-file", "--tls-cert", "--tls-key", "--tls-client-ca"} & set(args)
+    for bad, message in (({"tls": {"clientAuth": True}}, "/tls/existingSecret"),
+                         ({"tls": {"existingSecret": "Not_A_Name"}}, "/tls/existingSecret"),
+                         ({"auth": {"apiKeys": {"existingSecret": 3}}}, "/auth/apiKeys/existingSecret"),
+                         ({"auth": {"apiKey": "sk-1"}}, "'apiKey' not allowed")):
+        with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
+            chart.validate_schema(bad)
+
+
+def test_helm_test_hook_sends_the_first_api_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, objects = _render_values({"auth": {"apiKeys": {"existingSecret": KEYS_SECRET}}})
+    pod = _one(objects, "Pod", "-test-completion")
+    (tmp_path / "api-keys").write_text("# rotated in March\n\nsk-first\nsk-second\n")
+    pod["spec"]["containers"][0]["env"] = [
+        e if e["name"] != "API_KEY_FILE" else {**e, "value": str(tmp_path / "api-keys")}
+        for e in pod["spec"]["containers"][0]["env"]]
+    sent: list[str | None] = []
+    answer = _Completions.do_POST
+
+    def do_post(handler: _Completions) -> None:
+        sent.append(handler.headers.get("Authorization"))
+        answer(handler)
+
+    monkeypatch.setattr(_Completions, "do_POST", do_post)
+    code, _ = _run_test_pod(pod, [(200, {"choices": [{"index": 0, "text": " world"}]})])
+    assert code == 0 and sent == ["Bearer sk-first"]

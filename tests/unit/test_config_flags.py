@@ -51,7 +51,7 @@ def test_serve_flags_cover_every_field_but_those_serve_sets_itself() -> None:
         ("EngineConfig", "model"), ("EngineConfig", "device"), ("EngineConfig", "cache"),  # own flags / nested
         ("EngineConfig", "scheduler"), ("EngineConfig", "num_threads"),  # set per worker by the pools
         ("CacheConfig", "enable_prefix_caching"), ("RouterConfig", "max_request_bytes"),
-        ("TransferConfig", "host"), ("TransferConfig", "port"), ("TransferConfig", "ucx_tls"),
+        ("TransferConfig", "port"), ("TransferConfig", "ucx_tls"),
         ("TransferConfig", "progress_mode"),
     }
 
@@ -104,7 +104,7 @@ def test_defaults_build_the_default_configs() -> None:
             RouterConfig(mode="colocated", lease_s=2.5, local_prefill_threshold=0, default_max_tokens=4,
                          slo_ttft_ms=500.0, slo_tpot_ms=50.0, prefill_policy="round_robin",
                          decode_policy="round_robin"),
-            TransferConfig(failure_policy="fail", timeout_s=5.0, staging_mib=0, spin_us=0, host="127.0.0.1"),
+            TransferConfig(failure_policy="fail", timeout_s=5.0, staging_mib=0, spin_us=0),
         ),
     ],
 )
@@ -116,8 +116,10 @@ def test_serve_flags_build_the_configs(argv: list[str], engine: EngineConfig, ro
     assert serve.transfer_config(a) == transfer
 
 
-def test_the_transfer_host_follows_a_specific_server_host() -> None:
-    assert serve.transfer_config(_parse("--host", "10.1.2.3")).host == "10.1.2.3"
+def test_the_kv_address_is_the_workers_own_unless_advertised() -> None:
+    """Decode workers advertise their node's address (host ""), never the router's --host."""
+    assert serve.transfer_config(_parse("--host", "10.1.2.3")).host == ""
+    assert serve.transfer_config(_parse("--advertise-host", "10.9.8.7")).host == "10.9.8.7"
 
 
 def test_options_reach_the_nested_configs_and_unknown_ones_are_refused() -> None:

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.engine.stats import FinishedRequestStats, RequestTimes, TransferStats, WorkerStats
-from services.router.metric_specs import HISTOGRAM_NAMES, METRIC_NAMES, TTFT_BUCKETS, MetricSpec
+from services.router.metric_specs import (
+    HISTOGRAM_NAMES,
+    METRIC_NAMES,
+    REQUEST_FAILURE_REASONS,
+    TRANSFER_FAILURE_REASONS,
+    TTFT_BUCKETS,
+    MetricSpec,
+)
 from services.router.metrics import Metrics, stage_durations
 
 MODEL = "tiny-llama"
@@ -59,9 +67,12 @@ def test_full_flow_is_promtool_clean_and_has_expected_values(promtool: Path) -> 
     m.update_worker(worker("decode-0", "decode", num_running=7, num_waiting_for_remote_kv=2,
                            num_free_blocks=90, num_total_blocks=100, kv_reservations_expired_delta=3))
     m.observe_first_token(0.3)
+    m.observe_generated_tokens(1)
     m.observe_token_gap(0.02)
     m.observe_token_gap(0.04)
+    m.observe_generated_tokens(4)
     m.observe_finished(disagg_request())
+    m.observe_failure("invalid_request")
     m.observe_transfer(TransferStats(seconds=0.004, num_bytes=3 << 20))
     m.observe_transfer(TransferStats(seconds=1.0, num_bytes=0, failure_reason="peer_gone"))
     m.record_disagg_decision("remote_prefill")
@@ -112,6 +123,8 @@ def _check_request_series(m: Metrics) -> None:
     assert value(m, "pdserve_prompt_tokens_total") == 12.0
     assert value(m, "pdserve_prompt_tokens_cached_total") == 4.0
     assert value(m, "pdserve_generation_tokens_total") == 5.0
+    assert value(m, "pdserve_request_failures_total", reason="invalid_request") == 1.0
+    assert value(m, "pdserve_request_failures_total", reason="worker_failed") == 0.0
     assert value(m, "pdserve_request_success_total", finished_reason="stop") == 1.0
     assert value(m, "pdserve_request_success_total", finished_reason="abort") == 0.0
     assert value(m, "pdserve_requests_finished_total") == 1.0
@@ -143,6 +156,20 @@ def test_every_declared_family_is_exported_and_nothing_else() -> None:
     assert {name for name, kind in declared.items() if kind == "histogram"} == set(HISTOGRAM_NAMES)
     assert all(name.endswith("_total") for name, kind in declared.items() if kind == "counter")
     assert all(name.startswith("pdserve_") for name in METRIC_NAMES)
+
+
+def test_transfer_failure_reasons_are_the_transfer_layers() -> None:
+    """metric_specs writes the list out (importing services.transfer would pull in torch): it must stay the same."""
+    from services.transfer.errors import FAILURE_REASONS
+
+    assert TRANSFER_FAILURE_REASONS == FAILURE_REASONS
+
+
+def test_metric_specs_import_no_heavy_modules() -> None:
+    code = ("import sys; import services.router.metric_specs; "
+            "heavy = [m for m in ('torch', 'ray', 'prometheus_client') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_ttft_buckets_are_vllms() -> None:
@@ -204,6 +231,24 @@ def test_slo_violations_and_goodput() -> None:
     assert value(m, "pdserve_request_success_total", finished_reason="error") == 1.0
 
 
+def test_generation_tokens_count_when_streamed_not_when_finished() -> None:
+    m = Metrics(model_name=MODEL)
+    m.observe_generated_tokens(3)
+    assert value(m, "pdserve_generation_tokens_total") == 3.0
+    m.observe_finished(disagg_request(gen=3))
+    assert value(m, "pdserve_generation_tokens_total") == 3.0  # not again
+    m.observe_generated_tokens(0)
+    assert value(m, "pdserve_generation_tokens_total") == 3.0
+
+
+def test_every_request_failure_reason_is_exported_at_zero() -> None:
+    m = Metrics(model_name=MODEL)
+    for reason in REQUEST_FAILURE_REASONS:
+        assert value(m, "pdserve_request_failures_total", reason=reason) == 0.0, reason
+        m.observe_failure(reason)
+        assert value(m, "pdserve_request_failures_total", reason=reason) == 1.0, reason
+
+
 def test_without_slo_nothing_counts_as_met() -> None:
     m = Metrics(model_name=MODEL)
     m.observe_finished(disagg_request())
@@ -249,6 +294,8 @@ def test_independent_instances_have_their_own_registries() -> None:
     (lambda m: m.observe_transfer(TransferStats(-1.0, 10)), "TransferStats.seconds"),
     (lambda m: m.observe_transfer(TransferStats(0.1, -10)), "num_bytes"),
     (lambda m: m.record_disagg_decision("remote"), "unknown disagg decision 'remote'"),
+    (lambda m: m.observe_failure("oops"), "unknown request failure reason 'oops'"),
+    (lambda m: m.observe_generated_tokens(-1), "count must be non-negative"),
 ])
 def test_bad_input_is_rejected_clearly_and_records_nothing(call, message: str) -> None:  # noqa: ANN001
     m = Metrics(model_name=MODEL)

@@ -21,6 +21,7 @@ from services.engine.errors import InvalidRequest
 from services.engine.logprobs import TokenLogprob
 from services.engine.tokenizer import Tokenizer
 from services.router import openai_fields
+from services.router.messages import Chunk, Completion
 from services.router.openai_fields import REFUSED_CHAT, REFUSED_COMPLETION, RequestError
 from services.router.openai_format import ChatFormat, CompletionFormat, LogprobOptions, Outputs
 from services.router.openai_logprobs import TokenText
@@ -33,7 +34,6 @@ from services.router.openai_protocol import (
     chat_prompt_ids,
 )
 from services.router.openai_responses import Usage
-from services.router.router import Chunk, Completion
 
 
 def completion(**fields: Any) -> CompletionRequest:

@@ -160,3 +160,21 @@ def test_no_import_cycles() -> None:
     assert not cycles, "import cycles (put the shared names in a leaf module):\n  " + "\n  ".join(
         _describe(c, edges) for c in cycles
     )
+
+
+def test_the_readme_layout_table_matches_the_tree() -> None:
+    """Every path the README's layout table names exists, and every package and module of services/ is named."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout\n") : readme.index("\n## ", readme.index("## Layout\n") + 1)]
+    named = {path.rstrip("/") for row in table.splitlines() if row.startswith("| `")
+             for path in _backquoted(row.split(" | ")[0])}
+    missing = sorted(p for p in named if not (ROOT / p).exists())
+    assert not missing, f"the layout table names paths that do not exist: {missing}"
+    entries = [p for p in (ROOT / "services").iterdir()
+               if p.name not in ("__init__.py", "__pycache__", "proto_gen") and (p.is_dir() or p.suffix == ".py")]
+    unnamed = sorted(_rel(p) for p in entries if _rel(p) not in named and _rel(p) not in readme)
+    assert not unnamed, f"parts of services/ the layout table does not mention: {unnamed}"
+
+
+def _backquoted(cell: str) -> list[str]:
+    return [part for i, part in enumerate(cell.split("`")) if i % 2 == 1]

@@ -9,6 +9,85 @@ The router group's pod: two containers that share /tmp/ray.
               /tmp/ray. No Ray Client: streaming actor methods need a real driver.
 */}}
 
+{{/*
+API keys and TLS (values auth and tls): the users' Secrets, mounted read-only in the router container and in the
+`helm test` pod. With client certificates required, the probes and the test present the Secret's own tls.crt.
+*/}}
+{{- define "pdserve.apiKeysFile" -}}
+/etc/pdserve/api-keys/api-keys
+{{- end }}
+
+{{- define "pdserve.tlsDir" -}}
+/etc/pdserve/tls
+{{- end }}
+
+{{- define "pdserve.securityVolumes" -}}
+{{- with .Values.auth.apiKeys.existingSecret }}
+- name: api-keys
+  secret:
+    secretName: {{ . | quote }}
+    defaultMode: 256   # 0400
+    items:
+      - key: api-keys
+        path: api-keys
+{{- end }}
+{{- with .Values.tls.existingSecret }}
+- name: tls
+  secret:
+    secretName: {{ . | quote }}
+    defaultMode: 256   # 0400
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+      {{- if $.Values.tls.clientAuth }}
+      - key: ca.crt
+        path: ca.crt
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "pdserve.securityMounts" -}}
+{{- if .Values.auth.apiKeys.existingSecret }}
+- name: api-keys
+  mountPath: {{ include "pdserve.apiKeysFile" . | dir }}
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.existingSecret }}
+- name: tls
+  mountPath: {{ include "pdserve.tlsDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* The router's health probe: gRPC health, or HTTPS /health under TLS (the kubelet's gRPC probe has no TLS,
+     and its HTTPS probe no client certificate: with clientAuth, wget presents the Secret's tls.crt). */}}
+{{- define "pdserve.routerProbe" -}}
+{{- if not .Values.tls.existingSecret }}
+grpc:
+  port: 50051
+{{- else if not .Values.tls.clientAuth }}
+httpGet:
+  path: /health
+  port: http
+  scheme: HTTPS
+{{- else }}
+exec:
+  command:
+    - wget
+    - --quiet
+    - --output-document=/dev/null
+    - --tries=1
+    - --timeout=5
+    - --no-hsts
+    - --no-check-certificate
+    - {{ printf "--certificate=%s/tls.crt" (include "pdserve.tlsDir" .) }}
+    - {{ printf "--private-key=%s/tls.key" (include "pdserve.tlsDir" .) }}
+    - https://127.0.0.1:8000/health
+{{- end }}
+{{- end }}
+
 {{/* `pdserve serve` arguments, after the wait. */}}
 {{- define "pdserve.routerArgs" -}}
 - serve
@@ -59,6 +138,20 @@ The router group's pod: two containers that share /tmp/ray.
 {{- end }}
 - --device
 - {{ if gt (int .Values.workers.decode.gpus) 0 }}"cuda"{{ else }}"cpu"{{ end }}
+{{- if .Values.auth.apiKeys.existingSecret }}
+- --api-key-file
+- {{ include "pdserve.apiKeysFile" . | quote }}
+{{- end }}
+{{- if .Values.tls.existingSecret }}
+- --tls-cert
+- {{ printf "%s/tls.crt" (include "pdserve.tlsDir" .) | quote }}
+- --tls-key
+- {{ printf "%s/tls.key" (include "pdserve.tlsDir" .) | quote }}
+{{- if .Values.tls.clientAuth }}
+- --tls-client-ca
+- {{ printf "%s/ca.crt" (include "pdserve.tlsDir" .) | quote }}
+{{- end }}
+{{- end }}
 {{- range .Values.router.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -134,18 +227,15 @@ spec:
         {{- toYaml . | nindent 8 }}
         {{- end }}
       startupProbe:
-        grpc:
-          port: 50051
+        {{- include "pdserve.routerProbe" . | trim | nindent 8 }}
         periodSeconds: {{ $router.probes.startup.periodSeconds }}
         failureThreshold: {{ $router.probes.startup.failureThreshold }}
       readinessProbe:
-        grpc:
-          port: 50051
+        {{- include "pdserve.routerProbe" . | trim | nindent 8 }}
         periodSeconds: {{ $router.probes.readiness.periodSeconds }}
         failureThreshold: {{ $router.probes.readiness.failureThreshold }}
       livenessProbe:
-        grpc:
-          port: 50051
+        {{- include "pdserve.routerProbe" . | trim | nindent 8 }}
         periodSeconds: {{ $router.probes.liveness.periodSeconds }}
         failureThreshold: {{ $router.probes.liveness.failureThreshold }}
       resources:
@@ -158,6 +248,7 @@ spec:
           mountPath: /tmp/ray
         {{- include "pdserve.rayTokenMount" . | nindent 8 }}
         {{- with include "pdserve.modelVolumeMount" . }}{{ . | nindent 8 }}{{ end }}
+        {{- with include "pdserve.securityMounts" . }}{{ . | trim | nindent 8 }}{{ end }}
   volumes:
     {{- include "pdserve.scratchVolumes" (dict "tmp" $router.tmpSizeLimit "shm" $router.ray.shmSizeLimit) | nindent 4 }}
     - name: ray-session
@@ -165,6 +256,7 @@ spec:
         sizeLimit: {{ $router.tmpSizeLimit | quote }}
     {{- include "pdserve.rayTokenVolume" . | nindent 4 }}
     {{- with include "pdserve.modelVolume" . }}{{ . | nindent 4 }}{{ end }}
+    {{- with include "pdserve.securityVolumes" . }}{{ . | trim | nindent 4 }}{{ end }}
   {{- with $router.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
