@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import random
 import time
@@ -16,7 +17,7 @@ import time
 import torch
 
 from services.transfer.config import TransferConfig
-from services.transfer.expected import slot_ids
+from services.transfer.expected import KVArrival, slot_ids
 from services.transfer.fingerprint import KVFingerprint
 from services.transfer.kv import KVBlocks, KVTensors
 from services.transfer.receiver import KVReceiver
@@ -46,16 +47,26 @@ def make_kv(fp: KVFingerprint, num_tokens: int, seed: int) -> torch.Tensor:
 
 
 class DecodeSide:
-    """Holds a real kv_cache (on `device`) and a KVReceiver."""
+    """Holds a real kv_cache (on `device`) and a KVReceiver.
 
-    def __init__(self, fp: KVFingerprint, config: TransferConfig, num_blocks: int, device: str = "cpu") -> None:
+    `on_node`: advertise the node's address in the Ray cluster, as a decode worker does, for senders on other
+    nodes (else the config's host, 127.0.0.1 by default).
+    """
+
+    def __init__(
+        self, fp: KVFingerprint, config: TransferConfig, num_blocks: int, device: str = "cpu", on_node: bool = False
+    ) -> None:
+        if on_node and not config.host:
+            import ray
+
+            config = dataclasses.replace(config, host=str(ray.util.get_node_ip_address()))
         self.fp = fp
         shape = (fp.num_layers, 2, num_blocks, fp.block_size, fp.num_kv_heads, fp.head_dim)
         # zero_() writes every page now (torch.zeros may map untouched ones), as a serving worker's cache is once warm
         self.kv_cache = torch.empty(shape, dtype=fp.torch_dtype, device=device).zero_()
         self.receiver = KVReceiver(self.kv_cache, fp, config)
         self.slots: dict[str, torch.Tensor] = {}
-        self.completions: dict[str, asyncio.Future[float]] = {}
+        self.completions: dict[str, asyncio.Future[KVArrival]] = {}
 
     async def start(self) -> str:
         return await self.receiver.start()
@@ -69,11 +80,11 @@ class DecodeSide:
         self.slots[request_id] = torch.from_numpy(slot_ids(block_ids, token_start, token_end, self.fp.block_size))
         self.completions[request_id] = asyncio.ensure_future(self._completion(request_id))
 
-    async def _completion(self, request_id: str) -> float:
+    async def _completion(self, request_id: str) -> KVArrival:
         return await self.receiver.wait(request_id)
 
-    async def wait(self, request_id: str) -> float:
-        """Waits for the request; returns the monotonic time at which its KV was all in place.
+    async def wait(self, request_id: str) -> KVArrival:
+        """Waits for the request; returns the monotonic time at which its KV was all in place, and what it crossed.
 
         That is when the last copy ended (KVReceiver.wait reports it), not when this actor's
         event loop got round to noticing, which adds 50 to 150 us here.

@@ -26,6 +26,7 @@ from services.engine.request import RequestStatus
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import RequestOutput
 from services.transfer.errors import TransferError
+from services.transfer.expected import KVArrival
 from services.transfer.receiver import KVReceiver
 
 CLOSE_REASONS = ("joined", "recompute", "expired", "aborted", "failed")
@@ -104,11 +105,11 @@ class RemoteRequest:
         self.stream = self._engine.open_stream(self.request_id)
         return self.stream
 
-    async def wait_kv(self, first_token: int | None, timeout_s: float) -> None:
-        """Returns once every layer of the prompt's KV is in place; else TransferError."""
+    async def wait_kv(self, first_token: int | None, timeout_s: float) -> KVArrival:
+        """Returns once every layer of the prompt's KV is in place (when, and what it came over); else TransferError."""
         if first_token is None:
             raise TransferError("peer_gone", "the prefill worker did not deliver")
-        await self._receiver.wait(self.request_id, timeout_s)
+        return await self._receiver.wait(self.request_id, timeout_s)
 
     async def join(self, first_token: int) -> None:
         """The KV is in place: the request joins the running batch with its first token."""

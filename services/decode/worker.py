@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 from services.decode.remote import RemoteRequest
 from services.engine.config import EngineConfig
@@ -31,12 +33,20 @@ from services.worker.fingerprint import kv_fingerprint
 from services.worker.messages import Reservation, TokenBatch, WorkerInfo
 
 
+class Handoff(NamedTuple):
+    """How a remote request's prompt KV came: what it crossed when it arrived, or why it did not (recomputed here)."""
+
+    transport: str | None = None  # KVArrival.transport
+    failure: str | None = None  # TransferError.reason
+
+
 class DecodeWorker(EngineWorker):
     role = "decode"
 
     def __init__(self, config: EngineConfig, transfer: TransferConfig, name: str, role: str = "decode") -> None:
         super().__init__(config, name)
         self.role = role
+        log_info_of("services.transfer")
         transfer = dataclasses.replace(transfer, host=transfer.host or node_address())
         self.transfer_config = transfer
         self.receiver = KVReceiver(self.engine.kv_cache, kv_fingerprint(self), transfer)
@@ -109,26 +119,26 @@ class DecodeWorker(EngineWorker):
                 raise InvalidRequest(f"request {request_id}: a local request needs its prompt and params")
             stream = self.async_engine.open_stream(request_id)
             await self._add_local(request_id, prompt_token_ids, params, priority, [])
-            kv_failure = None
+            handoff = Handoff()
         else:
             if remote is None:
                 raise TransferError("cancelled", f"no live reservation for {request_id} (lease expired or aborted)")
             stream = remote.claim()
-            kv_failure = await self._remote_prefill(remote, first_token, priority)
+            handoff = await self._remote_prefill(remote, first_token, priority)
             if remote.closed_as == "aborted":
                 yield TokenBatch([], True, "abort", 0)
                 return
-        async for batch in self._stream_decode(request_id, stream, kv_failure):
+        async for batch in self._stream_decode(request_id, stream, handoff):
             yield batch
 
-    async def _remote_prefill(self, remote: RemoteRequest, first_token: int | None, priority: int) -> str | None:
-        """None once the KV arrived and the request joined the batch; else why not, after the prompt was
-        prefilled here instead (under "recompute"; under "fail" the TransferError is raised)."""
+    async def _remote_prefill(self, remote: RemoteRequest, first_token: int | None, priority: int) -> Handoff:
+        """What the KV came over once it arrived and the request joined the batch; else why it did not, after the
+        prompt was prefilled here instead (under "recompute"; under "fail" the TransferError is raised)."""
         try:
-            await remote.wait_kv(first_token, self.transfer_config.timeout_s)
+            arrival = await remote.wait_kv(first_token, self.transfer_config.timeout_s)
         except TransferError as e:
             if remote.closed:  # aborted while it waited
-                return None
+                return Handoff()
             if self.transfer_config.failure_policy != "recompute":
                 await remote.close("failed")
                 raise
@@ -136,10 +146,10 @@ class DecodeWorker(EngineWorker):
             # The client already has the first token: the recompute continues after it.
             generated = [first_token] if first_token is not None else []
             await self._add_local(remote.request_id, remote.prompt_token_ids, remote.params, priority, generated)
-            return e.reason
+            return Handoff(failure=e.reason)
         assert first_token is not None  # wait_kv saw to it
         await remote.join(first_token)
-        return None
+        return Handoff(transport=arrival.transport)
 
     async def _add_local(
         self, request_id: str, prompt: list[int], params: SamplingParams, priority: int, generated: list[int]
@@ -152,9 +162,10 @@ class DecodeWorker(EngineWorker):
             raise
 
     async def _stream_decode(
-        self, request_id: str, stream: asyncio.Queue[RequestOutput], kv_failure: str | None
+        self, request_id: str, stream: asyncio.Queue[RequestOutput], handoff: Handoff
     ) -> AsyncIterator[TokenBatch]:
         decode_start: float | None = time.time()
+        kv_failure, kv_transport = handoff.failure, handoff.transport
         async for batch in self.async_engine.outputs(request_id, stream):
             yield TokenBatch(
                 token_ids=[t for out in batch for t in out.new_token_ids],
@@ -163,10 +174,11 @@ class DecodeWorker(EngineWorker):
                 num_cached_tokens=batch[-1].num_cached_tokens,
                 decode_start=decode_start,
                 kv_failure=kv_failure,
+                kv_transport=kv_transport,
                 logprobs=_logprobs(batch),
                 prompt_logprobs=batch[0].prompt_logprobs,
             )
-            decode_start = kv_failure = None
+            decode_start = kv_failure = kv_transport = None
 
 
 def _logprobs(batch: list[RequestOutput]) -> list[TokenLogprob] | None:
@@ -174,6 +186,21 @@ def _logprobs(batch: list[RequestOutput]) -> list[TokenLogprob] | None:
     if all(out.logprobs is None for out in batch):
         return None
     return [lp for out in batch for lp in out.logprobs or []]
+
+
+def log_info_of(name: str) -> None:
+    """Let INFO records of logger `name` reach stderr (the worker's log) where nothing configured logging.
+
+    Ray leaves an actor's root logger at WARNING with no handler, which drops INFO lines such as the
+    receiver's "KV connection N from PEER: reads over tcp"; a process that configured logging keeps its own.
+    """
+    logger = logging.getLogger(name)
+    if logging.getLogger().handlers or logger.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
 
 
 def node_address() -> str:

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
+from services.transfer.expected import KVArrival
 from services.transfer.fingerprint import KVFingerprint
 from services.transfer.kv import KVBlocks, KVTensors
 from services.transfer.receiver import KVReceiver
 from services.transfer.sender import KVSender
 
 __all__ = [
+    "KVArrival",
     "KVBlocks",
     "KVFingerprint",
     "KVIncompatible",

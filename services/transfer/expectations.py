@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 
 from services.transfer.errors import TransferError
-from services.transfer.expected import ExpectedRequest
+from services.transfer.expected import ExpectedRequest, KVArrival
 from services.transfer.fingerprint import KVFingerprint
+from services.transfer.recv_paths import SHM, joined
 from services.transfer.routes import Routes
 
 
@@ -36,16 +37,18 @@ class Expectations:
             self.routes.add(exp)
         self.by_id[request_id] = exp
 
-    async def wait(self, request_id: str, limit: float) -> float:
-        """Until the request's KV is all in place (the monotonic time it was), forgetting it then; see KVReceiver."""
+    async def wait(self, request_id: str, limit: float) -> KVArrival:
+        """Until the request's KV is all in place (when, and over what), forgetting it then; see KVReceiver."""
         exp = self.by_id.get(request_id)
         if exp is None:
             raise KeyError(f"request {request_id!r} is not expected (never announced, or already waited for)")
         try:
-            return await asyncio.wait_for(asyncio.shield(exp.future), limit)
-        except TimeoutError:
-            self.fail(exp, TransferError("timeout", f"request {request_id!r}: KV did not arrive within {limit}s"))
-            return exp.future.result()  # it completed just in time, or this raises its error
+            try:
+                at = await asyncio.wait_for(asyncio.shield(exp.future), limit)
+            except TimeoutError:
+                self.fail(exp, TransferError("timeout", f"request {request_id!r}: KV did not arrive within {limit}s"))
+                at = exp.future.result()  # it completed just in time, or this raises its error
+            return KVArrival(at, joined(exp.transports))
         finally:
             self._unroute(exp)
             if self.by_id.get(request_id) is exp:
@@ -66,6 +69,8 @@ class Expectations:
         """Tokens [a, b) of `layer` are in place; True when that completed the request."""
         if exp.route and self.routes is not None:  # its route keeps what has arrived
             self.routes.mark(exp, layer, a, b)
+            if exp.done and self.routes.source_of(exp):
+                exp.transports.add(SHM)  # the callback placed the rest
         else:
             exp.mark(layer, a, b)
         if exp.done:
@@ -78,6 +83,7 @@ class Expectations:
         """A route's request has all of its KV in place (the EVENT_ROUTE_DONE's payload says since when)."""
         done = self.routes.done(payload) if self.routes is not None else None
         if done is not None:
+            done.transports.add(SHM)  # routes place only what they copy out of a mapped cache
             self._partial.discard(done)
 
     def arriving(self) -> bool:

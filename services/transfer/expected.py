@@ -12,7 +12,7 @@ distinct range and source, which every layer then reuses. What has arrived is on
 per layer, kept in Python ints, so marking a layer costs a few integer operations whatever the
 range. A request that the receiver routes (see receiver.py) is tracked in C instead, and `route`
 holds its key; `complete` then ends it. The future's result is the monotonic time at which
-the last of the KV was in place.
+the last of the KV was in place; `transports` gathers what the KV crossed to get there.
 """
 
 from __future__ import annotations
@@ -20,11 +20,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from services.transfer.errors import TransferError
 from services.transfer.native import Pieces
+
+
+@dataclass(frozen=True)
+class KVArrival:
+    """A request's KV is all in place: since when (time.monotonic()), and what it came over.
+
+    `transport`: "shm" (copied out of the sender's memory mapped here, same host), or the UCX
+    transports of the connection it was read on ("tcp", "rc_mlx5", "cma", ...); several joined
+    by "+", sorted.
+    """
+
+    at: float
+    transport: str
 
 
 def slot_ids(block_ids: np.ndarray | Sequence[int], token_start: int, token_end: int, block_size: int) -> np.ndarray:
@@ -71,6 +85,7 @@ class ExpectedRequest:
         self._missing = [(1 << (token_end - token_start)) - 1] * num_layers  # bit i: offset i not written yet
         self._remaining = num_layers * (token_end - token_start)
         self.sources: set[int] = set()  # ids of the connections that delivered data for it
+        self.transports: set[str] = set()  # what that data came over (ReadPath.transport)
         self.route = 0  # the key of its route in the receiver's sink (0: none)
         self.future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         # A failure nobody waits for must not be logged as "exception never retrieved".

@@ -4,8 +4,9 @@ For each KVHeader a sender announces (see sender.py), the receiver checks it aga
 request's expectation, copies K and V straight into the request's slots, one piece per run of
 slots consecutive on both sides, and acknowledges, so the sender can let go of its memory. How the
 bytes come depends on what the header names and whether this side can map it (recv_paths.py).
-All of it happens synchronously on the event loop (ctypes drops the GIL while C copies), so once a
-header is handled its KV is in place, and when a request is cancelled nothing is left in flight
+All of it happens synchronously on the event loop (ctypes drops the GIL while C copies), so once the
+headers of one wake-up are handled their KV is in place (RMA gets of all of them are in flight
+together, then waited for: `_settle`), and when a request is cancelled nothing is left in flight
 that could still write into blocks that may already belong to someone else. Headers of unknown,
 cancelled or failed requests are acknowledged without copying. On a host KV cache, headers from a
 mapped shared cache for an expected request skip Python altogether (routes.py).
@@ -29,9 +30,9 @@ from services.transfer import native, ucx_runtime
 from services.transfer.config import TransferConfig
 from services.transfer.errors import TransferError
 from services.transfer.expectations import Expectations
-from services.transfer.expected import ExpectedRequest
+from services.transfer.expected import ExpectedRequest, KVArrival
 from services.transfer.fingerprint import KVFingerprint
-from services.transfer.recv_links import Link
+from services.transfer.recv_links import Link, PostedRead
 from services.transfer.recv_paths import BounceBuffer, header_problem
 from services.transfer.routes import Routes
 from services.transfer.wire import new_frame_buffer, parse
@@ -105,8 +106,8 @@ class KVReceiver:
             raise RuntimeError("KVReceiver is closed")
         self._requests.add(request_id, block_ids, token_start, token_end)
 
-    async def wait(self, request_id: str, timeout: float | None = None) -> float:
-        """Once every layer of the expected range has been written, the monotonic time it was; else TransferError.
+    async def wait(self, request_id: str, timeout: float | None = None) -> KVArrival:
+        """Once every layer of the expected range has been written, when that was and over what; else TransferError.
 
         `timeout` defaults to the config's timeout_s. The request is forgotten afterwards either way,
         so headers that still arrive for it are acknowledged and dropped.
@@ -196,21 +197,27 @@ class KVReceiver:
         if link is None or link.data is None or link.ended.done():
             return False
         completed = acks_due = False
-        for kind, status, payload in events:
-            if kind == native.EVENT_ROUTE_DONE:
-                self._requests.route_done(payload)
-                completed = True
-            elif kind == native.EVENT_ACKS_DUE:
-                acks_due = True
-            elif kind == native.EVENT_PEER_FAILED:
-                message = f"KV sender connection {conn}: {native.status_string(status)}"
-                self._drop(conn, TransferError("peer_gone", message))
-                return False
-            else:
-                handled = self._on_header(link, payload)
-                if handled is None:
+        try:
+            for kind, status, payload in events:
+                if kind == native.EVENT_ROUTE_DONE:
+                    self._requests.route_done(payload)
+                    completed = True
+                elif kind == native.EVENT_ACKS_DUE:
+                    acks_due = True
+                elif kind == native.EVENT_PEER_FAILED:
+                    message = f"KV sender connection {conn}: {native.status_string(status)}"
+                    self._drop(conn, TransferError("peer_gone", message))
                     return False
-                completed = handled or completed
+                else:
+                    handled = self._on_header(link, payload)
+                    if handled is None:
+                        return False
+                    completed = handled or completed
+        finally:
+            settled = self._settle(link)  # whatever happened, no get posted above is left in flight
+        if settled is None:
+            return False
+        completed = settled or completed
         if (completed or acks_due) and self._routes is not None:
             link.acks.extend(self._routes.take_acks(link.tag))
         link.acks_due(now=completed or acks_due)
@@ -231,19 +238,19 @@ class KVReceiver:
             self._drop(link.conn, TransferError("bad_header", problem))
             return None
         try:
-            completed = self._fetch(link, hdr, exp)
+            return self._fetch(link, hdr, exp)
         except native.NativeError as exc:
-            message = f"fetching KV of {hdr.request_id!r}: {exc}"
-            timed_out = exc.status == native.UCS_ERR_TIMED_OUT
-            error = TransferError("timeout", message) if timed_out else TransferError("peer_gone", message)
-            self._drop(link.conn, error)
+            self._fetch_failed(link, hdr.request_id, exc)
             return None
-        link.acks.append(hdr.sequence)
-        return completed
 
     def _fetch(self, link: Link, hdr: Any, exp: ExpectedRequest | None) -> bool:
-        """Copy the header's K and V into place; True when that completed its request."""
+        """Copy the header's K and V into place; True when that completed its request.
+
+        The header's ack falls due once its KV is in place: now, or, for gets that were only posted,
+        in `_settle`.
+        """
         if exp is None or exp.done or self._requests.by_id.get(exp.request_id) is not exp:
+            link.acks.append(hdr.sequence)
             return False  # unknown, cancelled, failed or timed-out request: nothing to fetch
         exp.sources.add(link.conn)
         rng = exp.local_range(hdr.token_start, hdr.num_tokens)
@@ -252,6 +259,7 @@ class KVReceiver:
             expected = f"the expected [{exp.token_start}, {exp.token_end})"
             message = f"request {hdr.request_id!r}: {outside} fall outside {expected}"
             self._requests.fail(exp, TransferError("bad_header", message))
+            link.acks.append(hdr.sequence)
             return False
         if hdr.source_blocks:
             pieces = exp.pieces(*rng, self._token_bytes, tuple(hdr.source_blocks), hdr.source_offset)
@@ -261,6 +269,37 @@ class KVReceiver:
         path = link.cache if hdr.source_blocks else link.in_place if hdr.k_rkey else link.ring
         assert path is not None  # header_problem saw to it
         path.read(hdr, pieces, k_plane, k_plane + self._plane_bytes)
+        exp.transports.add(path.transport)
+        if path.posts:
+            link.posted.append(PostedRead(exp, hdr.layer, *rng, hdr.sequence))
+            return False
         if self._on_cuda:
             torch.cuda.synchronize(self._kv_cache.device)
+        link.acks.append(hdr.sequence)
         return self._requests.mark(exp, hdr.layer, *rng)
+
+    def _settle(self, link: Link) -> bool | None:
+        """Wait for the gets posted on the connection, then record what they brought; True when that completed a
+        request (None: the connection was dropped)."""
+        posted, link.posted = link.posted, []
+        if not posted or link.data is None:
+            return False
+        try:
+            link.data.wait(self._config.timeout_s)
+        except native.NativeError as exc:
+            self._fetch_failed(link, posted[0].request.request_id, exc)
+            return None
+        if self._on_cuda:
+            torch.cuda.synchronize(self._kv_cache.device)
+        completed = False
+        for read in posted:
+            link.acks.append(read.sequence)
+            exp = read.request
+            if not exp.done and self._requests.by_id.get(exp.request_id) is exp:  # not failed meanwhile
+                completed = self._requests.mark(exp, read.layer, read.a, read.b) or completed
+        return completed
+
+    def _fetch_failed(self, link: Link, request_id: str, exc: native.NativeError) -> None:
+        message = f"fetching KV of {request_id!r}: {exc}"
+        timed_out = exc.status == native.UCS_ERR_TIMED_OUT
+        self._drop(link.conn, TransferError("timeout", message) if timed_out else TransferError("peer_gone", message))

@@ -14,20 +14,41 @@ host competes for the GIL with the thread that submits the next layer.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from services.proto_gen import kv_pb2
 from services.transfer import native, ucx_runtime
 from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
+from services.transfer.expected import ExpectedRequest
 from services.transfer.fingerprint import KVFingerprint
-from services.transfer.recv_paths import BounceBuffer, InPlaceGet, ReadPath, open_region, region_path
+from services.transfer.recv_paths import (
+    SHM,
+    BounceBuffer,
+    InPlaceGet,
+    ReadPath,
+    open_region,
+    region_path,
+    ucx_transport,
+)
 from services.transfer.routes import Routes
 from services.transfer.wire import decode_frame, encode_frame, new_frame_buffer
 
+log = logging.getLogger(__name__)
 ACK_BATCH = 64
 ACK_DELAY_S = 0.002
+
+
+class PostedRead(NamedTuple):
+    """A header whose gets are in flight (ReadPath.posts): tokens [a, b) of `layer`, and its ack once they land."""
+
+    request: ExpectedRequest
+    layer: int
+    a: int
+    b: int
+    sequence: int
 
 
 class Link:
@@ -47,7 +68,9 @@ class Link:
         self.cache: ReadPath | None = None
         self.in_place: ReadPath | None = None
         self.ring: ReadPath | None = None
+        self.transport = ""  # what its reads go over: SHM when it maps the sender's memory, else UCX's transports
         self.acks: list[int] = []  # due, not yet sent
+        self.posted: list[PostedRead] = []  # gets in flight on `data`, waited for before the loop goes on
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._ack_timer: asyncio.TimerHandle | None = None
         self._on_failure = on_failure
@@ -86,23 +109,40 @@ class Link:
         if not reply.ok:
             # Leave the sender time to read the refusal before the endpoint goes away.
             await asyncio.sleep(0.05)
+        else:
+            self._log_transport()
         return bool(reply.ok)
 
     def _open_paths(
         self, hello: Any, timeout_s: float, into_cuda: bool, bounce: BounceBuffer, routes: Routes | None
     ) -> None:
         assert self.data is not None
-        self.in_place = InPlaceGet(self.data, timeout_s)
+        ucx = ucx_transport(self.data.transports())
+        self.in_place = InPlaceGet(self.data, timeout_s, ucx)
         if hello.HasField("staging"):
             ring = open_region(self.conn, self.data, hello.staging, "staging ring", prefault=False)
             if ring is not None:
-                self.ring = region_path(self.data, ring, False, into_cuda, timeout_s, bounce)
+                self.ring = region_path(self.data, ring, False, into_cuda, timeout_s, bounce, ucx)
         if hello.HasField("cache"):
             cache = open_region(self.conn, self.data, hello.cache, "KV cache", prefault=True)
             if cache is not None:
-                self.cache = region_path(self.data, cache, True, into_cuda, timeout_s, bounce)
+                self.cache = region_path(self.data, cache, True, into_cuda, timeout_s, bounce, ucx)
                 if cache.mapped and routes is not None:
                     routes.add_source(self.conn, self.tag, cache)
+        mapped = any(path is not None and path.transport == SHM for path in (self.cache, self.ring))
+        self.transport = SHM if mapped else ucx
+
+    def _log_transport(self) -> None:
+        """Say once per connection what its KV crosses (the transport a deployment's NICs gave it)."""
+        assert self.data is not None
+        if self.transport == SHM:
+            how = "the sender's memory mapped here"
+        else:
+            devices = sorted({lane.device for lane in self.data.transports() if lane.transport != "self"})
+            how = f"device {', '.join(devices)}"
+        alive = not getattr(self.ep, "closed", True)  # ucxx's endpoint, still open just after the handshake
+        peer = (native.peer_name(self.ep.ucp_endpoint) if alive else "") or "a sender"
+        log.info("KV connection %d from %s: reads over %s (%s)", self.conn, peer, self.transport, how)
 
     def acks_due(self, now: bool) -> None:
         """Send the acks due: at once when `now` or ACK_BATCH of them are due, else ACK_DELAY_S after the first."""
@@ -131,6 +171,7 @@ class Link:
         """Say goodbye on the data path, then close both endpoints (its serving task then finishes)."""
         if not self.ended.done():
             self.ended.set_result(None)
+        self.posted = []  # closing `data` ends their gets; their requests fail
         if self.tag and routes is not None:  # before its cache is unmapped
             self.acks.extend(routes.remove_source(self.tag))
         if self.tag:

@@ -7,9 +7,15 @@
     either, into a CUDA cache             -                                  RemoteGet (UCX copies host to device)
     tensors registered in place (keys)    -                                  InPlaceGet: RMA gets, with the keys
 
+Each path names what its bytes cross (`transport`): "shm" for MappedCopy, else the UCX transports of
+the connection's lanes (`ucx_transport`), such as "tcp" to another host or "cma" on this one.
 Every path copies only the pieces it is given: runs of slots consecutive on both sides
 (expected.py), into the planes of one layer. All of it happens synchronously, so once `read`
-returns the KV is in place and nothing is left in flight.
+returns the KV is in place and nothing is left in flight; but for RemoteGet, which only posts its
+gets (`posts`), so that the gets of every header that came in one wake-up are in flight together:
+the receiver waits for them (`Connection.wait`) before it goes back to its event loop. Over tcp
+each get is a round trip to the sender's worker, and one header's pair of gets at a time left the
+link idle most of the time (services/bench/README.md).
 """
 
 from __future__ import annotations
@@ -26,6 +32,22 @@ from services.transfer import native
 from services.transfer.fingerprint import KVFingerprint
 
 log = logging.getLogger(__name__)
+SHM = "shm"  # the transport of a path that copies out of a mapping of the sender's memory
+
+
+def ucx_transport(lanes: list[native.Lane]) -> str:
+    """What RMA gets on a connection with these lanes go over: the transports but "self", sorted, joined by "+".
+
+    UCX picks the lanes once per endpoint, out of UCX_TLS and what the peer can be reached by: "tcp"
+    to another host without RDMA, "rc_mlx5" (and more) with it, "cma" and shared memory on one host.
+    """
+    names = sorted({lane.transport for lane in lanes if lane.transport != "self"})
+    return "+".join(names) or ("self" if lanes else "unknown")
+
+
+def joined(transports: set[str]) -> str:
+    """Several transports as one name: every part of each, sorted and joined by "+" ("" for none)."""
+    return "+".join(sorted({part for t in transports for part in t.split("+") if part}))
 
 
 @dataclass
@@ -67,10 +89,12 @@ class ReadPath(ABC):
     """One way of reading what headers of one kind name (one connection's cache, ring or registered tensors)."""
 
     region: SharedRegion | None = None  # what it reads, for the headers that name addresses in it
+    transport: str  # what its bytes cross (see the module docstring)
+    posts = False  # `read` only starts the copy: the connection's `wait` ends it
 
     @abstractmethod
     def read(self, hdr: Any, pieces: native.Pieces, k_plane: int, v_plane: int) -> None:
-        """Copy the header's K and V into the layer's planes at `pieces`.
+        """Copy the header's K and V into the layer's planes at `pieces` (or, where `posts`, start to).
 
         Raises NativeError when UCX fails (status UCS_ERR_TIMED_OUT past the config's timeout_s).
         """
@@ -81,6 +105,7 @@ class MappedCopy(ReadPath):
 
     def __init__(self, region: SharedRegion) -> None:
         self.region = region
+        self.transport = SHM
 
     def read(self, hdr: Any, pieces: native.Pieces, k_plane: int, v_plane: int) -> None:
         assert self.region is not None
@@ -89,17 +114,22 @@ class MappedCopy(ReadPath):
 
 
 class RemoteGet(ReadPath):
-    """RMA gets straight into place: a cache this process cannot map, or any region into a CUDA cache."""
+    """RMA gets straight into place: a cache this process cannot map, or any region into a CUDA cache.
 
-    def __init__(self, data: native.Connection, region: SharedRegion, timeout_s: float) -> None:
+    It posts the gets and returns; the connection's `wait` waits for them.
+    """
+
+    posts = True
+
+    def __init__(self, data: native.Connection, region: SharedRegion, transport: str) -> None:
         self.region = region
+        self.transport = transport
         self._data = data
-        self._timeout_s = timeout_s
 
     def read(self, hdr: Any, pieces: native.Pieces, k_plane: int, v_plane: int) -> None:
         assert self.region is not None
-        self._data.fetch(self.region.key, hdr.k_address, k_plane, pieces, self._timeout_s)
-        self._data.fetch(self.region.key, hdr.v_address, v_plane, pieces, self._timeout_s)
+        self._data.post(self.region.key, hdr.k_address, k_plane, pieces)
+        self._data.post(self.region.key, hdr.v_address, v_plane, pieces)
 
 
 class BounceBuffer:
@@ -121,8 +151,11 @@ class BouncedGet(ReadPath):
     per piece.
     """
 
-    def __init__(self, data: native.Connection, region: SharedRegion, timeout_s: float, bounce: BounceBuffer) -> None:
+    def __init__(
+        self, data: native.Connection, region: SharedRegion, timeout_s: float, bounce: BounceBuffer, transport: str
+    ) -> None:
         self.region = region
+        self.transport = transport
         self._data = data
         self._timeout_s = timeout_s
         self._bounce = bounce
@@ -139,7 +172,8 @@ class BouncedGet(ReadPath):
 class InPlaceGet(ReadPath):
     """Tensors the sender registered in place (CUDA, or no ring): the header carries their keys, one get each."""
 
-    def __init__(self, data: native.Connection, timeout_s: float) -> None:
+    def __init__(self, data: native.Connection, timeout_s: float, transport: str) -> None:
+        self.transport = transport
         self._data = data
         self._timeout_s = timeout_s
 
@@ -153,14 +187,23 @@ class InPlaceGet(ReadPath):
 
 
 def region_path(
-    data: native.Connection, region: SharedRegion, cache: bool, on_cuda: bool, timeout_s: float, bounce: BounceBuffer
+    data: native.Connection,
+    region: SharedRegion,
+    cache: bool,
+    on_cuda: bool,
+    timeout_s: float,
+    bounce: BounceBuffer,
+    transport: str,
 ) -> ReadPath:
-    """The path for the sender's shared cache (`cache`) or its ring, into a host or CUDA KV cache."""
+    """The path for the sender's shared cache (`cache`) or its ring, into a host or CUDA KV cache.
+
+    `transport`: what gets on `data` go over (`ucx_transport`).
+    """
     if region.mapped and not on_cuda:
         return MappedCopy(region)
     if on_cuda or cache:
-        return RemoteGet(data, region, timeout_s)
-    return BouncedGet(data, region, timeout_s, bounce)
+        return RemoteGet(data, region, transport)
+    return BouncedGet(data, region, timeout_s, bounce, transport)
 
 
 def header_problem(hdr: Any, fp: KVFingerprint, token_bytes: int, cache: ReadPath | None, ring: ReadPath | None) -> str:

@@ -53,6 +53,9 @@ class TokenBatch:
     decode_start: float | None = None
     # decode side, first batch only: why the hand-off failed when the prompt was recomputed here instead
     kv_failure: str | None = None
+    # decode side, first batch only: what the prompt's KV crossed from the prefill worker ("shm" on one host,
+    # else UCX's transports: "tcp", "rc_mlx5", ...; see services.transfer.KVArrival); None when none arrived
+    kv_transport: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
     prompt_logprobs: PromptLogprobs | None = None  # on the batch after a prompt computed here, when asked for
 

@@ -24,8 +24,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.bench.netns import Host, TestNetwork
 from tests.deploy.pod_commands import ContainerCommand, pod_commands
-from tests.multihost.netns import Host, TestNetwork
 
 RAY_PORT = 6379
 GRPC_PORT = 50051

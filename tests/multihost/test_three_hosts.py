@@ -19,12 +19,12 @@ import openai
 import pytest
 import torch
 
+from services.bench.netns import unavailable
 from services.bench.offline import hf_generate, load_transformers
 from services.engine.tokenizer import Tokenizer
 from services.proto_gen import generation_pb2 as pb
 from services.proto_gen import generation_pb2_grpc as pb_grpc
 from tests.multihost.cluster import Cluster, Router, start_cluster, stop_cluster
-from tests.multihost.netns import unavailable
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "test hosts can be made")
 
@@ -103,6 +103,11 @@ def test_the_kv_crossed_the_network(cluster: Cluster, expected: list[list[int]])
     assert _metric(router, "pdserve_kv_transfer_failures_total") == 0
     for worker in _decode_workers(router):
         assert worker.alive and not worker.integrity_error
+    # The decode worker says once per connection what its reads go over (services/transfer/recv_links.py).
+    grep = "grep -h 'reads over' /tmp/ray/session_latest/logs/worker*"
+    said = cluster.net.hosts["c"].run(["sh", "-c", grep], cluster.env()).stdout.splitlines()
+    prefill = cluster.net.hosts["b"].ip
+    assert said and all(re.search(rf"from {re.escape(prefill)}:\d+: reads over tcp \(device ", s) for s in said), said
 
 
 def test_a_killed_decode_worker_comes_back(cluster: Cluster, expected: list[list[int]]) -> None:

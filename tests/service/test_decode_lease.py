@@ -10,12 +10,16 @@ import asyncio
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.decode.worker import DecodeWorker
 from services.engine.config import CacheConfig, EngineConfig
 from services.engine.sampling_params import SamplingParams
 from services.transfer.config import TransferConfig
 from services.transfer.errors import TransferError
+from services.transfer.kv import KVTensors
+from services.transfer.sender import KVSender
+from services.worker.fingerprint import kv_fingerprint
 
 
 @pytest.fixture
@@ -85,6 +89,7 @@ async def test_failed_hand_off_follows_the_policy(small_model: Path, policy: str
     if policy == "recompute":  # the prefill side never delivered: the prompt is computed here
         batches = [b async for b in worker.generate("r4", None, None, first_token=None)]
         assert batches[0].kv_failure == "peer_gone" and sum(len(b.token_ids) for b in batches) == 4
+        assert batches[0].kv_transport is None
     else:
         with pytest.raises(TransferError, match="did not deliver"):
             await _collect(worker, "r4", None, None, first_token=None)
@@ -109,4 +114,27 @@ async def test_abort_while_waiting_for_kv_ends_the_stream(worker: DecodeWorker) 
     assert [(b.finished, b.finish_reason) for b in batches] == [(True, "abort")]  # type: ignore[attr-defined]
     await _assert_released(worker)
     assert (await worker.load()).num_used_blocks == 0
+    worker.async_engine.stop()
+
+
+async def test_the_first_batch_says_what_the_kv_came_over(worker: DecodeWorker) -> None:
+    """A hand-off from a sender on this host: its KV is copied out of the sender's mapped memory ("shm")."""
+    address = (await worker.ready()).kv_address
+    assert address is not None
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = list(range(10, 40))
+    await worker.reserve("r6", prompt, params, lease_s=30)
+    fp = kv_fingerprint(worker)
+    sender = KVSender(fp, TransferConfig(timeout_s=5))
+    try:
+        kv = torch.randn(fp.num_layers, 2, len(prompt), fp.num_kv_heads, fp.head_dim).to(fp.torch_dtype)
+        for layer in range(fp.num_layers):
+            await sender.send(address, "r6", layer, 0, KVTensors(kv[layer, 0], kv[layer, 1]))
+        batches = [b async for b in worker.generate("r6", None, None, first_token=7)]
+    finally:
+        await sender.close()
+    assert batches[0].kv_transport == "shm" and batches[0].kv_failure is None
+    assert all(b.kv_transport is None for b in batches[1:]) and sum(len(b.token_ids) for b in batches) == 3
+    await _assert_released(worker)
+    await worker.receiver.close()
     worker.async_engine.stop()

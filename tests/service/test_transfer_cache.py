@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import torch
@@ -209,7 +210,7 @@ async def test_completion_time_is_when_the_last_layer_landed() -> None:
         await send_cached_all(p, "t", 0, 6, [4, 9], chunk=6)
         after = time.monotonic()
         landed = await p.receiver.wait("t")
-        assert before < landed < after
+        assert before < landed.at < after and landed.transport == "shm"
 
 
 async def test_many_sends_in_flight_are_all_acknowledged() -> None:
@@ -230,6 +231,36 @@ async def test_many_sends_in_flight_are_all_acknowledged() -> None:
         await asyncio.wait_for(asyncio.gather(*sends), 5)
         await p.receiver.wait("many")
         assert torch.equal(stored(p.cache, list(range(10, 20)), 0, n), kv)
+        assert not p.sender._in_flight.pending
+
+
+async def test_gets_of_the_headers_of_one_wake_up_are_in_flight_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unmapped (another host): every header that arrived together has its gets posted, then waited for once."""
+    from services.transfer import native
+
+    monkeypatch.setattr(native.RemoteKey, "local_address", lambda self, remote: 0)
+    async with cache_pair() as (p, source):
+        batches: list[int] = []
+        settle = p.receiver._settle
+
+        def counting(link: Any) -> bool | None:
+            batches.append(len(link.posted))
+            return settle(link)
+
+        p.receiver._settle = counting  # type: ignore[method-assign]
+        tables = {rid: random.Random(rid).sample(range(CACHE_BLOCKS), 3) for rid in ("x", "y")}
+        blocks = {"x": [3, 17, 9], "y": [30, 1, 22]}
+        kvs = {rid: make_kv(FP, 12, seed=len(rid) + i) for i, rid in enumerate(tables)}
+        for rid, table in tables.items():
+            put(source, table, 0, kvs[rid])
+            p.receiver.expect(rid, blocks[rid], 0, 12)
+        sends = [p.sender.send(p.addr, rid, layer, t, KVBlocks(4, tables[rid]))
+                 for t in (0, 4, 8) for layer in range(FP.num_layers) for rid in tables]
+        await asyncio.wait_for(asyncio.gather(*sends), 5)
+        for rid in tables:
+            arrival = await p.receiver.wait(rid)
+            assert torch.equal(stored(p.cache, blocks[rid], 0, 12), kvs[rid]) and arrival.transport != "shm"
+        assert sum(batches) == len(sends) and max(batches) > 1, batches
         assert not p.sender._in_flight.pending
 
 

@@ -97,3 +97,21 @@ def test_bench_transfer_refuses_bad_options(capsys: pytest.CaptureFixture[str]) 
         with pytest.raises(SystemExit) as info:
             main()
         assert info.value.code == 2 and "invalid choice: 'disk'" in capsys.readouterr().err
+
+
+def test_bench_transfer_forwards_its_own_options_to_a_driver_elsewhere() -> None:
+    """`--hosts netns` reruns the sweep on host a with the options it was given (bandwidth.forwarded)."""
+    import argparse
+
+    from services.bench import transfer
+    from services.bench.bandwidth import add_arguments, forwarded
+
+    parser = argparse.ArgumentParser()
+    transfer.add_arguments(parser)
+    given = ["--hosts", "netns", "--sizes-mib", "4,16", "--no-pin", "--source", "tensors", "--ttft-repeats", "2"]
+    argv = forwarded(parser.parse_args(given))
+    assert argv == ["--sizes-mib", "4,16", "--source", "tensors", "--no-pin"]
+    own = argparse.ArgumentParser()
+    add_arguments(own)
+    again = own.parse_args(argv)
+    assert (again.sizes_mib, again.source, again.no_pin, again.repeats) == ("4,16", "tensors", True, 7)

@@ -19,7 +19,7 @@ from services.transfer.native.library import (
     status_string,
 )
 from services.transfer.native.memory import Pieces, Region, RemoteKey, copy_kv, prefault
-from services.transfer.native.node import EVENT_MESSAGE, EVENT_PEER_FAILED, Connection, Node
+from services.transfer.native.node import EVENT_MESSAGE, EVENT_PEER_FAILED, Connection, Lane, Node, peer_name
 from services.transfer.native.sink import EVENT_ACKS_DUE, EVENT_ROUTE_DONE, ROUTE_DONE, Sink
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "UCS_ERR_NOT_CONNECTED",
     "UCS_ERR_TIMED_OUT",
     "Connection",
+    "Lane",
     "NativeError",
     "Node",
     "Pieces",
@@ -40,6 +41,7 @@ __all__ = [
     "build",
     "copy_kv",
     "lib",
+    "peer_name",
     "prefault",
     "status_string",
 ]

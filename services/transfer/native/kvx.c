@@ -2,14 +2,15 @@
  * kvx: the data path of the KV hand-off, in C on UCP, so that no Python runs per byte.
  *
  * A node is one UCP context and worker (thread mode MULTI) with a progress thread that sleeps
- * in ucp_worker_wait. It offers five things:
+ * in ucp_worker_wait. It offers five things (and, for logs, the transports of an endpoint's lanes):
  *   - short messages (UCP active messages, eager): every message a connection sends carries the
  *     tag its peer gave it, and lands in the receiving node's event queue;
  *   - memory regions: existing memory registered with ucp_mem_map, or new memory that UCX
  *     allocates itself (shared memory a peer on the host can map), with the rkey a peer needs;
- *   - fetch: RMA gets from a peer's region into local memory, waited for in the calling thread;
- *     or, when the peer's region is shared memory that UCX maps into this process (ucp_rkey_ptr),
- *     a plain copy from the mapping (kvx_copy_kv), which on one host is the fastest way across
+ *   - fetch: RMA gets from a peer's region into local memory, posted (kvx_fetch_post, as many as
+ *     come) and then waited for in the calling thread (kvx_fetch_wait) while the progress thread
+ *     stands by; or, when the peer's region is shared memory that UCX maps into this process
+ *     (ucp_rkey_ptr), a plain copy from the mapping (kvx_copy_kv), the fastest way across one host
  *     (kvx_prefault maps all of it up front: a first touch costs a page fault per 4 KiB);
  *   - spin: a caller may progress the worker itself for a while (kvx_spin ... kvx_spin_end).
  *     Meanwhile the progress thread stands by and the worker stays unarmed, so a peer's next
@@ -25,10 +26,13 @@
  * peer mid-run), and the control connection (ucxx, error handling on) reports it as well.
  * Python calls these functions through ctypes, which drops the GIL while they run.
  */
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -45,12 +49,20 @@
 
 #define KVX_AM_ID 17
 
+typedef struct {
+    int pending;          /* gets posted and not completed */
+    ucs_status_t status;  /* the first failure among them */
+    int holding;          /* the progress thread stands by until kvx_fetch_wait (see hold_progress) */
+} kvx_batch;
+
 typedef struct kvx_conn {
     kvx_node *node;
     ucp_ep_h ep;
     uint64_t tag;       /* what this side's messages carry: the peer's id for this connection */
     uint64_t local_tag; /* what a failure of this connection is reported as, locally */
     pthread_mutex_t lock;
+    kvx_batch fetches;  /* gets posted by kvx_fetch_post, until kvx_fetch_wait */
+    int answers_gets;   /* the peer reads this side's memory with gets that this worker must answer */
 } kvx_conn;
 
 typedef struct kvx_region {
@@ -61,11 +73,6 @@ typedef struct kvx_region {
 typedef struct kvx_rkey {
     ucp_rkey_h rkey;
 } kvx_rkey;
-
-typedef struct {
-    int pending;
-    ucs_status_t status;
-} kvx_batch;
 
 double now_s(void)
 {
@@ -105,6 +112,19 @@ void push_event(kvx_node *node, uint32_t type, int32_t status, uint64_t tag, con
     }
 }
 
+/* From a connection's first posted get until its kvx_fetch_wait, the progress thread stands by: the
+ * waiting caller progresses the worker itself, and the two would otherwise take turns at its lock
+ * for every reply that lands. Events queued meanwhile still signal the eventfd. */
+static void hold_progress(kvx_node *node, int delta)
+{
+    pthread_mutex_lock(&node->events_lock);
+    node->holding += delta;
+    if (node->holding == 0) {
+        pthread_cond_broadcast(&node->spin_done);
+    }
+    pthread_mutex_unlock(&node->events_lock);
+}
+
 static ucs_status_t on_message(void *arg, const void *header, size_t header_length, void *data, size_t length,
                                const ucp_am_recv_param_t *param)
 {
@@ -133,7 +153,7 @@ static void *progress_loop(void *arg)
     kvx_node *node = arg;
     while (!node->stopping) {
         pthread_mutex_lock(&node->events_lock);
-        while (node->spinning && !node->stopping) {
+        while ((node->spinning || node->holding) && !node->stopping) {
             pthread_cond_wait(&node->spin_done, &node->events_lock);
         }
         pthread_mutex_unlock(&node->events_lock);
@@ -337,6 +357,63 @@ kvx_conn *kvx_connect(kvx_node *node, const void *address, uint64_t tag, uint64_
     return conn;
 }
 
+#define KVX_MAX_LANES 32
+#define KVX_POST_PROGRESS 8 /* while posting gets, progress the worker after every this many */
+
+/* Appends "transport device\n" for each of the endpoint's lanes (ucp_ep_query), which UCX picked
+ * when the endpoint was created (its wire-up may still be under way). Returns the bytes written, or
+ * minus the capacity needed; 0 for a closed connection or a failed query. */
+long kvx_transports(kvx_conn *conn, char *out, size_t capacity)
+{
+    ucp_transport_entry_t entries[KVX_MAX_LANES];
+    ucp_ep_attr_t attr = {0};
+    ucs_status_t status = UCS_ERR_NOT_CONNECTED;
+    size_t used = 0;
+    attr.field_mask = UCP_EP_ATTR_FIELD_TRANSPORTS;
+    attr.transports.entries = entries;
+    attr.transports.num_entries = KVX_MAX_LANES;
+    attr.transports.entry_size = sizeof(entries[0]);
+    pthread_mutex_lock(&conn->lock);
+    if (conn->ep != NULL) {
+        status = ucp_ep_query(conn->ep, &attr);
+    }
+    for (unsigned i = 0; status == UCS_OK && i < attr.transports.num_entries; ++i) {
+        /* the names live as long as the endpoint: copy them under the lock */
+        int n = snprintf(used < capacity ? out + used : NULL, used < capacity ? capacity - used : 0, "%s %s\n",
+                         entries[i].transport_name ? entries[i].transport_name : "?",
+                         entries[i].device_name ? entries[i].device_name : "?");
+        used += n > 0 ? (size_t)n : 0;
+    }
+    pthread_mutex_unlock(&conn->lock);
+    return used < capacity ? (long)used : -(long)(used + 1);
+}
+
+/* The address of the peer at the far end of an endpoint created through a listener or to a socket
+ * address (any UCP endpoint, e.g. one of ucxx's), as text: its length, or 0 if UCX cannot say. */
+long kvx_peer_name(uint64_t endpoint, char *out, size_t capacity)
+{
+    ucp_ep_attr_t attr = {0};
+    char host[INET6_ADDRSTRLEN] = "";
+    int port = 0, n;
+    attr.field_mask = UCP_EP_ATTR_FIELD_REMOTE_SOCKADDR;
+    if (endpoint == 0 || ucp_ep_query((ucp_ep_h)(uintptr_t)endpoint, &attr) != UCS_OK) {
+        return 0;
+    }
+    if (attr.remote_sockaddr.ss_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)&attr.remote_sockaddr;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+        port = ntohs(in->sin_port);
+    } else if (attr.remote_sockaddr.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)&attr.remote_sockaddr;
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+        port = ntohs(in6->sin6_port);
+    } else {
+        return 0;
+    }
+    n = snprintf(out, capacity, "%s:%d", host, port);
+    return n > 0 && (size_t)n < capacity ? n : 0;
+}
+
 static void wait_request(kvx_node *node, void *request)
 {
     while (ucp_request_check_status(request) == UCS_INPROGRESS) {
@@ -357,6 +434,14 @@ static void close_endpoint(kvx_conn *conn)
     conn->ep = NULL;
     if (request != NULL && !UCS_PTR_IS_ERR(request)) {
         wait_request(conn->node, request);
+    }
+}
+
+/* Progresses until every get posted on conn so far has landed or failed (call with conn->lock held). */
+static void drain_fetches(kvx_conn *conn)
+{
+    while (__atomic_load_n(&conn->fetches.pending, __ATOMIC_ACQUIRE) > 0) {
+        ucp_worker_progress(conn->node->worker);
     }
 }
 
@@ -383,6 +468,10 @@ void kvx_disconnect(kvx_conn *conn, double flush_timeout_s)
     }
     if (conn->ep != NULL) {
         close_endpoint(conn);
+    }
+    drain_fetches(conn); /* gets still in flight report to conn: let them end before it goes */
+    if (conn->fetches.holding) { /* posted, never waited for */
+        hold_progress(conn->node, -1);
     }
     pthread_mutex_unlock(&conn->lock);
     pthread_mutex_destroy(&conn->lock);
@@ -427,10 +516,18 @@ static int post_message(kvx_conn *conn, const void *data, size_t length)
     return UCS_OK;
 }
 
+/* Over a transport without RMA of its own (tcp), UCX emulates a peer's gets with messages that this
+ * side's worker answers: after each send on such a connection (a header the peer will read), the
+ * progress thread polls for spin_s rather than sleeping, so those gets find it awake. */
+void kvx_answer_gets(kvx_conn *conn, int on) { conn->answers_gets = on; }
+
 /* Sends `length` bytes as one message; returns at once. */
 int kvx_send(kvx_conn *conn, const void *data, size_t length)
 {
     int status = UCS_ERR_NOT_CONNECTED;
+    if (conn->answers_gets) {
+        conn->node->spin_until = now_s() + conn->node->spin_s;
+    }
     pthread_mutex_lock(&conn->lock);
     if (conn->ep != NULL) {
         status = post_message(conn, data, length);
@@ -645,56 +742,86 @@ static void on_fetched(void *request, ucs_status_t status, void *user_data)
     ucp_request_free(request);
 }
 
-/* Copies n pieces from the peer's region (remote_key) into local memory: piece i is lengths[i] bytes from
- * remote_base + remote_offsets[i] to local_base + local_offsets[i]. Returns when every piece has
- * landed (UCS_OK) or failed. Past `timeout_s` the endpoint is closed, which ends every piece, and
- * UCS_ERR_TIMED_OUT is returned; the connection is then unusable. */
-int kvx_fetch(kvx_conn *conn, kvx_rkey *remote_key, uint64_t remote_base, uint64_t local_base, size_t n,
-              const uint64_t *remote_offsets, const uint64_t *local_offsets, const uint64_t *lengths,
-              double timeout_s)
+/* Posts gets of n pieces from the peer's region (remote_key) into local memory: piece i is lengths[i]
+ * bytes from remote_base + remote_offsets[i] to local_base + local_offsets[i]. Returns at once (the
+ * arrays may go; the memory may not): kvx_fetch_wait waits for every get posted on the connection.
+ * Gets in flight together are what keeps a network transport busy: over tcp, each is a round trip
+ * to the peer's worker. */
+int kvx_fetch_post(kvx_conn *conn, kvx_rkey *remote_key, uint64_t remote_base, uint64_t local_base, size_t n,
+                   const uint64_t *remote_offsets, const uint64_t *local_offsets, const uint64_t *lengths)
 {
     ucp_request_param_t param = {0};
-    kvx_batch batch = {0, UCS_OK};
-    ucp_rkey_h rkey = remote_key->rkey;
-    double deadline = now_s() + timeout_s;
-    size_t i;
-    int idle = 0;
-
+    kvx_batch *batch = &conn->fetches;
+    int status = UCS_OK;
     pthread_mutex_lock(&conn->lock);
     if (conn->ep == NULL) {
         pthread_mutex_unlock(&conn->lock);
         return UCS_ERR_NOT_CONNECTED;
     }
+    if (!batch->holding) {
+        batch->holding = 1;
+        hold_progress(conn->node, 1);
+    }
     param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
     param.cb.send = on_fetched;
-    param.user_data = &batch;
-    for (i = 0; i < n && batch.status == UCS_OK; ++i) {
+    param.user_data = batch;
+    for (size_t i = 0; i < n && status == UCS_OK; ++i) {
         void *request;
-        __atomic_add_fetch(&batch.pending, 1, __ATOMIC_ACQ_REL);
+        __atomic_add_fetch(&batch->pending, 1, __ATOMIC_ACQ_REL);
         request = ucp_get_nbx(conn->ep, (void *)(uintptr_t)(local_base + local_offsets[i]), lengths[i],
-                              remote_base + remote_offsets[i], rkey, &param);
+                              remote_base + remote_offsets[i], remote_key->rkey, &param);
         if (request == NULL || UCS_PTR_IS_ERR(request)) {
             if (UCS_PTR_IS_ERR(request)) {
-                batch.status = UCS_PTR_STATUS(request);
+                status = UCS_PTR_STATUS(request);
             }
-            __atomic_sub_fetch(&batch.pending, 1, __ATOMIC_ACQ_REL);
+            __atomic_sub_fetch(&batch->pending, 1, __ATOMIC_ACQ_REL);
+        }
+        if (i % KVX_POST_PROGRESS == KVX_POST_PROGRESS - 1) {
+            ucp_worker_progress(conn->node->worker); /* take in the replies so far, so that more can come */
         }
     }
-    while (__atomic_load_n(&batch.pending, __ATOMIC_ACQUIRE) > 0) {
+    pthread_mutex_unlock(&conn->lock);
+    return status;
+}
+
+/* Waits for every get posted on the connection: UCS_OK when all landed, else the first failure. Past
+ * `timeout_s` the endpoint is closed, which ends every get, and UCS_ERR_TIMED_OUT is returned; the
+ * connection is then unusable. */
+int kvx_fetch_wait(kvx_conn *conn, double timeout_s)
+{
+    kvx_batch *batch = &conn->fetches;
+    double deadline = now_s() + timeout_s;
+    int idle = 0, status;
+    pthread_mutex_lock(&conn->lock);
+    while (__atomic_load_n(&batch->pending, __ATOMIC_ACQUIRE) > 0) {
         if (ucp_worker_progress(conn->node->worker) != 0) {
             idle = 0;
         } else if (++idle % 64 == 0 && now_s() > deadline) {
             close_endpoint(conn);
-            while (__atomic_load_n(&batch.pending, __ATOMIC_ACQUIRE) > 0) {
-                ucp_worker_progress(conn->node->worker);
-            }
-            batch.status = UCS_ERR_TIMED_OUT;
-            pthread_mutex_unlock(&conn->lock);
-            return batch.status;
+            drain_fetches(conn);
+            batch->status = UCS_ERR_TIMED_OUT;
+            break;
         }
     }
+    status = batch->status;
+    batch->status = UCS_OK;
+    if (batch->holding) {
+        batch->holding = 0;
+        hold_progress(conn->node, -1);
+    }
     pthread_mutex_unlock(&conn->lock);
-    return batch.status;
+    return status;
+}
+
+/* kvx_fetch_post, then kvx_fetch_wait. */
+int kvx_fetch(kvx_conn *conn, kvx_rkey *remote_key, uint64_t remote_base, uint64_t local_base, size_t n,
+              const uint64_t *remote_offsets, const uint64_t *local_offsets, const uint64_t *lengths,
+              double timeout_s)
+{
+    int posted = kvx_fetch_post(conn, remote_key, remote_base, local_base, n, remote_offsets, local_offsets,
+                                lengths);
+    int waited = kvx_fetch_wait(conn, timeout_s);
+    return posted != UCS_OK ? posted : waited;
 }
 
 /* Progresses the worker in the calling thread until an event is queued (returns 1) or timeout_s

@@ -32,6 +32,7 @@ typedef struct kvx_node {
     pthread_t progress_thread;
     volatile int stopping;
     int spinning;          /* a caller of kvx_spin progresses the worker: the progress thread stands by */
+    int holding;           /* callers waiting for their gets progress the worker: the progress thread stands by */
     pthread_cond_t spin_done;
     int event_fd;
     pthread_mutex_t events_lock;

@@ -6,6 +6,7 @@ import ctypes
 import os
 import struct
 import threading
+from typing import NamedTuple
 
 from services.transfer.native.library import UCS_ERR_NOT_CONNECTED, NativeError, lib, sized
 from services.transfer.native.memory import Pieces, Region, RemoteKey
@@ -14,6 +15,19 @@ from services.transfer.native.sink import Sink
 EVENT_MESSAGE = 1
 EVENT_PEER_FAILED = 2
 _RECORD = struct.Struct("<IiQI")
+
+
+class Lane(NamedTuple):
+    """One lane of an endpoint: a UCX transport ("tcp", "cma", "rc_mlx5", ...) on a device ("eth0", "memory", ...)."""
+
+    transport: str
+    device: str
+
+
+def peer_name(endpoint: int) -> str:
+    """"host:port" of the peer at the far end of a UCP endpoint made through a listener (ucxx's `ucp_endpoint`),
+    or "" when UCX cannot say."""
+    return sized(lib().kvx_peer_name, endpoint).decode(errors="replace")
 
 
 class Node:
@@ -145,7 +159,7 @@ class Connection:
         return RemoteKey(self._lib, h)
 
     def fetch(self, rkey: RemoteKey, remote_base: int, local_base: int, pieces: Pieces, timeout_s: float) -> None:
-        """Get the pieces and wait.
+        """Get the pieces and wait (for them and for every get `post`ed before).
 
         Raises NativeError (status UCS_ERR_TIMED_OUT past `timeout_s`, after which the connection
         is closed).
@@ -160,6 +174,43 @@ class Connection:
             )
         if st:
             raise NativeError("fetching KV failed", st)
+
+    def post(self, rkey: RemoteKey, remote_base: int, local_base: int, pieces: Pieces) -> None:
+        """Start getting the pieces and return: `wait` waits for every get posted so far.
+
+        The local memory must stay put until then (the pieces may go at once).
+        """
+        with self._lock:
+            st = (
+                self._lib.kvx_fetch_post(self._h, rkey.handle, remote_base, local_base, pieces.count, *pieces.pointers)
+                if self._h
+                else UCS_ERR_NOT_CONNECTED
+            )
+        if st:
+            raise NativeError("fetching KV failed", st)
+
+    def wait(self, timeout_s: float) -> None:
+        """Until every get `post`ed has landed; NativeError as `fetch` raises it (after which none is in flight)."""
+        with self._lock:
+            st = self._lib.kvx_fetch_wait(self._h, timeout_s) if self._h else UCS_ERR_NOT_CONNECTED
+        if st:
+            raise NativeError("fetching KV failed", st)
+
+    def transports(self) -> list[Lane]:
+        """The UCX transport and device of each of the endpoint's lanes, as UCX chose them ([] once closed).
+
+        Lanes to the peer's own process show as "self"; several lanes may share a transport.
+        """
+        with self._lock:
+            raw = sized(self._lib.kvx_transports, self._h) if self._h else b""
+        return [Lane(*line.split(" ", 1)) for line in raw.decode().splitlines() if " " in line]
+
+    def answer_gets(self, on: bool = True) -> None:
+        """The peer reads this side's memory with gets that this worker answers (tcp): after each send, the
+        progress thread stays awake for the node's spin time to answer them."""
+        with self._lock:
+            if self._h:
+                self._lib.kvx_answer_gets(self._h, int(on))
 
     def close(self, flush_timeout_s: float = 0.0) -> None:
         """Close; with flush_timeout_s > 0, messages sent so far get that long to go out first."""

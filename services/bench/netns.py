@@ -1,4 +1,4 @@
-"""Test hosts on one machine: each is its own network, UTS, mount, IPC and PID namespace.
+"""Hosts on one machine, for benchmarks and tests: each is its own network, UTS, mount, IPC and PID namespace.
 
     root namespace: bridge pdsbr-XXXX 10.231.N.254/24 (the test process talks to the hosts through it)
         ├── veth ── host "a" 10.231.N.1   hostname a, its own /tmp and /dev/shm
@@ -10,13 +10,20 @@ process ids are its own, so UCX cannot reach another host through shared memory 
 /sys is its own network namespace's, so UCX lists the host's own interfaces. A host
 is a holder process (`sleep`) that owns the namespaces; commands enter them with nsenter.
 Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN); `unavailable()` says why it cannot run here.
+
+`RayHosts` puts a Ray cluster on such hosts, token authentication on: the head on "a" (no CPUs: it is
+for drivers, as a deployment's router), and one node per worker host that advertises a resource
+("prefill" on b, "decode" on c), as a deployment's worker groups do. tests/multihost/cluster.py starts
+the Helm chart's own pod commands instead.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,3 +150,86 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         except ProcessLookupError:
             pass
         proc.wait(timeout=10)
+
+
+RAY_PORT = 6379
+
+
+class RayHosts:
+    """A TestNetwork with a Ray cluster on it (see the module docstring); `close()` takes all of it down.
+
+    `nodes` maps each worker host's name to the resource its node advertises, e.g. {"b": "prefill"}.
+    Every host sees the same files but /tmp and /dev/shm: the token and the logs go to `shared`.
+    """
+
+    def __init__(self, nodes: dict[str, str], cpus_per_node: int = 1) -> None:
+        self.net = TestNetwork()
+        self.shared = Path(f"/var/tmp/pdserve-hosts-{self.net.tag}")
+        try:
+            self.shared.mkdir(parents=True)
+            self.token.write_text(os.urandom(24).hex())
+            self.token.chmod(0o400)
+            head = self.net.add_host("a")
+            self.start(head, ["ray", "start", "--head", "--block", f"--port={RAY_PORT}", "--num-cpus=0",
+                              "--include-dashboard=false"], "ray")
+            _wait_for_port(head.ip, RAY_PORT)
+            for name, resource in nodes.items():
+                host = self.net.add_host(name)
+                self.start(host, ["ray", "start", f"--address={self.address}", "--block",
+                                  f"--num-cpus={cpus_per_node}", f"--resources={{\"{resource}\": 1}}"], "ray")
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def head(self) -> Host:
+        return self.net.hosts["a"]
+
+    @property
+    def address(self) -> str:
+        """The head's GCS, as drivers and nodes join it."""
+        return f"{self.head.ip}:{RAY_PORT}"
+
+    @property
+    def token(self) -> Path:
+        return self.shared / "ray-token"
+
+    def env(self) -> dict[str, str]:
+        """What a process on a host needs for `ray`, `pdserve` and `python -m services...`, token included."""
+        return {
+            "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "HOME": "/tmp",
+            "PYTHONUNBUFFERED": "1",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.token),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+
+    def start(self, host: Host, argv: list[str], what: str) -> subprocess.Popen[bytes]:
+        """A long-running process on `host`, logging to shared/WHAT-HOST.log."""
+        return host.start(argv, self.env(), self.shared / f"{what}-{host.name}.log")
+
+    def logs(self, chars: int = 3000) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in self.shared.glob("*.log"))
+
+    def close(self) -> None:
+        self.net.close()
+        shutil.rmtree(self.shared, ignore_errors=True)
+
+    def __enter__(self) -> RayHosts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _wait_for_port(address: str, port: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
