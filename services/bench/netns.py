@@ -196,14 +196,7 @@ class RayHosts:
 
     def env(self) -> dict[str, str]:
         """What a process on a host needs for `ray`, `pdserve` and `python -m services...`, token included."""
-        return {
-            "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-            "HOME": "/tmp",
-            "PYTHONUNBUFFERED": "1",
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(self.token),
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
+        return host_env(self.token)
 
     def start(self, host: Host, argv: list[str], what: str) -> subprocess.Popen[bytes]:
         """A long-running process on `host`, logging to shared/WHAT-HOST.log."""
@@ -233,3 +226,15 @@ def _wait_for_port(address: str, port: int, timeout_s: float = 60) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+def host_env(token: Path) -> dict[str, str]:
+    """What a process on a test host needs for `ray`, `pdserve` and `python -m services...`, with Ray's token."""
+    return {
+        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "HOME": "/tmp",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }

@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.bench.netns import Host, TestNetwork
+from services.bench.netns import Host, TestNetwork, host_env
 from tests.deploy.pod_commands import ContainerCommand, pod_commands
 
 RAY_PORT = 6379
@@ -82,14 +81,7 @@ class Cluster:
 
     def env(self) -> dict[str, str]:
         """What a shell on a test host needs for `ray` and `pdserve`, with the token of this cluster."""
-        return {
-            "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
-            "HOME": "/tmp",
-            "PYTHONUNBUFFERED": "1",
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(self.token),
-            "RAY_USAGE_STATS_ENABLED": "0",
-        }
+        return host_env(self.token)
 
     def run_container(self, host: Host, role: str) -> subprocess.Popen[bytes]:
         """Starts the container of `role` on `host`, as its pod would."""
