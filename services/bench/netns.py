@@ -172,7 +172,7 @@ class RayHosts:
             head = self.net.add_host("a")
             self.start(head, ["ray", "start", "--head", "--block", f"--port={RAY_PORT}", "--num-cpus=0",
                               "--include-dashboard=false"], "ray")
-            _wait_for_port(head.ip, RAY_PORT)
+            wait_for_port(head.ip, RAY_PORT)
             for name, resource in nodes.items():
                 host = self.net.add_host(name)
                 self.start(host, ["ray", "start", f"--address={self.address}", "--block",
@@ -216,7 +216,7 @@ class RayHosts:
         self.close()
 
 
-def _wait_for_port(address: str, port: int, timeout_s: float = 60) -> None:
+def wait_for_port(address: str, port: int, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:

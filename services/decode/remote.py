@@ -42,10 +42,12 @@ class RemoteRequest:
         engine: AsyncEngine,
         receiver: KVReceiver,
         registry: dict[str, RemoteRequest],
+        num_cached_tokens: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.params = params
+        self.num_cached_tokens = num_cached_tokens  # leading prompt tokens the local prefix cache already held
         self.closed_as: str | None = None
         self.stream: asyncio.Queue[RequestOutput] | None = None
         self._engine = engine
@@ -64,21 +66,18 @@ class RemoteRequest:
         engine: AsyncEngine,
         receiver: KVReceiver,
         registry: dict[str, RemoteRequest],
-    ) -> tuple[RemoteRequest, int] | None:
-        """Holds blocks for the prompt and tells the receiver where its KV goes; None when there is no room.
-
-        Also returns how many leading prompt tokens the local prefix cache holds already.
-        """
+    ) -> RemoteRequest | None:
+        """Holds blocks for the prompt and tells the receiver where its KV goes; None when there is no room."""
         blocks = await engine.call(lambda e: e.reserve_remote(request_id, prompt_token_ids, params))
         if blocks is None:
             return None
-        remote = cls(request_id, prompt_token_ids, params, engine, receiver, registry)
+        remote = cls(request_id, prompt_token_ids, params, engine, receiver, registry, blocks.num_cached_tokens)
         try:
             receiver.expect(request_id, blocks.block_ids, blocks.num_cached_tokens, len(prompt_token_ids))
         except BaseException:
             await remote.close("failed")
             raise
-        return remote, blocks.num_cached_tokens
+        return remote
 
     @property
     def closed(self) -> bool:

@@ -75,16 +75,15 @@ class DecodeWorker(EngineWorker):
     ) -> Reservation:
         """Holds blocks for the prompt; raises ResourceExhausted when there is no room."""
         self._ensure_started()
-        reserved = await RemoteRequest.reserve(
+        remote = await RemoteRequest.reserve(
             request_id, prompt_token_ids, params, self.async_engine, self.receiver, self.remote
         )
-        if reserved is None:
+        if remote is None:
             raise ResourceExhausted(
                 f"decode worker {self.name} has no free KV blocks for {len(prompt_token_ids)} tokens"
             )
-        remote, cached = reserved
         remote.start_lease(lease_s, self._count_expired)
-        return Reservation(request_id, cached, lease_s)
+        return Reservation(request_id, remote.num_cached_tokens, lease_s)
 
     def _count_expired(self) -> None:
         self.expired_leases += 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.bench.netns import Host, TestNetwork, host_env
+from services.bench.netns import Host, TestNetwork, host_env, wait_for_port
 from tests.deploy.pod_commands import ContainerCommand, pod_commands
 
 RAY_PORT = 6379
@@ -119,18 +118,6 @@ class Cluster:
         return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.shared.glob("*.log"))
 
 
-def _wait_for_port(address: str, port: int, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((address, port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def start_cluster(model_source: Path, serve_args: list[str]) -> Cluster:
     """Hosts a-d with the chart's containers on them; returns once both routers serve."""
     net = TestNetwork()
@@ -144,7 +131,7 @@ def start_cluster(model_source: Path, serve_args: list[str]) -> Cluster:
         cluster.token.chmod(0o400)
         head = net.add_host("a")
         cluster.run_container(head, "head")
-        _wait_for_port(head.ip, RAY_PORT)
+        wait_for_port(head.ip, RAY_PORT)
         cluster.add_node("b", "prefill")
         cluster.add_node("c", "decode")
         router_host = cluster.add_node("d", "router-ray")
