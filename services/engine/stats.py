@@ -91,3 +91,6 @@ class TransferStats:
     seconds: float
     num_bytes: int
     failure_reason: str | None = None  # None on success; else one of services.transfer.errors.FAILURE_REASONS
+    # What the KV crossed (a success's): "shm", the UCX transports ("tcp", "rc_mlx5+tcp", ...), or "unknown"
+    # when the decode worker never said (the request ended at its first token).
+    transport: str = "unknown"

@@ -136,10 +136,10 @@ SPECS: tuple[MetricSpec, ...] = (
     _c("disagg_decisions_total", "Where the router prefilled: on a prefill worker, or on the decode worker.",
        _MODEL + ("decision",)),
     # KV transfer.
-    _h("kv_transfer_seconds", "Duration of one successful KV hand-off of one request.",
-       _MODEL, TRANSFER_SECONDS_BUCKETS),
-    _h("kv_transfer_bytes", "Bytes moved by one successful KV hand-off of one request.",
-       _MODEL, TRANSFER_BYTES_BUCKETS),
+    _h("kv_transfer_seconds", "Duration of one successful KV hand-off of one request, by what it crossed.",
+       _MODEL + ("transport",), TRANSFER_SECONDS_BUCKETS),
+    _h("kv_transfer_bytes", "Bytes moved by one successful KV hand-off of one request, by what it crossed.",
+       _MODEL + ("transport",), TRANSFER_BYTES_BUCKETS),
     _c("kv_transfer_failures_total", "Failed KV hand-offs, by reason.", _MODEL + ("reason",)),
     # Workers, polled as WorkerStats.
     _g("worker_up", "1 while the router's last poll of the worker succeeded, else 0.", _WORKER),

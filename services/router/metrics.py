@@ -199,8 +199,9 @@ class Metrics:
             failures = self._families.counter("kv_transfer_failures_total")
             failures.labels(self.model_name, stats.failure_reason).inc()
             return
-        self._families.histogram("kv_transfer_seconds").labels(self.model_name).observe(stats.seconds)
-        self._families.histogram("kv_transfer_bytes").labels(self.model_name).observe(stats.num_bytes)
+        labels = (self.model_name, stats.transport or "unknown")
+        self._families.histogram("kv_transfer_seconds").labels(*labels).observe(stats.seconds)
+        self._families.histogram("kv_transfer_bytes").labels(*labels).observe(stats.num_bytes)
 
     def record_disagg_decision(self, decision: str) -> None:
         """The router chose where to prefill: "remote_prefill" or "local_prefill"."""

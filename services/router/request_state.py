@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from ray import ObjectRef
 
 from services.engine.sampling_params import SamplingParams
-from services.engine.stats import RequestTimes
+from services.engine.stats import RequestTimes, TransferStats
 from services.engine.tokenizer import IncrementalDetokenizer
 from services.router.pool import WorkerHandle
 
@@ -37,6 +37,7 @@ class RequestState:
     reserved: bool = False
     decoding: bool = False
     finished: bool = False
+    transfer: TransferStats | None = None  # a successful hand-off, until it is observed with its transport
     transfer_failed: bool = False  # a failed KV hand-off was counted: one request counts once
     cached_tokens: int = 0
     completion_tokens: int = 0

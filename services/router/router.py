@@ -12,6 +12,7 @@ same id can never meet the old one's KV on a worker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -166,6 +167,7 @@ class Router:
                 self._record_finished(st, "error")
             queue.put_nowait(client_error(e, rid))
         finally:
+            self._observe_transfer(st, None)
             if st.decode is not None:
                 st.decode.inflight -= 1
 
@@ -225,7 +227,9 @@ class Router:
         async for ref in stream:
             batch: TokenBatch = await ref
             if batch.kv_failure is not None:  # the KV never arrived: the decode worker recomputed the prompt
+                st.transfer = None
                 self._count_transfer_failure(st, batch.kv_failure)
+            self._observe_transfer(st, batch.kv_transport)
             if batch.decode_start is not None:
                 st.times.decode_start = time.monotonic()
                 if first is None:  # prefilled on the decode worker: its first batch ends the prefill
@@ -283,7 +287,8 @@ class Router:
         dispatched = st.times.dispatched or now
         st.times.prefill_done = max(now - result.transfer_wait_s, dispatched)
         st.times.kv_ready = now
-        self.metrics.observe_transfer(TransferStats(seconds=time.monotonic() - started, num_bytes=result.bytes_sent))
+        # Observed once the decode worker says what the KV crossed (its first TokenBatch), or at the end.
+        st.transfer = TransferStats(seconds=time.monotonic() - started, num_bytes=result.bytes_sent)
         return result
 
     def _prefill_failed(self, st: RequestState, reason: str, message: str) -> None:
@@ -292,6 +297,12 @@ class Router:
         log.warning("request %s: KV hand-off failed (%s): %s", st.rid, reason, message)
         if self.pools.transfer_config.failure_policy == "fail":
             raise TransferFailed(f"KV hand-off failed ({reason}): {message}")
+
+    def _observe_transfer(self, st: RequestState, transport: str | None) -> None:
+        """Observes the output's successful hand-off, once, labelled with what the KV crossed."""
+        if st.transfer is not None:
+            self.metrics.observe_transfer(dataclasses.replace(st.transfer, transport=transport or "unknown"))
+            st.transfer = None
 
     def _count_transfer_failure(self, st: RequestState, reason: str) -> None:
         """Counts the request's failed KV hand-off once, though both the prefill and the decode side report it."""

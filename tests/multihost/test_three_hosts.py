@@ -97,9 +97,10 @@ def test_the_routers_share_one_pair_of_workers(cluster: Cluster) -> None:
 
 def test_the_kv_crossed_the_network(cluster: Cluster, expected: list[list[int]]) -> None:
     router = cluster.routers[0]
-    before = _metric(router, "pdserve_kv_transfer_bytes_sum")
+    before = _metric(router, "pdserve_kv_transfer_bytes_sum", transport="tcp")
     assert _grpc_tokens(router, PROMPTS[2]) == expected[2]
-    assert _metric(router, "pdserve_kv_transfer_bytes_sum") > before
+    assert _metric(router, "pdserve_kv_transfer_bytes_sum", transport="tcp") > before
+    assert _metric(router, "pdserve_kv_transfer_bytes_count", transport="shm") == 0
     assert _metric(router, "pdserve_kv_transfer_failures_total") == 0
     for worker in _decode_workers(router):
         assert worker.alive and not worker.integrity_error

@@ -33,7 +33,9 @@ def test_live_scrape_has_worker_series_and_passes_promtool(disagg_server: Runnin
     workers = {dict(labels)["worker"] for name, labels in samples if name == "pdserve_worker_up"}
     assert {"prefill-0", "decode-0"} <= workers
     assert any(name == "pdserve_prefix_cache_queries_total" and value > 0 for (name, _), value in samples.items())
-    assert any(name == "pdserve_kv_transfer_seconds_count" and value > 0 for (name, _), value in samples.items())
+    # One host: the decode worker maps the prefill worker's shared KV memory, so the KV crossed "shm".
+    assert any(name == "pdserve_kv_transfer_seconds_count" and dict(labels).get("transport") == "shm" and value > 0
+               for (name, labels), value in samples.items())
     assert any(name == "pdserve_time_to_first_token_seconds_count" and value > 0
                for (name, _), value in samples.items())
 

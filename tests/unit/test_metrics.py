@@ -73,7 +73,7 @@ def test_full_flow_is_promtool_clean_and_has_expected_values(promtool: Path) -> 
     m.observe_generated_tokens(4)
     m.observe_finished(disagg_request())
     m.observe_failure("invalid_request")
-    m.observe_transfer(TransferStats(seconds=0.004, num_bytes=3 << 20))
+    m.observe_transfer(TransferStats(seconds=0.004, num_bytes=3 << 20, transport="tcp"))
     m.observe_transfer(TransferStats(seconds=1.0, num_bytes=0, failure_reason="peer_gone"))
     m.record_disagg_decision("remote_prefill")
     m.record_disagg_decision("remote_prefill")
@@ -133,10 +133,11 @@ def _check_request_series(m: Metrics) -> None:
 
 
 def _check_transfer_series(m: Metrics) -> None:
-    assert value(m, "pdserve_kv_transfer_seconds_count") == 1.0  # the failure is not a transfer time
-    assert value(m, "pdserve_kv_transfer_bytes_sum") == float(3 << 20)
-    assert bucket(m, "pdserve_kv_transfer_bytes", 4 << 20) == 1.0
-    assert bucket(m, "pdserve_kv_transfer_bytes", 1 << 20) == 0.0
+    tcp = {"transport": "tcp"}
+    assert value(m, "pdserve_kv_transfer_seconds_count", **tcp) == 1.0  # the failure is not a transfer time
+    assert value(m, "pdserve_kv_transfer_bytes_sum", **tcp) == float(3 << 20)
+    assert bucket(m, "pdserve_kv_transfer_bytes", 4 << 20, **tcp) == 1.0
+    assert bucket(m, "pdserve_kv_transfer_bytes", 1 << 20, **tcp) == 0.0
     assert value(m, "pdserve_kv_transfer_failures_total", reason="peer_gone") == 1.0
     assert value(m, "pdserve_kv_transfer_failures_total", reason="timeout") == 0.0
     assert value(m, "pdserve_disagg_decisions_total", decision="remote_prefill") == 2.0
