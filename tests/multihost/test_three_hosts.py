@@ -8,6 +8,7 @@ against transformers.
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -109,6 +110,25 @@ def test_the_kv_crossed_the_network(cluster: Cluster, expected: list[list[int]])
     said = cluster.net.hosts["c"].run(["sh", "-c", grep], cluster.env()).stdout.splitlines()
     prefill = cluster.net.hosts["b"].ip
     assert said and all(re.search(rf"from {re.escape(prefill)}:\d+: reads over tcp \(device ", s) for s in said), said
+
+
+# What KubeRay's default probes fetch in each Ray container (the head checks the GCS too); they send no token.
+_PROBES = {"a": ["52365/api/local_raylet_healthz", "8265/api/gcs_healthz"], "b": ["52365/api/local_raylet_healthz"],
+           "c": ["52365/api/local_raylet_healthz"], "d": ["52365/api/local_raylet_healthz"]}
+_FETCH = ("import sys, urllib.request, urllib.error\n"
+          "try:\n    print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())\n"
+          "except urllib.error.HTTPError as e:\n    print(e.code)")
+
+
+def test_kuberay_probes_pass_under_token_auth_and_the_dashboard_api_does_not(cluster: Cluster) -> None:
+    """Token auth on: the health paths KubeRay probes answer without the token; the dashboard's API refuses."""
+    env = {k: v for k, v in cluster.env().items() if not k.startswith("RAY_AUTH")}
+    for name, paths in _PROBES.items():
+        for path in paths:
+            got = cluster.net.hosts[name].run([sys.executable, "-c", _FETCH, f"http://127.0.0.1:{path}"], env)
+            assert "success" in got.stdout, (name, path, got.stdout, got.stderr)
+    got = cluster.head.run([sys.executable, "-c", _FETCH, "http://127.0.0.1:8265/api/jobs/"], env)
+    assert got.stdout.strip() in ("401", "403"), got.stdout + got.stderr
 
 
 def test_a_killed_decode_worker_comes_back(cluster: Cluster, expected: list[list[int]]) -> None:
