@@ -18,6 +18,9 @@ class Env:
     host: str
     # PDSERVE_API_KEYS: API keys, comma-separated, besides --api-key and --api-key-file (router/auth.py).
     api_keys: str
+    # PDSERVE_KV_TOKEN: the cluster's KV token, unless TransferConfig.token_file (--kv-token-file) names a file
+    # (transfer/handshake.py). Ray's workers inherit it from the raylet's environment.
+    kv_token: str
 
     @classmethod
     def read(cls) -> Env:
@@ -26,6 +29,7 @@ class Env:
             fault=os.environ.get("PDSERVE_FAULT", ""),
             host=os.environ.get("PDSERVE_HOST", "127.0.0.1"),
             api_keys=os.environ.get("PDSERVE_API_KEYS", ""),
+            kv_token=os.environ.get("PDSERVE_KV_TOKEN", ""),
         )
 
 

@@ -44,6 +44,9 @@ class TransferConfig:
         ("thread-polling", costs one core per process); see ucx_runtime.
     spin_us: headers that find the loop polling need no wake-up: the sender's post takes about 2 us instead of
         12 here. The loop is busy for at most this long after each header.
+    token_file: a file holding the cluster's KV token, read by each worker on its own host when its sender or
+        receiver is made (so the secret never travels through Ray); empty: env PDSERVE_KV_TOKEN, else none
+        (see handshake.py).
     """
 
     timeout_s: float = field(
@@ -70,6 +73,11 @@ class TransferConfig:
         default=200,
         metadata=flag("how long a decode worker polls for a request's next KV layer before sleeping; 0 never polls"),
     )
+    token_file: str = field(
+        default="",
+        metadata=flag("a file holding the shared KV token that every KV transfer must present; each worker reads "
+                      "it on its own host (default: env PDSERVE_KV_TOKEN, else no token)", name="--kv-token-file"),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.timeout_s, int | float) or not self.timeout_s > 0:
@@ -93,6 +101,8 @@ class TransferConfig:
         spin = self.spin_us
         if not isinstance(spin, int) or isinstance(spin, bool) or not 0 <= spin <= 100_000:
             raise ValueError(f"TransferConfig.spin_us must be an int in [0, 100000], got {spin!r}")
+        if not isinstance(self.token_file, str):
+            raise ValueError(f"TransferConfig.token_file must be a path or empty, got {self.token_file!r}")
         if self.progress_mode not in PROGRESS_MODES:
             raise ValueError(
                 f"TransferConfig.progress_mode must be one of {PROGRESS_MODES}, got {self.progress_mode!r}"

@@ -27,6 +27,7 @@ from services.transfer import native, ucx_runtime
 from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.fingerprint import KVFingerprint
+from services.transfer.handshake import HANDSHAKE_PROTOCOL, load_token, peer_problem
 from services.transfer.wire import new_frame_buffer, request
 
 
@@ -76,6 +77,7 @@ class PeerLinks:
     ) -> None:
         self._fp = fingerprint
         self._config = config
+        self._token = load_token(config)
         self._on_events = on_events
         self._on_end = on_end
         self.by_peer: dict[str, PeerLink] = {}
@@ -122,7 +124,13 @@ class PeerLinks:
         tag = ucx_runtime.subscribe(lambda events: self._on_events(box[0], events) if box else None)
         try:
             node = ucx_runtime.node()
-            hello = kv_pb2.HandshakeRequest(fingerprint=self._fp.to_proto(), worker_address=node.address, tag=tag)
+            hello = kv_pb2.HandshakeRequest(
+                fingerprint=self._fp.to_proto(),
+                worker_address=node.address,
+                tag=tag,
+                protocol=HANDSHAKE_PROTOCOL,
+                token=self._token,
+            )
             if staging is not None:
                 hello.staging.CopyFrom(_shared_region(staging))
             if cache is not None:
@@ -130,6 +138,9 @@ class PeerLinks:
             reply = await request(ep, hello, kv_pb2.HandshakeReply)
             if not reply.ok:
                 raise KVIncompatible(f"decode worker at {peer} refused the KV hand-off: {reply.error}")
+            refused = peer_problem(reply, ucx_runtime.own_shape())
+            if refused:
+                raise ValueError(refused)
             data = node.connect(reply.worker_address, reply.tag, tag)
             if answers_gets(data.transports()):
                 data.answer_gets()

@@ -32,8 +32,9 @@ from services.transfer.errors import TransferError
 from services.transfer.expectations import Expectations
 from services.transfer.expected import ExpectedRequest, KVArrival
 from services.transfer.fingerprint import KVFingerprint
+from services.transfer.handshake import load_token
 from services.transfer.recv_links import Link, PostedRead
-from services.transfer.recv_paths import BounceBuffer, header_problem
+from services.transfer.recv_paths import MAX_HEADER_BYTES, BounceBuffer, header_problem
 from services.transfer.routes import Routes
 from services.transfer.wire import new_frame_buffer, parse
 
@@ -58,6 +59,7 @@ class KVReceiver:
             raise ValueError("kv_cache must be contiguous")
         self._fp = fp
         self._config = config
+        self._token = load_token(config)
         self._kv_cache = kv_cache
         self._cache_address = kv_cache.data_ptr()
         self._on_cuda = kv_cache.is_cuda
@@ -163,7 +165,10 @@ class KVReceiver:
         link = self._links[conn] = Link(conn, ep, self._drop)
         watch = None
         try:
-            if await link.accept(self._fp, self._config, self._on_events, self._on_cuda, self._bounce, self._routes):
+            accepted = await link.accept(
+                self._fp, self._config, self._on_events, self._on_cuda, self._bounce, self._routes, self._token
+            )
+            if accepted:
                 # Nothing more comes on the control endpoint: this receive ends when it does.
                 watch = asyncio.ensure_future(post_recv(ep, new_frame_buffer()))
                 watch.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -226,6 +231,8 @@ class KVReceiver:
     def _on_header(self, link: Link, payload: bytes) -> bool | None:
         """Check and place one header; whether that completed its request (None: the connection was dropped)."""
         try:
+            if len(payload) > MAX_HEADER_BYTES:
+                raise ValueError(f"{len(payload)} bytes, more than {MAX_HEADER_BYTES}")
             hdr = parse(payload, kv_pb2.KVHeader)
         except ValueError as exc:
             self._drop(link.conn, TransferError("bad_header", f"malformed KV header: {exc}"))

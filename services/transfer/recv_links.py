@@ -24,6 +24,7 @@ from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.expected import ExpectedRequest
 from services.transfer.fingerprint import KVFingerprint
+from services.transfer.handshake import hello_problem, peer_problem
 from services.transfer.recv_paths import (
     SHM,
     BounceBuffer,
@@ -83,15 +84,23 @@ class Link:
         into_cuda: bool,
         bounce: BounceBuffer,
         routes: Routes | None,
+        token: bytes,
     ) -> bool:
-        """Check the sender's fingerprint and connect back to its worker; True when the link is up."""
+        """Check every field of the sender's handshake (handshake.py), then connect back to its worker; True when
+        the link is up. A refused sender gets the reason in a HandshakeReply(ok=False), and a log line here."""
         from services.transfer.ucx_ops import post_recv, post_send
 
         frame = new_frame_buffer()
         await asyncio.wait_for(post_recv(self.ep, frame), config.timeout_s)
         try:
             hello = decode_frame(frame, kv_pb2.HandshakeRequest)
+            refused = hello_problem(hello, token)
+            if refused:
+                raise ValueError(refused)
             fp.check(KVFingerprint.from_proto(hello.fingerprint))
+            refused = peer_problem(hello, ucx_runtime.own_shape())
+            if refused:
+                raise ValueError(refused)
             node = ucx_runtime.node()
             self.tag = ucx_runtime.subscribe(lambda events: on_events(self.conn, events))
             self.data = node.connect(hello.worker_address, hello.tag, self.tag)
@@ -105,6 +114,7 @@ class Link:
             )
         except (KVIncompatible, ValueError, native.NativeError) as exc:
             reply = kv_pb2.HandshakeReply(ok=False, error=str(exc))
+            log.warning("refused KV connection %d from %s: %s", self.conn, self._peer() or "a sender", exc)
         await asyncio.wait_for(post_send(self.ep, encode_frame(reply)), config.timeout_s)
         if not reply.ok:
             # Leave the sender time to read the refusal before the endpoint goes away.
@@ -140,9 +150,13 @@ class Link:
         else:
             devices = sorted({lane.device for lane in self.data.transports() if lane.transport != "self"})
             how = f"device {', '.join(devices)}"
-        alive = not getattr(self.ep, "closed", True)  # ucxx's endpoint, still open just after the handshake
-        peer = (native.peer_name(self.ep.ucp_endpoint) if alive else "") or "a sender"
-        log.info("KV connection %d from %s: reads over %s (%s)", self.conn, peer, self.transport, how)
+        log.info("KV connection %d from %s: reads over %s (%s)", self.conn, self._peer() or "a sender",
+                 self.transport, how)
+
+    def _peer(self) -> str:
+        """"host:port" of the sender, while ucxx's endpoint is open (just after the handshake); else ""."""
+        alive = not getattr(self.ep, "closed", True)
+        return native.peer_name(self.ep.ucp_endpoint) if alive else ""
 
     def acks_due(self, now: bool) -> None:
         """Send the acks due: at once when `now` or ACK_BATCH of them are due, else ACK_DELAY_S after the first."""

@@ -30,9 +30,12 @@ import torch
 
 from services.transfer import native
 from services.transfer.fingerprint import KVFingerprint
+from services.transfer.ucx_formats import rkey_problem
 
 log = logging.getLogger(__name__)
 SHM = "shm"  # the transport of a path that copies out of a mapping of the sender's memory
+MAX_HEADER_BYTES = 1 << 16  # a serialised KVHeader: the longest request id plus MAX_HEADER_BLOCKS fit easily
+MAX_HEADER_BLOCKS = 4096  # source blocks of one header (the sender sends at most MAX_SOURCE_BLOCKS)
 
 
 def ucx_transport(lanes: list[native.Lane]) -> str:
@@ -77,6 +80,12 @@ def open_region(conn: int, data: native.Connection, region: Any, what: str, pref
         log.warning("KV connection %d: cannot reach the sender's %s (%s)", conn, what, exc)
         return None
     shared = SharedRegion(key, region.address, region.bytes, key.local_address(region.address))
+    if shared.mapped and not native.mapped(shared.mapped, shared.length):
+        # Copies (ours, or UCX's shared-memory gets) would run off the end of what the sender really shares.
+        log.warning("KV connection %d: the sender's %s is smaller than the %d bytes it claims", conn, what,
+                    region.bytes)
+        key.close()
+        return None
     if shared.mapped and prefault:
         try:
             native.prefault(shared.mapped, shared.length)
@@ -178,9 +187,14 @@ class InPlaceGet(ReadPath):
         self._timeout_s = timeout_s
 
     def read(self, hdr: Any, pieces: native.Pieces, k_plane: int, v_plane: int) -> None:
+        half = int(hdr.payload_bytes) // 2
         for rkey, address, plane in ((hdr.k_rkey, hdr.k_address, k_plane), (hdr.v_rkey, hdr.v_address, v_plane)):
             key = self._data.unpack(rkey)
             try:
+                local = key.local_address(address)  # shared memory: UCX's get copies from this mapping
+                if local and not native.mapped(local, half):
+                    raise native.NativeError("the sender's tensor is not all in the memory its key shares",
+                                             native.UCS_ERR_INVALID_ADDR)
                 self._data.fetch(key, address, plane, pieces, self._timeout_s)
             finally:
                 key.close()
@@ -207,7 +221,11 @@ def region_path(
 
 
 def header_problem(hdr: Any, fp: KVFingerprint, token_bytes: int, cache: ReadPath | None, ring: ReadPath | None) -> str:
-    """Why a header cannot be trusted, or "" (`cache` and `ring` read the sender's regions, if any)."""
+    """Why a header cannot be trusted, or "" (`cache` and `ring` read the sender's regions, if any).
+
+    Every number is checked against the layout and the regions before it is used as an address or a size;
+    keys are walked before UCX unpacks them (ucx_formats.rkey_problem).
+    """
     if hdr.layer >= fp.num_layers:
         return f"header layer {hdr.layer} out of range (num_layers={fp.num_layers})"
     if hdr.num_tokens == 0:
@@ -219,6 +237,12 @@ def header_problem(hdr: Any, fp: KVFingerprint, token_bytes: int, cache: ReadPat
         )
     if bool(hdr.k_rkey) != bool(hdr.v_rkey) or not hdr.k_address or not hdr.v_address:
         return "header without the addresses of its K and V, or with only one key"
+    for rkey in (hdr.k_rkey, hdr.v_rkey) if hdr.k_rkey else ():
+        problem = rkey_problem(rkey)
+        if problem:
+            return f"header with a bad key: {problem}"
+    if len(hdr.source_blocks) > MAX_HEADER_BLOCKS:
+        return f"header naming {len(hdr.source_blocks)} cache blocks, more than {MAX_HEADER_BLOCKS}"
     if hdr.source_blocks:  # in the shared KV cache: every block named must lie inside it
         blocks = hdr.source_blocks
         if hdr.k_rkey or len(blocks) * fp.block_size < hdr.source_offset + hdr.num_tokens:

@@ -33,6 +33,7 @@ from types import ModuleType
 
 from services.transfer import native
 from services.transfer.config import TransferConfig
+from services.transfer.ucx_formats import AddressShape, walk_address
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ _users = 0
 _loop: asyncio.AbstractEventLoop | None = None
 _env: dict[str, str] | None = None
 _node: native.Node | None = None
+_own_shape: AddressShape | None = None
 _spin_s = 0.0
 SPIN_BUDGET_S = 0.002
 _tags = itertools.count(1)
@@ -97,6 +99,14 @@ def node() -> native.Node:
     if _node is None:
         raise RuntimeError("ucx_runtime.acquire() must come first")
     return _node
+
+
+def own_shape() -> AddressShape:
+    """This process's data-path worker address, walked: what a peer's address is held against (ucx_formats)."""
+    global _own_shape
+    if _own_shape is None:
+        _own_shape = walk_address(node().address)
+    return _own_shape
 
 
 def subscribe(handler: Handler) -> int:

@@ -27,7 +27,8 @@ Placeholders stand for what Kubernetes or KubeRay fill in on a cluster; `Contain
     {configmap:NAME/KEY} an env value from a ConfigMap's key
     {resource:NAME}      an env value from valueFrom.resourceFieldRef
 Files that come from Secrets are in `files` (path in the container -> placeholder): the Ray token is one,
-and RAY_AUTH_TOKEN_PATH points at it. JSON in an argv (`--resources={"prefill": 1}`) is not a placeholder.
+and RAY_AUTH_TOKEN_PATH points at it; the KV token is another, whose path the router passes as --kv-token-file.
+JSON in an argv (`--resources={"prefill": 1}`) is not a placeholder.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ RELEASE, NAMESPACE = "demo", "llm"
 CUSTOM_KINDS = {"RayCluster", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 MODEL_MOUNT = "/models"
 TOKEN_DIR, TOKEN_PATH = "/etc/pdserve/ray-token", "/etc/pdserve/ray-token/token"
+KV_TOKEN_DIR, KV_TOKEN_PATH = "/etc/pdserve/kv-token", "/etc/pdserve/kv-token/token"
 
 SCENARIOS: dict[str, dict[str, Any]] = {"default": {}} | {
     path.stem: yaml.safe_load(path.read_text()) for path in sorted(VALUES_DIR.glob("*.yaml"))
@@ -454,6 +455,28 @@ def test_ray_token_on_every_container(scenario: str) -> None:
         assert "ray-token" in {v["name"] for v in rc["headGroupSpec"]["template"]["spec"]["volumes"]}
 
 
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_kv_token_on_every_pod_and_in_the_router_args(scenario: str) -> None:
+    """The KV token Secret is mounted read-only (0400) in every Ray and router container, and the routers pass its
+    path as --kv-token-file, which the workers read in their own pods."""
+    _, objects = _render(scenario)
+    secret = _one(objects, "Secret", "-kv-token")
+    assert secret["metadata"]["name"] != _one(objects, "Secret", "-ray-token")["metadata"]["name"]
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{32,}", token), "a random token of letters and digits"
+    for template in _ray_templates(objects).values():
+        spec = template["spec"]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in spec["containers"]:
+            (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == KV_TOKEN_DIR]
+            assert mount["readOnly"] is True, container["name"]
+            source = volumes[mount["name"]]["secret"]
+            assert source["secretName"] == secret["metadata"]["name"] and source["defaultMode"] == 0o400
+            assert source["items"] == [{"key": "token", "path": "token"}]
+    router = commands_from_objects(objects)["router"].argv
+    assert router[router.index("--kv-token-file") + 1] == KV_TOKEN_PATH
+
+
 def test_token_is_random_per_install() -> None:
     # Offline there is no Secret to look up, so each render makes a new token (an upgrade reads the old one).
     first, second = (_one(_render_values({})[1], "Secret", "-ray-token")["data"]["token"] for _ in range(2))
@@ -704,11 +727,13 @@ def test_pod_commands(scenario: str) -> None:
     expected = [r for r in ROLES if r != "prefill" or values["mode"] == "disagg"]
     assert list(commands) == expected
     secret = _one(objects, "Secret", "-ray-token")["metadata"]["name"]
+    kv_secret = _one(objects, "Secret", "-kv-token")["metadata"]["name"]
     start = _ray_start_options()
     groups = _groups(objects)
     for role, command in commands.items():
         assert command.env["RAY_AUTH_MODE"] == "token" and command.env["RAY_AUTH_TOKEN_PATH"] == TOKEN_PATH
-        assert command.files == {TOKEN_PATH: f"{{secret:{secret}/token}}"}
+        assert command.files == {TOKEN_PATH: f"{{secret:{secret}/token}}",
+                                 KV_TOKEN_PATH: f"{{secret:{kv_secret}/token}}"}
         if role == "router":
             continue
         argv = command.argv
@@ -719,7 +744,8 @@ def test_pod_commands(scenario: str) -> None:
             assert parsed["num_cpus"] == 0
             assert parsed["address"] is None and parsed["dashboard_host"] in ("127.0.0.1", "0.0.0.0")
             assert command.placeholders() <= {"field:metadata.name", "field:metadata.labels['ray.io/cluster']",
-                                              "field:metadata.labels['ray.io/group']", f"secret:{secret}/token"}
+                                              "field:metadata.labels['ray.io/group']", f"secret:{secret}/token",
+                                              f"secret:{kv_secret}/token"}
             continue
         group = role.removesuffix("-ray")
         assert parsed["num_cpus"] == int(groups[group]["rayStartParams"]["num-cpus"])
@@ -868,7 +894,8 @@ def test_api_keys_and_tls_reach_the_router(case: str) -> None:
            if tls else {}),
         **({args.tls_client_ca: f"{{secret:{TLS_SECRET}/ca.crt}}"} if tls.get("clientAuth") else {}),
     }
-    assert command.files == {TOKEN_PATH: command.files[TOKEN_PATH], **secret_files}
+    tokens = {path: command.files[path] for path in (TOKEN_PATH, KV_TOKEN_PATH)}
+    assert command.files == {**tokens, **secret_files}
     assert (args.tls_cert is None) == (not tls) and (args.tls_client_ca is None) == (not tls.get("clientAuth"))
     volumes = {v["name"]: v for v in template["spec"]["volumes"]}
     for mount in router["volumeMounts"]:

@@ -6,7 +6,8 @@
     host d: a router pod: its Ray container (a node advertising {"router": 1}) and its router container
 Each host runs the argv and environment that tests/deploy/pod_commands.py reads from the rendered chart,
 so the harness and the chart cannot drift apart. What Kubernetes would fill in, the harness does: the head
-service's address becomes host a's, and the Ray token Secret's mount path a token file every host reads.
+service's address becomes host a's, and each Secret's mount path (the Ray token, the KV token the routers pass
+as --kv-token-file) a file every host reads.
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ class Cluster:
     def token(self) -> Path:
         return self.shared / "ray-token"
 
+    @property
+    def kv_token(self) -> Path:
+        return self.shared / "kv-token"
+
+    def secret_file(self, source: str) -> Path:
+        """The shared file standing for a Secret's key ({secret:NAME/KEY}) mounted in a pod."""
+        return self.kv_token if "-kv-token/" in source else self.token
+
     def env(self) -> dict[str, str]:
         """What a shell on a test host needs for `ray` and `pdserve`, with the token of this cluster."""
         return host_env(self.token)
@@ -85,14 +94,15 @@ class Cluster:
     def run_container(self, host: Host, role: str) -> subprocess.Popen[bytes]:
         """Starts the container of `role` on `host`, as its pod would."""
         command = self.commands[role].fill({"head": self.head.ip})
-        env = dict(command.env)
-        for mount in command.files:  # the Secret's mount: the shared token file
-            env = {k: v.replace(mount, str(self.token)) for k, v in env.items()}
+        env, argv = dict(command.env), list(command.argv)
+        for mount, source in command.files.items():  # each Secret's mount: its shared token file
+            env = {k: v.replace(mount, str(self.secret_file(source))) for k, v in env.items()}
+            argv = [a.replace(mount, str(self.secret_file(source))) for a in argv]
         env = {**env, **{k: v for k, v in self.env().items() if k not in env or k == "PATH"}}
         unfilled = {k for k, v in env.items() if "{" in v}
         for name in unfilled:  # pod metadata the Downward API gives; nothing here reads it
             env[name] = host.name
-        return host.start(command.argv, env, self.shared / f"{role}-{host.name}.log")
+        return host.start(argv, env, self.shared / f"{role}-{host.name}.log")
 
     def add_node(self, name: str, role: str) -> Host:
         """A new host running the Ray container of a worker pod of `role` ("prefill" or "decode")."""
@@ -127,8 +137,9 @@ def start_cluster(model_source: Path, serve_args: list[str]) -> Cluster:
         model = shared / "model"
         shutil.copytree(model_source, model)
         cluster = Cluster(net, shared, pod_commands(chart_values(model, serve_args)))
-        cluster.token.write_text(os.urandom(24).hex())
-        cluster.token.chmod(0o400)
+        for token in (cluster.token, cluster.kv_token):
+            token.write_text(os.urandom(24).hex())
+            token.chmod(0o400)
         head = net.add_host("a")
         cluster.run_container(head, "head")
         wait_for_port(head.ip, RAY_PORT)

@@ -30,6 +30,10 @@
 {{- printf "%s-ray-token" (include "pdserve.fullname" .) }}
 {{- end }}
 
+{{- define "pdserve.kvTokenSecretName" -}}
+{{- printf "%s-kv-token" (include "pdserve.fullname" .) }}
+{{- end }}
+
 {{/* Labels ----------------------------------------------------------------------------------------- */}}
 
 {{- define "pdserve.selectorLabels" -}}
@@ -131,6 +135,28 @@ ray.io/group: router
 {{- define "pdserve.rayTokenMount" -}}
 - name: ray-token
   mountPath: {{ include "pdserve.rayTokenDir" . }}
+  readOnly: true
+{{- end }}
+
+{{/* The KV token (kv-token-secret.yaml), in every pod that runs workers or routers: the router passes its path
+as --kv-token-file, and each worker reads it in its own pod. */}}
+{{- define "pdserve.kvTokenDir" -}}
+/etc/pdserve/kv-token
+{{- end }}
+
+{{- define "pdserve.kvTokenVolume" -}}
+- name: kv-token
+  secret:
+    secretName: {{ include "pdserve.kvTokenSecretName" . }}
+    defaultMode: 256   # 0400
+    items:
+      - key: token
+        path: token
+{{- end }}
+
+{{- define "pdserve.kvTokenMount" -}}
+- name: kv-token
+  mountPath: {{ include "pdserve.kvTokenDir" . }}
   readOnly: true
 {{- end }}
 

@@ -53,10 +53,12 @@ spec:
       volumeMounts:
         {{- include "pdserve.scratchMounts" (dict "shm" $spec.shmSizeLimit) | nindent 8 }}
         {{- include "pdserve.rayTokenMount" $root | nindent 8 }}
+        {{- include "pdserve.kvTokenMount" $root | nindent 8 }}
         {{- with include "pdserve.modelVolumeMount" $root }}{{ . | nindent 8 }}{{ end }}
   volumes:
     {{- include "pdserve.scratchVolumes" (dict "tmp" $spec.tmpSizeLimit "shm" $spec.shmSizeLimit) | nindent 4 }}
     {{- include "pdserve.rayTokenVolume" $root | nindent 4 }}
+    {{- include "pdserve.kvTokenVolume" $root | nindent 4 }}
     {{- with include "pdserve.modelVolume" $root }}{{ . | nindent 4 }}{{ end }}
   {{- with $spec.nodeSelector }}
   nodeSelector:

@@ -120,6 +120,8 @@ exec:
 - {{ .Values.serving.transfer.timeoutS | toString | quote }}
 - --transfer-failure-policy
 - {{ .Values.serving.transfer.failurePolicy | quote }}
+- --kv-token-file
+- {{ printf "%s/token" (include "pdserve.kvTokenDir" .) | quote }}
 - --transfer-staging-mib
 - {{ int .Values.serving.transfer.stagingMiB | quote }}
 - --transfer-spin-us
@@ -202,6 +204,7 @@ spec:
         - name: ray-session
           mountPath: /tmp/ray
         {{- include "pdserve.rayTokenMount" . | nindent 8 }}
+        {{- include "pdserve.kvTokenMount" . | nindent 8 }}
     - name: router
       image: {{ include "pdserve.image" (dict "root" $ "flavor" $router.image) | quote }}
       imagePullPolicy: {{ .Values.images.pullPolicy }}
@@ -247,6 +250,7 @@ spec:
         - name: ray-session
           mountPath: /tmp/ray
         {{- include "pdserve.rayTokenMount" . | nindent 8 }}
+        {{- include "pdserve.kvTokenMount" . | nindent 8 }}
         {{- with include "pdserve.modelVolumeMount" . }}{{ . | nindent 8 }}{{ end }}
         {{- with include "pdserve.securityMounts" . }}{{ . | trim | nindent 8 }}{{ end }}
   volumes:
@@ -255,6 +259,7 @@ spec:
       emptyDir:
         sizeLimit: {{ $router.tmpSizeLimit | quote }}
     {{- include "pdserve.rayTokenVolume" . | nindent 4 }}
+    {{- include "pdserve.kvTokenVolume" . | nindent 4 }}
     {{- with include "pdserve.modelVolume" . }}{{ . | nindent 4 }}{{ end }}
     {{- with include "pdserve.securityVolumes" . }}{{ . | trim | nindent 4 }}{{ end }}
   {{- with $router.nodeSelector }}

@@ -11,6 +11,7 @@ Calls go through ctypes, which releases the GIL while C runs: a fetch copies whi
 from __future__ import annotations
 
 from services.transfer.native.library import (
+    UCS_ERR_INVALID_ADDR,
     UCS_ERR_NOT_CONNECTED,
     UCS_ERR_TIMED_OUT,
     NativeError,
@@ -18,7 +19,7 @@ from services.transfer.native.library import (
     lib,
     status_string,
 )
-from services.transfer.native.memory import Pieces, Region, RemoteKey, copy_kv, prefault
+from services.transfer.native.memory import Pieces, Region, RemoteKey, copy_kv, mapped, prefault
 from services.transfer.native.node import EVENT_MESSAGE, EVENT_PEER_FAILED, Connection, Lane, Node, peer_name
 from services.transfer.native.sink import EVENT_ACKS_DUE, EVENT_ROUTE_DONE, ROUTE_DONE, Sink
 
@@ -28,6 +29,7 @@ __all__ = [
     "EVENT_PEER_FAILED",
     "EVENT_ROUTE_DONE",
     "ROUTE_DONE",
+    "UCS_ERR_INVALID_ADDR",
     "UCS_ERR_NOT_CONNECTED",
     "UCS_ERR_TIMED_OUT",
     "Connection",
@@ -42,6 +44,7 @@ __all__ = [
     "copy_kv",
     "lib",
     "peer_name",
+    "mapped",
     "prefault",
     "status_string",
 ]

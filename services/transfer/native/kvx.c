@@ -677,6 +677,18 @@ int kvx_prefault(uint64_t address, size_t length)
     return 0;
 }
 
+/* 1 when every page of [address, address + length) is mapped in this process, else 0: a peer's region is
+ * only copied out of (here, or by UCX's shared-memory gets) once its claimed size is known to be mapped. */
+int kvx_mapped(uint64_t address, size_t length)
+{
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t start = (uintptr_t)address & ~(page - 1);
+    if (length == 0 || address + length < address) {
+        return 0;
+    }
+    return msync((void *)start, (uintptr_t)address + length - start, MS_ASYNC) == 0;
+}
+
 void kvx_rkey_destroy(kvx_rkey *rkey)
 {
     ucp_rkey_destroy(rkey->rkey);

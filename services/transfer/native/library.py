@@ -24,6 +24,7 @@ BUILD_DIR = HERE / "_build"
 
 UCS_ERR_NOT_CONNECTED = -24
 UCS_ERR_TIMED_OUT = -20
+UCS_ERR_INVALID_ADDR = -7
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -98,6 +99,7 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         ("kvx_rkey_destroy", None, [p]),
         ("kvx_rkey_ptr", u64, [p, u64]),
         ("kvx_prefault", i, [u64, sz]),
+        ("kvx_mapped", i, [u64, sz]),
         ("kvx_fetch", i, [p, p, u64, u64, sz, p, p, p, ctypes.c_double]),
         ("kvx_fetch_post", i, [p, p, u64, u64, sz, p, p, p]),
         ("kvx_fetch_wait", i, [p, ctypes.c_double]),

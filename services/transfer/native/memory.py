@@ -68,3 +68,8 @@ def prefault(address: int, length: int) -> None:
     err = lib().kvx_prefault(address, length)
     if err:
         raise OSError(err, f"mapping {length} bytes of a peer's region: {os.strerror(err)}")
+
+
+def mapped(address: int, length: int) -> bool:
+    """Whether all of [address, address + length) is mapped in this process (msync of its pages)."""
+    return bool(lib().kvx_mapped(address, length))

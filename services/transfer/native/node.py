@@ -11,6 +11,7 @@ from typing import NamedTuple
 from services.transfer.native.library import UCS_ERR_NOT_CONNECTED, NativeError, lib, sized
 from services.transfer.native.memory import Pieces, Region, RemoteKey
 from services.transfer.native.sink import Sink
+from services.transfer.ucx_formats import padded
 
 EVENT_MESSAGE = 1
 EVENT_PEER_FAILED = 2
@@ -94,9 +95,12 @@ class Node:
         return Sink(self._lib, h)
 
     def connect(self, address: bytes, tag: int, local_tag: int) -> Connection:
-        """An endpoint to the node at `address`; messages carry `tag`, failures report `local_tag`."""
+        """An endpoint to the node at `address`; messages carry `tag`, failures report `local_tag`.
+
+        UCX reads `address` without a length: walk a peer's with ucx_formats.address_problem first.
+        """
         st = ctypes.c_int()
-        h = self._lib.kvx_connect(self._h, address, tag, local_tag, ctypes.byref(st))
+        h = self._lib.kvx_connect(self._h, padded(address), tag, local_tag, ctypes.byref(st))
         if not h:
             raise NativeError("connecting to the peer's UCX worker failed", st.value)
         return Connection(self._lib, h)
@@ -150,10 +154,13 @@ class Connection:
             raise NativeError("sending a KV message failed", st)
 
     def unpack(self, rkey: bytes) -> RemoteKey:
-        """A peer region's packed rkey, ready for `fetch` (unpack once per region and reuse)."""
+        """A peer region's packed rkey, ready for `fetch` (unpack once per region and reuse).
+
+        UCX reads `rkey` without a length: walk a peer's with ucx_formats.rkey_problem first.
+        """
         st = ctypes.c_int()
         with self._lock:
-            h = self._lib.kvx_unpack(self._h, rkey, ctypes.byref(st)) if self._h else None
+            h = self._lib.kvx_unpack(self._h, padded(rkey), ctypes.byref(st)) if self._h else None
         if not h:
             raise NativeError("unpacking a remote key failed", st.value if self._h else UCS_ERR_NOT_CONNECTED)
         return RemoteKey(self._lib, h)
