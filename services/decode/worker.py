@@ -102,12 +102,16 @@ class DecodeWorker(EngineWorker):
         first_token: int | None = None,
         local: bool = False,
         priority: int = 0,
+        generated: list[int] | None = None,
     ) -> AsyncIterator[TokenBatch]:
         """Streams the request's tokens after `first_token` (remote) or from the start (local).
 
         A local request brings its prompt and params; a remote one was sent them with reserve().
         Remote with first_token None means the prefill side failed: under the "recompute"
         policy the prompt is prefilled here instead; under "fail" TransferError is raised.
+        A local request with `generated` resumes one whose decode worker died (the router's migration): those
+        tokens, which the client already has, are prefilled with the prompt and count as generated, and the
+        stream carries only the tokens after them.
         """
         self._ensure_started()
         remote = self.remote.get(request_id)
@@ -117,7 +121,7 @@ class DecodeWorker(EngineWorker):
             if prompt_token_ids is None or params is None:
                 raise InvalidRequest(f"request {request_id}: a local request needs its prompt and params")
             stream = self.async_engine.open_stream(request_id)
-            await self._add_local(request_id, prompt_token_ids, params, priority, [])
+            await self._add_local(request_id, prompt_token_ids, params, priority, list(generated or []))
             handoff = Handoff()
         else:
             if remote is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from ray.exceptions import RayError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayError
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
 from services.router.errors import Unavailable
@@ -45,6 +45,17 @@ def unwrap(e: BaseException) -> BaseException:
     """The exception raised inside a worker, when Ray wrapped it."""
     cause = getattr(e, "cause", None) if isinstance(e, RayError) else None
     return cause if isinstance(cause, BaseException) else e
+
+
+def is_worker_death(e: BaseException) -> bool:
+    """Whether `e` says the worker process (or its node) is gone, rather than that the request was refused or
+    failed in the worker's own code: what moves a request to another decode worker (migration.py)."""
+    return isinstance(unwrap(e), (RayActorError, ObjectLostError, NodeDiedError))
+
+
+def is_worker_fault(e: BaseException) -> bool:
+    """Whether `e` counts against the worker's circuit breaker: it died, or its engine failed the request."""
+    return is_worker_death(e) or isinstance(unwrap(e), WorkerFailed)
 
 
 def client_error(e: BaseException, rid: str) -> BaseException:

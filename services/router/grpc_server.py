@@ -54,7 +54,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             inp = convert.input_from_proto(request, self.router.config.default_max_tokens,
                                            self.router.sampling_defaults)
             inp.owner = caller_identity(context)
-            async for event in self.router.generate(inp):
+            # The client's deadline, if it set one, is the request's (admission.py).
+            async for event in self.router.generate(inp, context.time_remaining()):
                 yield convert.event_to_proto(event)
         except (InvalidRequest, ResourceExhausted, Unavailable, TimeoutError) as e:
             await context.abort(status_for(e), str(e))

@@ -8,9 +8,11 @@ The server answers to each of its served model names (--served-model-name NAME [
 model the request named, or the first name.
 
 Status codes: 400 bad parameters (pydantic errors included), 404 unknown model or path, 413 body over
-router.config.max_request_bytes, 429 ResourceExhausted, 503 while starting or draining and on Unavailable,
-504 on a deadline, 401 without a valid API key when keys are configured (services/router/auth.py says which paths
-need one); every error body is OpenAI's `{"error": {"message", "type", "param", "code"}}`. With TLS files it
+router.config.max_request_bytes, 429 ResourceExhausted (the router's admission queue full, with Retry-After),
+503 while starting or draining and on Unavailable, 504 when the request's deadline passes (an
+`X-Request-Timeout: SECONDS` header, or --request-timeout-s; after a stream has started, an error object in it),
+401 without a valid API key when keys are configured (services/router/auth.py says which paths need one); every
+error body is OpenAI's `{"error": {"message", "type", "param", "code"}}`. With TLS files it
 serves HTTPS, and with a client CA it requires client certificates.
 The router's generate iterator is always closed when a client goes away (streaming or not), which aborts the
 request and frees its KV on both sides. uvicorn runs as a task on the caller's event loop and leaves signal
@@ -38,6 +40,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
 from services.engine.tokenizer import Tokenizer
+from services.router.admission import REQUEST_TIMEOUT_HEADER, parse_timeout
 from services.router.auth import ApiKeys, Security
 from services.router.errors import Unavailable
 from services.router.http_errors import HttpError, code_for, error_response, http_error_for, validation_error
@@ -287,7 +290,7 @@ class HttpServer:
 
     async def _generate(self, request: Request, inp: GenerateInput, fmt: CompletionFormat, stream: bool,
                         include_usage: bool) -> Response:
-        events = self.router.generate(inp)
+        events = self.router.generate(inp, parse_timeout(request.headers.get(REQUEST_TIMEOUT_HEADER)))
         try:
             if not stream:
                 outputs = await until_disconnect(request.receive, collect(events, fmt.n))

@@ -21,16 +21,19 @@ TRANSFER_FAILURE_REASONS: tuple[str, ...] = ("timeout", "peer_gone", "bad_header
 # Why a request the router took ended in an error instead of a completion (failures.failure_reason):
 #   invalid_request     the router refused it: prompt over the context, token id outside the vocabulary, too many
 #                       stop strings, a request id in use, ... (HTTP 400 / INVALID_ARGUMENT)
-#   resource_exhausted  no decode worker had room for its KV (HTTP 429 / RESOURCE_EXHAUSTED)
+#   resource_exhausted  refused at admission, the router's queue being full (--max-queued-requests), or no decode
+#                       worker had room for its KV (HTTP 429 / RESOURCE_EXHAUSTED)
 #   unavailable         no worker alive and taking requests, or the server draining (HTTP 503 / UNAVAILABLE)
 #   transfer_failed     its KV hand-off failed under the "fail" policy (503 / UNAVAILABLE)
 #   worker_failed       a worker died or failed while it ran the request (503 / UNAVAILABLE)
 #   internal            an error the router did not expect; it is logged (503 / UNAVAILABLE)
-# A request the client cancels, or whose deadline passes, is not a failure: it finishes with reason "abort".
+# A request the client cancels, or whose deadline passes, is not a failure: it finishes with reason "abort" (one
+# whose deadline passed counts in request_deadline_exceeded_total by the stage it was in: DEADLINE_STAGES).
 REQUEST_FAILURE_REASONS: tuple[str, ...] = (
     "invalid_request", "resource_exhausted", "unavailable", "transfer_failed", "worker_failed", "internal",
 )
 DISAGG_DECISIONS: tuple[str, ...] = ("remote_prefill", "local_prefill")
+DEADLINE_STAGES: tuple[str, ...] = ("admission", "running")
 STAGES: tuple[str, ...] = ("queue", "prefill", "transfer", "decode_queue", "decode")
 SLOS: tuple[str, ...] = ("ttft", "tpot")
 
@@ -133,6 +136,19 @@ SPECS: tuple[MetricSpec, ...] = (
        _MODEL + ("slo",)),
     _g("slo_target_seconds", "Configured latency target, by target; absent when not set.",
        _MODEL + ("slo",)),
+    _c("request_migrations_total", "Times a request moved to another decode worker because its decode worker died "
+       "mid-stream (token replay; see services/router/migration.py).", _MODEL),
+    # Admission (services/router/admission.py): the router's account of the decode pool's KV.
+    _g("router_queued_requests", "Requests waiting in the router for admission (room in the decode pool's KV); "
+       "past --max-queued-requests new ones are refused with HTTP 429 / RESOURCE_EXHAUSTED.", _MODEL),
+    _g("router_admitted_requests", "Requests the router admitted that have not ended yet.", _MODEL),
+    _g("router_admitted_kv_tokens", "Worst-case KV tokens (prompt + n x max_tokens) of the admitted requests.",
+       _MODEL),
+    _g("router_kv_capacity_tokens", "KV tokens the router admits against: the routable decode workers' KV x "
+       "--kv-overcommit; 0 when there is no KV limit.", _MODEL),
+    _c("request_deadline_exceeded_total", "Requests whose deadline passed, by the stage they were in (waiting "
+       "for admission, or running); they end with finished_reason \"abort\" and the client gets DEADLINE_EXCEEDED "
+       "or HTTP 504.", _MODEL + ("stage",)),
     _c("disagg_decisions_total", "Where the router prefilled: on a prefill worker, or on the decode worker.",
        _MODEL + ("decision",)),
     # KV transfer.

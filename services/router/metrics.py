@@ -13,6 +13,8 @@ Workers are Ray actors in other processes and never serve `/metrics` themselves:
                         ──FinishedRequestStats (RequestTimes)───────► Metrics.observe_finished()
                         ──a request that ends in an error──────────► Metrics.observe_failure()
                         ──TransferStats────────────────────────────► Metrics.observe_transfer()
+                        ──admission account, deadlines passed─────► Metrics.set_admission(), observe_deadline_exceeded()
+                        ──a request moved off a dead decode worker─► Metrics.observe_migration()
     Prometheus ──GET http://router:8000/metrics──► Metrics.render()
 
 The router polls every worker about once a second. When a poll fails the router calls
@@ -39,6 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from services.engine.stats import FinishedRequestStats, TransferStats, WorkerStats
 from services.router.metric_families import Families
 from services.router.metric_specs import (
+    DEADLINE_STAGES,
     DISAGG_DECISIONS,
     FINISH_REASONS,
     MODEL_LABELS,
@@ -96,6 +99,8 @@ class Metrics:
             f.counter("request_failures_total").labels(m, reason)
         for decision in DISAGG_DECISIONS:
             f.counter("disagg_decisions_total").labels(m, decision)
+        for stage in DEADLINE_STAGES:
+            f.counter("request_deadline_exceeded_total").labels(m, stage)
         for slo, target in (("ttft", self.slo_ttft_s), ("tpot", self.slo_tpot_s)):
             if target is not None:
                 f.gauge("slo_target_seconds").labels(m, slo).set(target)
@@ -186,6 +191,23 @@ class Metrics:
             violations.labels(m, "tpot").inc()
         if ttft_ok and tpot_ok and stats.finish_reason in SUCCESS_REASONS:
             self._families.counter("requests_slo_met_total").labels(m).inc()
+
+    def observe_migration(self) -> None:
+        """A request's decode worker died mid-stream and the request moved to another one (token replay)."""
+        self._families.counter("request_migrations_total").labels(self.model_name).inc()
+
+    def set_admission(self, admitted: int, kv_tokens: int, queued: int, capacity_tokens: int) -> None:
+        """The router's admission account changed (services/router/admission.py)."""
+        m, gauge = self.model_name, self._families.gauge
+        gauge("router_admitted_requests").labels(m).set(admitted)
+        gauge("router_admitted_kv_tokens").labels(m).set(kv_tokens)
+        gauge("router_queued_requests").labels(m).set(queued)
+        gauge("router_kv_capacity_tokens").labels(m).set(capacity_tokens)
+
+    def observe_deadline_exceeded(self, stage: str) -> None:
+        """A request's deadline passed while it was in `stage` (one of DEADLINE_STAGES)."""
+        check_choice("deadline stage", stage, DEADLINE_STAGES)
+        self._families.counter("request_deadline_exceeded_total").labels(self.model_name, stage).inc()
 
     # -- disaggregation ----------------------------------------------------------------------
 

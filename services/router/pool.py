@@ -10,6 +10,8 @@ restarts finds them again. Which workers there should be is `plan_workers`:
 A node the GCS was asked to drain (`pdserve drain-node` in a pod's pre-stop hook, `ray drain-node`,
 autoscaler v2) keeps its workers in the pools, marked draining: they finish the requests they have
 and the router sends them no new ones (`WorkerHandle.routable`). They leave once the node is gone.
+A worker whose calls fail --circuit-breaker-failures times in a row is skipped for new requests too, until
+its health poll answers again (the circuit breaker on WorkerHandle).
 The first router to ask for a worker creates it (get_if_exists). On a cluster the router joined,
 workers are detached: they outlive any one router, and a router that stops leaves them be.
 """
@@ -20,6 +22,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +49,36 @@ class WorkerHandle:
     last_load: LoadInfo | None = None
     inflight: int = 0  # requests the router has sent and not yet seen finish
     draining: bool = False  # its node is draining: it finishes what it has and gets nothing new
+    failures_in_a_row: int = 0  # calls that failed since the last one that succeeded
+    tripped_at: float | None = None  # when its circuit breaker opened (time.monotonic()); None: closed
 
     @property
     def routable(self) -> bool:
         """Whether the router may send it a new request."""
-        return self.alive and not self.draining
+        return self.alive and not self.draining and self.tripped_at is None
+
+    # ---- the circuit breaker ---------------------------------------------------------------------
+    # closed ──`threshold` failed calls in a row──► open (not routable) ──its health poll answers──► closed.
+    # Requests it already has carry on; only new ones go elsewhere. A dead worker's poll answers once Ray has
+    # restarted it; a live one that fails requests gets one more try a poll interval later.
+    def record_failure(self, threshold: int) -> None:
+        """A call to the worker failed (it died, or failed the request); `threshold` 0 never opens the breaker."""
+        self.failures_in_a_row += 1
+        if threshold and self.failures_in_a_row >= threshold and self.tripped_at is None:
+            self.tripped_at = time.monotonic()
+            log.warning("worker %s failed %d calls in a row: it gets no new requests until its health poll "
+                        "answers", self.name, self.failures_in_a_row)
+
+    def record_success(self) -> None:
+        """A call to the worker succeeded: the count of failures in a row starts again."""
+        self.failures_in_a_row = 0
+
+    def health_answered(self) -> None:
+        """Its health poll answered: the breaker closes."""
+        if self.tripped_at is not None:
+            log.info("worker %s answers its health poll again: it takes new requests", self.name)
+            self.tripped_at = None
+            self.failures_in_a_row = 0
 
     @property
     def free_blocks(self) -> int:
@@ -235,6 +263,7 @@ class WorkerPools:
                     log.info("worker %s is back (pid %d)", w.name, load.pid)
             w.last_load = load
             w.alive = True
+            w.health_answered()
             self.metrics.update_worker(w.last_load.stats)  # type: ignore[union-attr]
         except Exception as e:  # noqa: BLE001 - any failure means the worker is unreachable now
             if w.alive:

@@ -42,3 +42,6 @@ class RequestState:
     cached_tokens: int = 0
     completion_tokens: int = 0
     last_emit: float | None = None
+    output_ids: list[int] = dataclasses.field(default_factory=list)  # the tokens sent to the client
+    migrations: int = 0  # times it moved off a dead decode worker (migration.py)
+    left: list[str] = dataclasses.field(default_factory=list)  # the decode workers it moved off, by name

@@ -3,6 +3,7 @@
 disagg:    reserve on a decode worker ─► prefill worker computes and streams KV over UCX
            ─► first token to the client ─► decode worker claims the reservation and streams the rest
 local:     colocated mode, or an uncached prompt part under the threshold: the decode worker does both
+migrated:  the decode worker died mid-stream: another one resumes the output by token replay (migration.py)
 The router detokenizes incrementally and applies stop strings; abort, client cancellation and
 deadlines release the request's KV on both sides, the prefill worker's included while it still computes.
 A request id is taken from admission until every release of its outputs is done, so a new request with the
@@ -24,6 +25,7 @@ from services.engine.logprobs import PromptLogprobs, TokenLogprob
 from services.engine.sampling_params import SamplingParams
 from services.engine.stats import FinishedRequestStats, TransferStats
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from services.router.admission import Admission, kv_capacity, kv_need
 from services.router.config import RouterConfig
 from services.router.errors import Unavailable
 from services.router.failures import (
@@ -36,6 +38,7 @@ from services.router.failures import (
 )
 from services.router.messages import Chunk, Completion, Event, GenerateInput, PreparedRequest
 from services.router.metrics import Metrics
+from services.router.migration import Migrations
 from services.router.openai_fields import RequestError
 from services.router.policies import Policy, RoutingRequest, make_policy
 from services.router.pool import WorkerHandle, WorkerPools
@@ -65,10 +68,12 @@ class Router:
         self.block_size = block_size
         self.prefill_policy = make_policy(config.prefill_policy)
         self.decode_policy = make_policy(config.decode_policy)
+        self.migrations = Migrations(config, metrics, self.decode_policy, block_size)
         self.active: dict[str, list[asyncio.Task[None]]] = {}  # by request id: one task per output
         self.owners: dict[str, str | None] = {}  # by request id: GenerateInput.owner
         self.worker_ids: set[str] = set()  # the ids the active requests' outputs run under on the workers
         self.draining = False
+        self.admission = Admission(config, lambda: kv_capacity(self.pools.decode), metrics)
 
     # ---- input ----------------------------------------------------------------------------
     def prepare(self, inp: GenerateInput) -> PreparedRequest:
@@ -90,9 +95,9 @@ class Router:
         return PreparedRequest(rid, ids, params)
 
     # ---- the request path ---------------------------------------------------------------------
-    async def generate(self, inp: GenerateInput) -> AsyncIterator[Event]:
+    async def generate(self, inp: GenerateInput, timeout_s: float | None = None) -> AsyncIterator[Event]:
         """Streams Chunks and one Completion per output (params.n of them, told apart by `index`).
-        Raises InvalidRequest, ResourceExhausted, Unavailable (each counted as a request failure).
+        Raises InvalidRequest, ResourceExhausted, Unavailable (counted as failures), DeadlineExceeded (admission.py).
 
         With n > 1, output 0 runs first; the others start once it has its first token, so that
         the prompt's KV is in the workers' prefix caches by then and is shared, not recomputed."""
@@ -114,11 +119,13 @@ class Router:
         tasks: list[asyncio.Task[None]] = []
         self.active[rid], self.owners[rid] = tasks, inp.owner
         self.worker_ids.update(children)
-        start(0)
+        ticket = self.admission.ticket(kv_need(len(ids), params, self.max_model_len), timeout_s)
         try:
+            await self.admission.admit(ticket)
+            start(0)
             done = 0
             while done < n:
-                event = await queue.get()
+                event = await self.admission.until(ticket, queue.get())
                 if isinstance(event, BaseException):
                     self.metrics.observe_failure(failure_reason(event))
                     raise event
@@ -137,6 +144,7 @@ class Router:
                 self.active.pop(rid, None)
                 self.owners.pop(rid, None)
                 self.worker_ids.difference_update(children)
+                self.admission.release(ticket)
 
     def abort(self, request_id: str, owner: str | None) -> bool:
         """Cancels the request if `owner` started it (GenerateInput.owner); False when the id is unknown, the
@@ -172,6 +180,16 @@ class Router:
                 st.decode.inflight -= 1
 
     async def _dispatch(self, st: RequestState, priority: int, queue: asyncio.Queue[Event | BaseException]) -> None:
+        """Runs the output; when its decode worker dies, moves it to another one by token replay (migration.py)
+        as long as it may, else raises the error."""
+        try:
+            await self._dispatch_once(st, priority, queue)
+        except Exception as e:  # noqa: BLE001 - raised again unless the output moves
+            await self.migrations.resume(st, e, self.pools,
+                                         lambda to: self._stream_decode(st, to, None, True, priority, queue))
+
+    async def _dispatch_once(self, st: RequestState, priority: int,
+                             queue: asyncio.Queue[Event | BaseException]) -> None:
         """Reserve on a decode worker, prefill remotely (unless short or colocated), then stream the decode."""
         routing = RoutingRequest(st.ids, self.block_size)
         decode = self._choose(self.pools.decode, self.decode_policy, routing, "decode")
@@ -220,8 +238,10 @@ class Router:
         st.reserved = False  # from here the decode worker's generate owns the blocks
         # A remote request's prompt and params went with reserve(): send only what is new.
         prompt, params = (st.ids, st.params) if local else (None, None)
+        # Local after a migration: the tokens the client has are replayed as generated ones.
+        generated = list(st.output_ids) if local else None
         stream = decode.actor.generate.options(num_returns="streaming").remote(
-            st.rid, prompt, params, first.first_token if first else None, local, priority
+            st.rid, prompt, params, first.first_token if first else None, local, priority, generated
         )
         st.decoding = True
         async for ref in stream:
@@ -230,12 +250,12 @@ class Router:
                 st.transfer = None
                 self._count_transfer_failure(st, batch.kv_failure)
             self._observe_transfer(st, batch.kv_transport)
-            if batch.decode_start is not None:
+            if batch.decode_start is not None and st.times.decode_start is None:  # a migration's is not
                 st.times.decode_start = time.monotonic()
-                if first is None:  # prefilled on the decode worker: its first batch ends the prefill
+                if st.times.prefill_done is None:  # prefilled on the decode worker: its first batch ends that
                     st.times.prefill_done = st.times.decode_start
-            if not first and st.cached_tokens == 0:
-                st.cached_tokens = batch.num_cached_tokens
+            if not first and st.cached_tokens == 0:  # after a migration the cache may cover generated tokens too
+                st.cached_tokens = min(batch.num_cached_tokens, len(st.ids))
             if batch.token_ids:
                 self._emit(st, batch.token_ids, queue, batch.logprobs, batch.prompt_logprobs)
             if st.detok.stopped:
@@ -246,6 +266,7 @@ class Router:
                 st.decoding = False
                 if batch.finish_reason == "error":
                     raise WorkerFailed("the decode worker failed while running the request")
+                decode.record_success()
                 self._finish(st, batch.finish_reason or "stop", queue)
                 return
 
@@ -278,11 +299,13 @@ class Router:
             if isinstance(cause, TransferError):
                 self._prefill_failed(st, cause.reason, str(cause))
                 return None
+            prefill.record_failure(self.config.circuit_breaker_failures)
             self._prefill_failed(st, "peer_gone", f"prefill worker {prefill.name} failed: {type(e).__name__}")
             return None
         finally:
             prefill.inflight -= 1
         st.prefill = None
+        prefill.record_success()
         now = time.monotonic()
         dispatched = st.times.dispatched or now
         st.times.prefill_done = max(now - result.transfer_wait_s, dispatched)
@@ -331,7 +354,10 @@ class Router:
             for _ in token_ids:
                 self.metrics.observe_token_gap(gap)
         st.last_emit = now
+        if st.completion_tokens:  # they came with the first token (a migrated output's new worker sends them again)
+            prompt_logprobs = None
         st.completion_tokens += len(token_ids)
+        st.output_ids += token_ids
         self.metrics.observe_generated_tokens(len(token_ids))
         text = st.detok.add(token_ids)
         queue.put_nowait(Chunk(token_ids, text, st.index, logprobs, prompt_logprobs))
