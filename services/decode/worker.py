@@ -180,6 +180,8 @@ class DecodeWorker(EngineWorker):
                 kv_transport=kv_transport,
                 logprobs=_logprobs(batch),
                 prompt_logprobs=batch[0].prompt_logprobs,
+                step_seconds=sum(out.step_seconds for out in batch),
+                produced_at=sum(out.produced_at for out in batch) / len(batch),
             )
             decode_start = kv_failure = kv_transport = None
 

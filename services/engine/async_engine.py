@@ -13,6 +13,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -95,7 +96,11 @@ class AsyncEngine:
             if self._stopped or not self.engine.has_unfinished():
                 continue
             try:
+                started = time.time()
                 outputs = self.engine.step(self.layer_hook)
+                ended = time.time()
+                for out in outputs:
+                    out.step_seconds, out.produced_at = ended - started, ended
             except Exception:  # noqa: BLE001 - a failed step fails its requests, not the worker
                 log.exception("engine step failed; failing %d requests", len(self.engine.scheduler.requests))
                 self._fail_all()

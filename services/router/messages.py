@@ -28,6 +28,7 @@ class Chunk:
     index: int = 0
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
     prompt_logprobs: PromptLogprobs | None = None  # on an output's first chunk, when asked for
+    emitted_at: float = 0.0  # time.monotonic() when the router queued it for the client
 
 
 @dataclass

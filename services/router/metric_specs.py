@@ -36,6 +36,8 @@ DISAGG_DECISIONS: tuple[str, ...] = ("remote_prefill", "local_prefill")
 DEADLINE_STAGES: tuple[str, ...] = ("admission", "running")
 STAGES: tuple[str, ...] = ("queue", "prefill", "transfer", "decode_queue", "decode")
 SLOS: tuple[str, ...] = ("ttft", "tpot")
+# A generated token's way to the client (services/router/output.py).
+TOKEN_STAGES: tuple[str, ...] = ("engine_step", "worker_to_router", "router", "router_to_client")
 
 # vLLM's bucket lists (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS: tuple[float, ...] = (
@@ -55,6 +57,10 @@ STAGE_BUCKETS: tuple[float, ...] = TTFT_BUCKETS
 # One request's KV hand-off: sub-millisecond over shm up to seconds over TCP.
 TRANSFER_SECONDS_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+# Per token: tens of microseconds (the router's part) up to a slow engine step.
+TOKEN_STAGE_BUCKETS: tuple[float, ...] = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )
 # 4 KiB .. 16 GiB in powers of 4.
 TRANSFER_BYTES_BUCKETS: tuple[float, ...] = tuple(float(4**k) for k in range(6, 18))
@@ -107,6 +113,8 @@ SPECS: tuple[MetricSpec, ...] = (
        _MODEL, TTFT_BUCKETS),
     _h("inter_token_latency_seconds", "Time between consecutive output tokens of a request.",
        _MODEL, TOKEN_LATENCY_BUCKETS),
+    _h("token_stage_seconds", "Time per generated token in each stage of its way to the client: engine_step, "
+       "worker_to_router, router, router_to_client.", _MODEL + ("stage",), TOKEN_STAGE_BUCKETS),
     _h("request_time_per_output_token_seconds", "Mean time per output token after the first, per request.",
        _MODEL, TOKEN_LATENCY_BUCKETS),
     _h("e2e_request_latency_seconds", "Time from arrival to the end of the request.",

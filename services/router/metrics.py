@@ -50,6 +50,7 @@ from services.router.metric_specs import (
     SPECS,
     STAGES,
     SUCCESS_REASONS,
+    TOKEN_STAGES,
     TRANSFER_FAILURE_REASONS,
     check_choice,
 )
@@ -91,6 +92,8 @@ class Metrics:
                 f.family(spec.name).labels(m)
         for stage in STAGES:
             f.histogram("request_stage_seconds").labels(m, stage)
+        for stage in TOKEN_STAGES:
+            f.histogram("token_stage_seconds").labels(m, stage)
         for reason in FINISH_REASONS:
             f.counter("request_success_total").labels(m, reason)
         for reason in TRANSFER_FAILURE_REASONS:
@@ -133,6 +136,14 @@ class Metrics:
         """Streaming: time between two consecutive output tokens of one request."""
         _check_seconds("itl_s", itl_s)
         self._families.histogram("inter_token_latency_seconds").labels(self.model_name).observe(itl_s)
+
+    def observe_token_stage(self, stage: str, seconds_per_token: float, count: int) -> None:
+        """`count` generated tokens each spent `seconds_per_token` in `stage` (TOKEN_STAGES)."""
+        check_choice("token stage", stage, TOKEN_STAGES)
+        _check_seconds("seconds_per_token", seconds_per_token)
+        series = self._families.histogram("token_stage_seconds").labels(self.model_name, stage)
+        for _ in range(count):
+            series.observe(seconds_per_token)
 
     def observe_generated_tokens(self, count: int) -> None:
         """Streaming: `count` more output tokens of a request reached the router."""

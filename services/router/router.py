@@ -21,9 +21,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
-from services.engine.logprobs import PromptLogprobs, TokenLogprob
 from services.engine.sampling_params import SamplingParams
-from services.engine.stats import FinishedRequestStats, TransferStats
+from services.engine.stats import TransferStats
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from services.router.admission import Admission, kv_capacity, kv_need
 from services.router.config import RouterConfig
@@ -36,10 +35,11 @@ from services.router.failures import (
     transfer_failure_reason,
     unwrap,
 )
-from services.router.messages import Chunk, Completion, Event, GenerateInput, PreparedRequest
+from services.router.messages import Completion, Event, GenerateInput, PreparedRequest
 from services.router.metrics import Metrics
 from services.router.migration import Migrations
 from services.router.openai_fields import RequestError
+from services.router.output import emit, emit_batch, finish, observe_delivery, record_finished
 from services.router.policies import Policy, RoutingRequest, make_policy
 from services.router.pool import WorkerHandle, WorkerPools
 from services.router.request_state import RequestState, worker_ids
@@ -133,6 +133,7 @@ class Router:
                     for index in range(1, n):
                         start(index)
                 yield event
+                observe_delivery(self.metrics, event)
                 done += isinstance(event, Completion)
         finally:
             for task in tasks:
@@ -164,7 +165,7 @@ class Router:
             await self._dispatch(st, priority, queue)
         except asyncio.CancelledError:
             await asyncio.shield(self._release(st))
-            self._finish(st, "abort", queue)
+            finish(self.metrics, st, "abort", queue)
             raise
         except Exception as e:  # noqa: BLE001 - every failure reaches the client as a clear error
             await asyncio.shield(self._release(st))
@@ -172,7 +173,7 @@ class Router:
             if isinstance(cause, TransferError):  # the decode worker's, under the "fail" policy
                 self._count_transfer_failure(st, cause.reason)
             if not st.finished:
-                self._record_finished(st, "error")
+                record_finished(self.metrics, st, "error")
             queue.put_nowait(client_error(e, rid))
         finally:
             self._observe_transfer(st, None)
@@ -224,12 +225,12 @@ class Router:
         """Sends the token the prefill side sampled; True when it already ends the request."""
         st.cached_tokens = first.cached_tokens  # the prompt tokens whose compute the cache saved
         logprobs = None if first.first_logprob is None else [first.first_logprob]
-        self._emit(st, [first.first_token], queue, logprobs, first.prompt_logprobs)
+        emit(self.metrics, st, [first.first_token], queue, logprobs, first.prompt_logprobs)
         reason = first.finish_reason or ("stop" if st.detok.stopped else None)
         if reason is None:
             return False
         await self._release(st)
-        self._finish(st, reason, queue)
+        finish(self.metrics, st, reason, queue)
         return True
 
     async def _stream_decode(self, st: RequestState, decode: WorkerHandle, first: PrefillResult | None,
@@ -257,17 +258,17 @@ class Router:
             if not first and st.cached_tokens == 0:  # after a migration the cache may cover generated tokens too
                 st.cached_tokens = min(batch.num_cached_tokens, len(st.ids))
             if batch.token_ids:
-                self._emit(st, batch.token_ids, queue, batch.logprobs, batch.prompt_logprobs)
+                emit_batch(self.metrics, st, batch, queue)
             if st.detok.stopped:
                 await self._release(st)
-                self._finish(st, "stop", queue)
+                finish(self.metrics, st, "stop", queue)
                 return
             if batch.finished:
                 st.decoding = False
                 if batch.finish_reason == "error":
                     raise WorkerFailed("the decode worker failed while running the request")
                 decode.record_success()
-                self._finish(st, batch.finish_reason or "stop", queue)
+                finish(self.metrics, st, batch.finish_reason or "stop", queue)
                 return
 
     async def _prefill(self, st: RequestState, routing: RoutingRequest, token_start: int) -> PrefillResult | None:
@@ -341,46 +342,6 @@ class Router:
         choice = policy.choose(alive, routing)
         policy.record(choice, routing)
         return choice
-
-    # ---- output ---------------------------------------------------------------------------------
-    def _emit(self, st: RequestState, token_ids: list[int], queue: asyncio.Queue[Event | BaseException],
-              logprobs: list[TokenLogprob] | None = None, prompt_logprobs: PromptLogprobs | None = None) -> None:
-        now = time.monotonic()
-        if st.times.first_token is None:
-            st.times.first_token = now
-            self.metrics.observe_first_token(now - st.times.arrival)
-        elif st.last_emit is not None:
-            gap = (now - st.last_emit) / len(token_ids)
-            for _ in token_ids:
-                self.metrics.observe_token_gap(gap)
-        st.last_emit = now
-        if st.completion_tokens:  # they came with the first token (a migrated output's new worker sends them again)
-            prompt_logprobs = None
-        st.completion_tokens += len(token_ids)
-        st.output_ids += token_ids
-        self.metrics.observe_generated_tokens(len(token_ids))
-        text = st.detok.add(token_ids)
-        queue.put_nowait(Chunk(token_ids, text, st.index, logprobs, prompt_logprobs))
-
-    def _finish(self, st: RequestState, reason: str, queue: asyncio.Queue[Event | BaseException]) -> None:
-        if st.finished:
-            return
-        rest = st.detok.flush()
-        if rest:
-            queue.put_nowait(Chunk([], rest, st.index))
-        self._record_finished(st, reason)
-        queue.put_nowait(Completion(reason, len(st.ids), st.completion_tokens, st.cached_tokens, st.index))
-
-    def _record_finished(self, st: RequestState, reason: str) -> None:
-        """Marks the output finished and observes it: reason "error" for one that failed."""
-        st.finished = True
-        st.times.finished = time.monotonic()
-        try:
-            self.metrics.observe_finished(FinishedRequestStats(
-                finish_reason=reason, prompt_tokens=len(st.ids), generation_tokens=st.completion_tokens,
-                cached_tokens=st.cached_tokens, times=st.times))
-        except ValueError:
-            log.exception("request %s: inconsistent stage times %s", st.rid, st.times)
 
     async def _release(self, st: RequestState) -> None:
         """Frees the request's KV on both sides (reservation or running request). A reservation still

@@ -58,6 +58,10 @@ class TokenBatch:
     kv_transport: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for logprobs
     prompt_logprobs: PromptLogprobs | None = None  # on the batch after a prompt computed here, when asked for
+    # The per-token path (the router's pdserve_token_stage_seconds): the engine steps that made these tokens,
+    # in seconds all told, and when they ended, on average (time.time()).
+    step_seconds: float = 0.0
+    produced_at: float = 0.0
 
 
 @dataclass(frozen=True)

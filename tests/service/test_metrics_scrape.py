@@ -38,6 +38,11 @@ def test_live_scrape_has_worker_series_and_passes_promtool(disagg_server: Runnin
                for (name, labels), value in samples.items())
     assert any(name == "pdserve_time_to_first_token_seconds_count" and value > 0
                for (name, _), value in samples.items())
+    # The tokens after the first came from the decode worker: each stage of their way here was timed.
+    stages = {dict(labels)["stage"]: value for (name, labels), value in samples.items()
+              if name == "pdserve_token_stage_seconds_count"}
+    assert stages.keys() == {"engine_step", "worker_to_router", "router", "router_to_client"}
+    assert all(count >= 3 for count in stages.values()), stages
 
     check = subprocess.run([str(promtool), "check", "metrics"], input=text.encode(),
                            capture_output=True, timeout=30)
