@@ -51,6 +51,10 @@ class Overloaded(ResourceExhausted):
     """Refused at admission: the router's queue is full (HTTP 429 / RESOURCE_EXHAUSTED)."""
 
 
+class Aborted(Exception):
+    """The request was aborted (Router.abort) while it waited for admission."""
+
+
 class DeadlineExceeded(TimeoutError):
     """The request's deadline passed (gRPC DEADLINE_EXCEEDED / HTTP 504)."""
 
@@ -151,6 +155,7 @@ class Ticket:
     need: int
     deadline: Deadline
     admitted: bool = False
+    aborted: bool = False
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -194,6 +199,8 @@ class Admission:
         self._publish(capacity)
         try:
             while not ticket.admitted:
+                if ticket.aborted:
+                    raise Aborted()
                 await self._wait(ticket)
         except BaseException:  # the deadline, or a cancellation: perhaps just as the ticket was admitted
             if ticket.admitted:
@@ -213,6 +220,15 @@ class Admission:
                 await ticket.ready.wait()
         except TimeoutError:
             self._wake()  # the pool's capacity may have changed
+
+    def abort(self, ticket: Ticket) -> bool:
+        """Marks the ticket aborted, and ends its wait if it is not yet admitted (its admit() raises Aborted):
+        True then, False when it was admitted (its request is running)."""
+        ticket.aborted = True
+        if ticket.admitted:
+            return False
+        ticket.ready.set()
+        return True
 
     def release(self, ticket: Ticket) -> None:
         """The request has ended and its KV is freed: its share goes to those waiting (a no-op unless admitted)."""

@@ -24,7 +24,7 @@ from services.engine.errors import InvalidRequest, ResourceExhausted
 from services.engine.sampling_params import SamplingParams
 from services.engine.stats import TransferStats
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from services.router.admission import Admission, kv_capacity, kv_need
+from services.router.admission import Aborted, Admission, Ticket, kv_capacity, kv_need
 from services.router.config import RouterConfig
 from services.router.errors import Unavailable
 from services.router.failures import (
@@ -71,6 +71,7 @@ class Router:
         self.migrations = Migrations(config, metrics, self.decode_policy, block_size)
         self.active: dict[str, list[asyncio.Task[None]]] = {}  # by request id: one task per output
         self.owners: dict[str, str | None] = {}  # by request id: GenerateInput.owner
+        self.tickets: dict[str, Ticket] = {}  # by request id: its place in the admission account
         self.worker_ids: set[str] = set()  # the ids the active requests' outputs run under on the workers
         self.draining = False
         self.admission = Admission(config, lambda: kv_capacity(self.pools.decode), metrics)
@@ -119,9 +120,14 @@ class Router:
         tasks: list[asyncio.Task[None]] = []
         self.active[rid], self.owners[rid] = tasks, inp.owner
         self.worker_ids.update(children)
-        ticket = self.admission.ticket(kv_need(len(ids), params, self.max_model_len), timeout_s)
+        ticket = self.tickets[rid] = self.admission.ticket(kv_need(len(ids), params, self.max_model_len), timeout_s)
         try:
-            await self.admission.admit(ticket)
+            try:
+                await self.admission.admit(ticket)
+            except Aborted:  # before it ran: every output ends, with nothing generated
+                for index in range(n):
+                    yield Completion("abort", len(ids), 0, 0, index)
+                return
             start(0)
             done = 0
             while done < n:
@@ -130,28 +136,39 @@ class Router:
                     self.metrics.observe_failure(failure_reason(event))
                     raise event
                 if len(tasks) == 1 and n > 1:
-                    for index in range(1, n):
-                        start(index)
+                    for index in range(1, n):  # unless aborted meanwhile: then they end at once
+                        if ticket.aborted:
+                            queue.put_nowait(Completion("abort", len(ids), 0, 0, index))
+                        else:
+                            start(index)
                 yield event
                 observe_delivery(self.metrics, event)
                 done += isinstance(event, Completion)
         finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
-            try:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            finally:  # only now: the releases (aborts by id on the workers) are over
-                self.active.pop(rid, None)
-                self.owners.pop(rid, None)
-                self.worker_ids.difference_update(children)
-                self.admission.release(ticket)
+            await self._end(rid, tasks, children, ticket)
+
+    async def _end(self, rid: str, tasks: list[asyncio.Task[None]], children: list[str], ticket: Ticket) -> None:
+        """Stops the request's outputs that still run and waits for their releases; only then is its id free."""
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:  # only now: the releases (aborts by id on the workers) are over
+            self.active.pop(rid, None)
+            self.owners.pop(rid, None)
+            self.tickets.pop(rid, None)
+            self.worker_ids.difference_update(children)
+            self.admission.release(ticket)
 
     def abort(self, request_id: str, owner: str | None) -> bool:
         """Cancels the request if `owner` started it (GenerateInput.owner); False when the id is unknown, the
         request is over, or it is another owner's, which the caller cannot tell apart: ids do not leak."""
         if owner is None or self.owners.get(request_id) != owner:
             return False
+        ticket = self.tickets.get(request_id)
+        if ticket is not None and self.admission.abort(ticket):
+            return True
         tasks = [t for t in self.active.get(request_id, []) if not t.done()]
         for task in tasks:
             task.cancel()

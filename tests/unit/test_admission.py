@@ -5,6 +5,7 @@ work and free its KV). The served twins are in tests/service/test_admission_serv
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -318,4 +319,22 @@ async def test_waiting_for_admission_counts_against_the_deadline(tokenizer: Toke
     decode.generate.go.set()
     assert (await first)[-1].finish_reason == "length"
     assert isinstance((await _drain(router, _input("again")))[-1], Completion)
+    assert router.admission.load == Load(0, 0, 0)
+
+
+async def test_an_abort_ends_a_request_that_waits_for_admission(tokenizer: Tokenizer) -> None:
+    router, decode = _router(tokenizer, num_blocks=13)  # 208 tokens: one request at a time
+    first = asyncio.ensure_future(_drain(router, _input("first")))
+    await _until(lambda: decode.generate.started == 1)
+    waiting = dataclasses.replace(_input("waiting"), owner="alice")
+    second = asyncio.ensure_future(_drain(router, waiting))
+    await _until(lambda: router.admission.load.queued == 1)
+    assert not router.abort("waiting", "mallory")  # not the owner's: as if unknown
+    assert router.abort("waiting", "alice")
+    events = await asyncio.wait_for(second, 10)
+    assert [(type(e), e.finish_reason, e.completion_tokens) for e in events] == [(Completion, "abort", 0)]
+    assert decode.generate.started == 1 and router.admission.load == Load(1, 200, 0)
+    assert "waiting" not in router.active and "waiting" not in router.tickets
+    decode.generate.go.set()
+    assert (await first)[-1].finish_reason == "length"
     assert router.admission.load == Load(0, 0, 0)
