@@ -138,6 +138,14 @@ exec:
 - --dtype
 - {{ . | quote }}
 {{- end }}
+- --max-queued-requests
+- {{ int .Values.serving.maxQueuedRequests | quote }}
+{{- with .Values.serving.requestTimeoutS }}
+- --request-timeout-s
+- {{ . | toString | quote }}
+{{- end }}
+- --migration-limit
+- {{ int .Values.serving.migrationLimit | quote }}
 - --device
 - {{ if gt (int .Values.workers.decode.gpus) 0 }}"cuda"{{ else }}"cpu"{{ end }}
 {{- if .Values.auth.apiKeys.existingSecret }}
