@@ -12,7 +12,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
@@ -43,6 +43,8 @@ class RunResult:
     config: LoadConfig
     duration_s: float
     records: list[RequestRecord]
+    # A pdserve target's per-token path: each stage's median seconds per token (services/bench/token_stages.py)
+    token_stages: dict[str, float | None] = field(default_factory=dict)
 
 
 def arrival_times(n: int, rate: float, seed: int) -> list[float]:

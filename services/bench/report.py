@@ -59,6 +59,10 @@ def print_summary(out: TextIO, run: RunResult, s: Summary) -> None:
     _distribution(out, "TPOT (excl. 1st token)", s.tpot_ms)
     _distribution(out, "ITL", s.itl_ms)
     _distribution(out, "E2E latency", s.e2e_ms)
+    if run.token_stages:
+        out.write(f"{'Per-token path, median (ms)':-^{WIDTH}}\n")
+        for stage, seconds in run.token_stages.items():
+            _line(out, f"  {stage}", _fmt(None if seconds is None else seconds * 1e3, 3))
     for error, count in s.errors.items():
         out.write(f"error x{count}: {error}\n")
     out.write("=" * WIDTH + "\n")
@@ -96,6 +100,7 @@ def result_json(config: dict[str, Any], runs: list[tuple[RunResult, Summary]]) -
                 "max_concurrency": run.config.max_concurrency,
                 "seed": run.config.seed,
                 "summary": s.to_json(),
+                "token_stages": run.token_stages,
                 "requests": [r.to_json() for r in run.records],
             }
             for run, s in runs

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from services.bench import token_stages
 from services.bench.datasets import (
     Conversation,
     LengthRange,
@@ -26,6 +27,7 @@ from services.bench.datasets import (
     random_dataset,
     shared_prefix_dataset,
 )
+from services.bench.http_target import base_url
 from services.bench.load import LoadConfig, RunResult, parse_rates, run_load
 from services.bench.metrics import Slo, Summary, summarize
 from services.bench.prompt import build_request
@@ -70,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--result-json", default=None, help="write every figure and per-request record here")
     p.add_argument("--plot", default=None, help="write latency CDFs (and attainment against rate) to this PNG")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    p.add_argument("--metrics-url", default=None,
+                   help="a pdserve router's /metrics, for the per-token path of each run (default: an http "
+                        "target's own; 'none' for none)")
 
 
 def _needs_text(args: argparse.Namespace) -> bool:
@@ -175,11 +180,16 @@ async def bench(args: argparse.Namespace) -> list[tuple[RunResult, Summary]]:
         # prefix cache cannot carry one run's prompts into the next.
         await _check(target, build_dataset(args, text_codec, space, max_len, args.seed + CHECK_SEED), args.temperature)
         runs: list[tuple[RunResult, Summary]] = []
+        metrics_url = _metrics_url(args)
         for i, rate in enumerate(rates):
             conversations = build_dataset(args, text_codec, space, max_len, args.seed + i)
             config = LoadConfig(rate, args.max_concurrency, args.seed + i, args.temperature)
+            before = await token_stages.scrape(metrics_url) if metrics_url else {}
             run = await run_load(target, conversations, config, not args.disable_tqdm,
                                  f"rate {rate_label(rate)}")
+            if metrics_url:
+                stages = token_stages.stage_medians(before, await token_stages.scrape(metrics_url))
+                run = dataclasses.replace(run, token_stages=stages)
             summary = summarize(run.records, run.duration_s, slo)
             print_summary(sys.stdout, run, summary)
             runs.append((run, summary))
@@ -189,6 +199,12 @@ async def bench(args: argparse.Namespace) -> list[tuple[RunResult, Summary]]:
         print_sweep(sys.stdout, runs)
     sys.stdout.flush()
     return runs
+
+
+def _metrics_url(args: argparse.Namespace) -> str | None:
+    if args.metrics_url is not None:
+        return None if args.metrics_url == "none" else args.metrics_url
+    return base_url(args.target) + "/metrics" if args.target.startswith("http") else None
 
 
 def _config_json(args: argparse.Namespace) -> dict[str, Any]:

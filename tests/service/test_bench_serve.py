@@ -63,6 +63,13 @@ def test_random_dataset(disagg_server: RunningServer, serve_model_dir: str, tmp_
     for r in run["requests"]:  # token-id prompts: the server counts exactly the tokens sent
         assert 16 <= r["prompt_tokens"] <= 48
     assert "Serving Benchmark Result" in printed and "Request goodput (req/s)" in printed
+    # The per-token path comes from the router's /metrics: an http target's own, or one named for grpc.
+    if scheme == "http":
+        assert set(run["token_stages"]) == {"engine_step", "worker_to_router", "router", "router_to_client"}
+        assert all(seconds is not None and seconds >= 0 for seconds in run["token_stages"].values())
+        assert "Per-token path, median (ms)" in printed
+    else:
+        assert run["token_stages"] == {}
 
 
 def test_shared_prefix_grpc(disagg_server: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -234,3 +234,17 @@ def test_result_json_is_strict_json_with_inf_rate() -> None:
     assert entry["request_rate"] == "inf" and entry["max_concurrency"] == 2
     assert entry["summary"]["goodput"] == pytest.approx(1.0)
     assert len(entry["requests"]) == 2 and entry["requests"][0]["tpot_s"] == pytest.approx(0.19 / 4)
+
+
+def test_token_stage_medians_are_read_from_the_run_s_own_buckets() -> None:
+    from services.bench.token_stages import quantile, stage_medians
+
+    inf = float("inf")
+    assert quantile(0.5, {0.001: 0, 0.002: 10, inf: 10}) == pytest.approx(0.0015)
+    assert quantile(0.5, {0.001: 0, 0.002: 0, inf: 0}) is None
+    assert quantile(0.5, {0.001: 0, inf: 4}) == 0.001  # past the last finite bound: that bound
+    before = {"router": {0.001: 5, 0.002: 5, inf: 5}}
+    after = {"router": {0.001: 5, 0.002: 15, inf: 15}, "engine_step": {0.01: 3, inf: 3}}
+    medians = stage_medians(before, after)
+    assert medians["router"] == pytest.approx(0.0015)  # the 5 earlier tokens under 1 ms do not count
+    assert medians["engine_step"] == pytest.approx(0.005)
