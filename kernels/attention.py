@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.cpu_attention import decode_in_place
+
 
 def _gather(kv_layer: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     block_size = kv_layer.shape[2]
@@ -108,7 +110,8 @@ def paged_attention_ref(
     query_start_loc: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Torch reference: the CPU path and the test oracle. Decodes run as one batch, prefills one by one."""
+    """Torch reference: the test oracle, and the CPU path where the in-place decode kernel cannot run.
+    Decodes run as one batch, prefills one by one."""
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     lens = context_lens.tolist()
@@ -117,6 +120,29 @@ def paged_attention_ref(
         idx = torch.tensor(decode_rows, device=q.device)
         rows = query_start_loc[idx]
         out[rows] = _decode_batch(q[rows], kv_layer, block_tables[idx], context_lens[idx], scale)
+    for b in range(len(lens)):
+        s, e = starts[b], starts[b + 1]
+        if e - s > 1:
+            out[s:e] = _prefill_one(q[s:e], kv_layer, block_tables[b], lens[b], scale)
+    return out
+
+
+def paged_attention_cpu(
+    q: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The CPU path: decodes read the cache in place (kernels/cpu_decode.c), prefill chunks run as in the
+    reference. Falls back to the reference where the kernel cannot run (no C compiler, not float32)."""
+    starts = query_start_loc.tolist()
+    lens = context_lens.tolist()
+    decode_lens = [lens[b] for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if not decode_in_place(q, kv_layer, block_tables, context_lens, query_start_loc, scale, out, decode_lens):
+        return paged_attention_ref(q, kv_layer, block_tables, context_lens, query_start_loc, scale)
     for b in range(len(lens)):
         s, e = starts[b], starts[b + 1]
         if e - s > 1:
@@ -145,4 +171,4 @@ def paged_attention(
         from kernels.triton_attention import paged_attention_triton
 
         return paged_attention_triton(q, kv_layer, block_tables, context_lens, query_start_loc, scale)
-    return paged_attention_ref(q, kv_layer, block_tables, context_lens, query_start_loc, scale)
+    return paged_attention_cpu(q, kv_layer, block_tables, context_lens, query_start_loc, scale)

@@ -17,6 +17,8 @@ _BENCHES = {
     "offline": ("services.bench.offline", "pdserve's engine against transformers generate"),
     "transfer": ("services.bench.transfer", "KV hand-off bandwidth against ucx_perftest, and the TTFT breakdown"),
     "serve": ("services.bench.serve", "load generator: goodput under SLO against a gRPC or HTTP target"),
+    "compare": ("services.bench.peers", "pdserve's serving modes beside llama.cpp's llama-server, same load"),
+    "step": ("services.bench.step", "the engine's decode step at batch 1 and 32 against its roofline"),
 }
 
 

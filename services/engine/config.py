@@ -45,12 +45,19 @@ class SchedulerConfig:
         default=True,
         metadata=flag("prefill long prompts in chunks that fit a step's token budget", name="--no-chunked-prefill"),
     )
+    prefill_tokens_with_decodes: int = field(
+        default=128,
+        metadata=flag("most prompt tokens a step prefills while requests are decoding, so that a long prompt "
+                      "arriving does not stall their tokens (chunked prefill; 0: the whole token budget)"),
+    )
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.prefill_tokens_with_decodes < 0:
+            raise ValueError(f"prefill_tokens_with_decodes must be >= 0, got {self.prefill_tokens_with_decodes}")
 
 
 @dataclass(frozen=True)

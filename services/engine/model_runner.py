@@ -32,6 +32,8 @@ class ModelRunner:
         self.dtype = TORCH_DTYPES[config.torch_dtype_name]
         self.block_size = config.cache.block_size
         self.model = load_model(model_config, config.device, config.torch_dtype_name)
+        if self.device.type == "cpu":
+            self.model.prepare_cpu()
         self.kv_cache = torch.zeros(
             model_config.num_layers,
             2,
@@ -49,35 +51,36 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, max_batch, max_blocks_per_seq)
 
     def _prepare(self, sched: SchedulerOutput) -> tuple[torch.Tensor, AttentionBatch]:
+        """The step's inputs, built from Python lists in four tensor constructions whatever the batch size."""
         bs = self.block_size
-        input_ids: list[int] = []
+        tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         context_lens: list[int] = []
         starts = [0]
+        tables: list[list[int]] = []
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
-        tables = torch.zeros(len(sched.scheduled), max_blocks, dtype=torch.int64)
-        for i, s in enumerate(sched.scheduled):
-            n = len(s.token_ids)
-            input_ids.extend(s.token_ids)
-            pos = range(s.start_pos, s.start_pos + n)
-            positions.extend(pos)
-            slots.extend(s.block_ids[p // bs] * bs + p % bs for p in pos)
-            context_lens.append(s.start_pos + n)
+        for s in sched.scheduled:
+            n, start, blocks = len(s.token_ids), s.start_pos, s.block_ids
+            tokens += s.token_ids
+            if n == 1:  # a decode
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                positions += range(start, start + n)
+                slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+            context_lens.append(start + n)
             starts.append(starts[-1] + n)
-            tables[i, : len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int64)
-
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=self.device)
-
+            tables.append(blocks + [0] * (max_blocks - len(blocks)))
+        flat = torch.tensor([tokens, positions, slots], dtype=torch.int64, device=self.device)
         batch = AttentionBatch(
-            positions=as_tensor(positions),
-            slot_mapping=as_tensor(slots),
-            block_tables=tables.to(self.device),
-            context_lens=as_tensor(context_lens),
-            query_start_loc=as_tensor(starts),
+            positions=flat[1],
+            slot_mapping=flat[2],
+            block_tables=torch.tensor(tables, dtype=torch.int64, device=self.device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int64, device=self.device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int64, device=self.device),
         )
-        return as_tensor(input_ids), batch
+        return flat[0], batch
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, on_layer_kv: LayerKVHook | None = None) -> RunnerOutput:
@@ -94,9 +97,11 @@ class ModelRunner:
             out.prompt_logprobs = self._prompt_logprobs(sched.scheduled, hidden)
             if not sampling:
                 return out
-            ends = batch.query_start_loc[1:] - 1
-            rows = torch.tensor([i for i, s in enumerate(sched.scheduled) if s.sample], device=self.device)
-            logits = self.model.compute_logits(hidden[ends[rows]])
+            if not all_decode:
+                ends = batch.query_start_loc[1:] - 1
+                rows = torch.tensor([i for i, s in enumerate(sched.scheduled) if s.sample], device=self.device)
+                hidden = hidden[ends[rows]]
+            logits = self.model.compute_logits(hidden)
         tokens, logprobs = sample(logits, sampling)
         out.sampled = {s.request_id: t for s, t in zip(sampling, tokens, strict=True)}
         out.logprobs = {s.request_id: lp for s, lp in zip(sampling, logprobs, strict=True) if lp is not None}

@@ -81,6 +81,9 @@ class RequestOutput:
     num_output_tokens: int
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked for logprobs
     prompt_logprobs: PromptLogprobs | None = None  # on the request's first output, when it asked for them
+    # Set by AsyncEngine: how long the step that produced this output took, and when it ended (time.time()).
+    step_seconds: float = 0.0
+    produced_at: float = 0.0
 
 
 class Scheduler:
@@ -144,6 +147,7 @@ class Scheduler:
         self.finished_ids = []
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
+        prefill_budget = self._prefill_budget(budget)
         scheduled_ids: set[str] = set()
 
         for request in list(self.running):
@@ -154,7 +158,9 @@ class Scheduler:
             num_new = request.num_tokens - request.num_computed_tokens
             if num_new > budget and not chunked:
                 continue
-            num_new = min(num_new, budget)
+            num_new = min(num_new, budget) if num_new == 1 or not chunked else min(num_new, budget, prefill_budget)
+            if num_new == 0:
+                continue
             while not self.kv.allocate_slots(request, num_new):
                 victim = max((r for r in self.running if r.request_id not in scheduled_ids), key=lambda r: r.sort_key)
                 self._preempt(victim)
@@ -166,6 +172,7 @@ class Scheduler:
             out.scheduled.append(self._scheduled(request, num_new))
             scheduled_ids.add(request.request_id)
             budget -= num_new
+            prefill_budget -= num_new if num_new > 1 else 0
 
         while self.waiting and budget > 0 and not out.preempted_ids and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -173,8 +180,8 @@ class Scheduler:
             num_new = request.num_tokens - computed.num_tokens
             if num_new > budget and not chunked:
                 break
-            num_new = min(num_new, budget)
-            if not self.kv.allocate_slots(request, num_new, computed):
+            num_new = min(num_new, budget, prefill_budget) if chunked else num_new
+            if num_new == 0 or not self.kv.allocate_slots(request, num_new, computed):
                 break
             self.waiting.pop(0)
             request.num_computed_tokens = computed.num_tokens
@@ -184,7 +191,17 @@ class Scheduler:
             self.running.append(request)
             out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+            prefill_budget -= num_new
         return out
+
+    def _prefill_budget(self, budget: int) -> int:
+        """Prompt tokens this step may prefill: the whole budget, but `prefill_tokens_with_decodes` while
+        a running request decodes (Sarathi-Serve's stall-free batching: a long prompt arriving is cut into
+        chunks that keep the decodes' inter-token latency steady)."""
+        cap = self.config.prefill_tokens_with_decodes
+        decoding = any(r.status == RequestStatus.RUNNING and r.num_tokens - r.num_computed_tokens == 1
+                       for r in self.running)
+        return min(budget, cap) if cap and decoding else budget
 
     def _computed_blocks(self, request: Request) -> ComputedBlocks:
         """Prefix-cache hits; none while a request collects prompt logprobs, which need the logits of

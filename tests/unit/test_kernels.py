@@ -14,6 +14,7 @@ The wrapper checks (test_wrapper_*) need no Triton and run in the parent.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -22,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.attention import paged_attention, paged_attention_ref
+import kernels.cpu_attention as cpu_attention
+from kernels.attention import paged_attention, paged_attention_cpu, paged_attention_ref
 from kernels.kv_store import store_kv, store_kv_ref
 from kernels.rmsnorm import rms_norm, rms_norm_ref
 from kernels.rotary import apply_rotary, apply_rotary_ref, build_cos_sin_cache
@@ -334,10 +336,71 @@ def test_wrapper_store_kv_rejects_bad_shapes() -> None:
 
 def test_wrapper_cpu_path_is_the_reference() -> None:
     case = attention_case(*ATTENTION_CASES["mixed_gqa"])
-    assert torch.equal(paged_attention(*case), paged_attention_ref(*case))
+    torch.testing.assert_close(paged_attention(*case), paged_attention_ref(*case), **FP32_TOL)
     cache = torch.zeros(2, 2, 16, 2, 64)
     k = torch.randn(3, 2, 64)
     store_kv(k, k, cache, torch.tensor([0, -1, 31]))
     assert torch.equal(cache[0, 0, 0], k[0]) and torch.equal(cache[1, 1, 15], k[2]) and cache.count_nonzero() == 512
     x, w = torch.randn(2, 8), torch.randn(8)
     assert torch.equal(rms_norm(x, w, 1e-6).out, rms_norm_ref(x, w, 1e-6).out)
+
+
+# ---------------------------------------------------------------- CPU decode attention in place (no Triton)
+
+
+@pytest.fixture
+def native_kernel() -> None:
+    """The in-place kernel must be the one under test: a fallback to the reference would pass anything."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler: the CPU path is the torch reference")
+    assert cpu_attention.library() is not None
+
+
+@pytest.mark.usefixtures("native_kernel")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_cpu_attention_in_place_matches_reference(name: str, threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Unused table entries point at other sequences' pages and page tails hold NaN (attention_case).
+    monkeypatch.setattr(cpu_attention, "THREAD_MIN_BYTES", 0 if threads > 1 else 1 << 62)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        case = attention_case(*ATTENTION_CASES[name], seed=threads)
+        out = paged_attention_cpu(*case)
+    finally:
+        torch.set_num_threads(before)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, paged_attention_ref(*case), **FP32_TOL)
+
+
+@pytest.mark.usefixtures("native_kernel")
+def test_cpu_attention_reads_only_the_context_of_shared_blocks() -> None:
+    """Decodes after a prefix-cache hit: four sequences share their first two blocks (3 and 7); every slot
+    past a context holds a huge stale value or NaN, and sequence 2, which ends on a block boundary, has a NaN
+    block next in its table. The batch mixes three decodes with a prefill chunk behind the cached prefix, and
+    int32 metadata works as int64 does."""
+    gen = torch.Generator().manual_seed(7)
+    page, hk, hq, dim = 8, 2, 6, 64
+    kv = torch.randn(2, 12, page, hk, dim, generator=gen)
+    lens = [19, 17, 24, 21]
+    table = torch.tensor([[3, 7, 1, 0], [3, 7, 5, 0], [3, 7, 9, 2], [3, 7, 4, 0]])
+    for b, n in enumerate(lens):
+        kv[:, table[b, n // page], n % page :] = float("nan") if b % 2 else 1e30
+    kv[:, 2] = float("nan")
+    lens_t = torch.tensor(lens)
+    q_lens = [1, 1, 1, 5]
+    q = torch.randn(sum(q_lens), hq, dim, generator=gen)
+    starts = torch.tensor([0, 1, 2, 3, 8])
+    want = paged_attention_ref(q, kv, table, lens_t, starts, dim**-0.5)
+    got = paged_attention_cpu(q, kv, table.int(), lens_t.int(), starts.int(), dim**-0.5)
+    assert not want.isnan().any() and not got.isnan().any()
+    torch.testing.assert_close(got, want, **FP32_TOL)
+
+
+def test_cpu_attention_without_the_kernel_is_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    case = attention_case(*ATTENTION_CASES["mixed_gqa"], seed=9)
+    monkeypatch.setattr(cpu_attention, "use_native", False)
+    assert torch.equal(paged_attention_cpu(*case), paged_attention_ref(*case))
+    half = case._replace(q=case.q.double(), kv_layer=case.kv_layer.double())  # not float32: the reference
+    monkeypatch.setattr(cpu_attention, "use_native", True)
+    assert torch.equal(paged_attention_cpu(*half), paged_attention_ref(*half))

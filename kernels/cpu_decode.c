@@ -1,0 +1,101 @@
+/* Decode attention over the paged KV cache on the CPU, reading K and V in place (float32).
+ *
+ * For every sequence b whose query is a single row (query_start_loc[b + 1] - query_start_loc[b] == 1),
+ * the query heads of each KV head attend to keys 0 .. context_lens[b] - 1 of the blocks named by
+ * block_tables[b]: one pass over K for the scores, a softmax, one pass over V for the output. Nothing
+ * is copied out of the cache and slots past a context are never read (they may hold stale values or NaN).
+ * Rows of other sequences (prefill chunks, idle ones) are left as they are.
+ *
+ *   kv_layer:  [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous
+ *   q, out:    [T, num_heads, head_dim], head_dim contiguous, strides in elements
+ *   scratch:   num_heads * max(context_lens) floats per worker
+ */
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+
+typedef struct {
+    const float *q, *k, *v;
+    const int64_t *tables, *lens, *starts;
+    float *out;
+    long q_row, q_head, out_row, out_head, table_row;
+    long block_size, num_heads, num_kv_heads, head_dim, batch;
+    float scale;
+    long first, last; /* the sequences this worker takes: [first, last) */
+    float *scratch;
+} job_t;
+
+static float dot(const float *restrict a, const float *restrict b, long n) {
+    float s = 0;
+    for (long d = 0; d < n; d++) s += a[d] * b[d];
+    return s;
+}
+
+/* One sequence, all heads: K and V are read token row by token row (every KV head of a token is one
+ * contiguous row), in the order the blocks lie in the cache. */
+static void one_sequence(const job_t *j, long b) {
+    const long heads = j->num_heads, group = heads / j->num_kv_heads, dim = j->head_dim, len = j->lens[b];
+    const long row = j->num_kv_heads * dim, block_stride = j->block_size * row;
+    const int64_t *table = j->tables + b * j->table_row;
+    const float *qb = j->q + j->starts[b] * j->q_row;
+    float *ob = j->out + j->starts[b] * j->out_row;
+    float *scores = j->scratch; /* [heads][len] */
+    for (long t = 0; t < len; t++) {
+        const float *key = j->k + table[t / j->block_size] * block_stride + (t % j->block_size) * row;
+        for (long h = 0; h < heads; h++)
+            scores[h * len + t] = dot(qb + h * j->q_head, key + h / group * dim, dim) * j->scale;
+    }
+    for (long h = 0; h < heads; h++) {
+        float *s = scores + h * len, top = -INFINITY, total = 0;
+        for (long t = 0; t < len; t++) top = s[t] > top ? s[t] : top;
+        for (long t = 0; t < len; t++) s[t] = expf(s[t] - top);
+        for (long t = 0; t < len; t++) total += s[t];
+        const float inv = 1.0f / total;
+        for (long t = 0; t < len; t++) s[t] *= inv;
+        float *o = ob + h * j->out_head;
+        for (long d = 0; d < dim; d++) o[d] = 0;
+    }
+    for (long t = 0; t < len; t++) {
+        const float *value = j->v + table[t / j->block_size] * block_stride + (t % j->block_size) * row;
+        for (long h = 0; h < heads; h++) {
+            const float p = scores[h * len + t], *restrict vh = value + h / group * dim;
+            float *restrict o = ob + h * j->out_head;
+            for (long d = 0; d < dim; d++) o[d] += p * vh[d];
+        }
+    }
+}
+
+static void *run(void *arg) {
+    const job_t *j = arg;
+    for (long b = j->first; b < j->last; b++)
+        if (j->starts[b + 1] - j->starts[b] == 1 && j->lens[b] > 0) one_sequence(j, b);
+    return NULL;
+}
+
+/* `threads` > 1 splits the sequences between that many threads, this one included; `scratch` holds
+ * `threads` slices of `scratch_per_thread` (>= num_heads * max(context_lens)) floats. */
+void pd_decode_attention(const float *q, long q_row, long q_head, const float *kv, long num_blocks,
+                        const int64_t *tables, long table_row, const int64_t *lens, const int64_t *starts,
+                        long batch, long block_size, long num_heads, long num_kv_heads, long head_dim, float scale,
+                        float *out, long out_row, long out_head, float *scratch, long scratch_per_thread,
+                        int threads) {
+    const float *k = kv, *v = kv + num_blocks * block_size * num_kv_heads * head_dim;
+    const long seqs = batch;
+    if (threads < 1) threads = 1;
+    if (threads > seqs) threads = seqs > 0 ? (int)seqs : 1;
+    job_t jobs[64];
+    pthread_t ids[64];
+    if (threads > 64) threads = 64;
+    for (int w = 0; w < threads; w++) {
+        jobs[w] = (job_t){q, k, v, tables, lens, starts, out, q_row, q_head, out_row, out_head, table_row,
+                          block_size, num_heads, num_kv_heads, head_dim, batch, scale,
+                          seqs * w / threads, seqs * (w + 1) / threads, scratch + w * scratch_per_thread};
+    }
+    int started = 0;
+    for (int w = 1; w < threads; w++, started++)
+        if (pthread_create(&ids[w], NULL, run, &jobs[w]) != 0) break;
+    run(&jobs[0]);
+    for (int w = 1; w <= started; w++) pthread_join(ids[w], NULL);
+    for (int w = started + 1; w < threads; w++) run(&jobs[w]); /* threads that could not start */
+}
