@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Install promtool (Prometheus' rule/config/metrics checker) into DEST_DIR without
-# installing or starting a Prometheus server: download the Debian package, unpack
-# it into a temporary directory and copy only usr/bin/promtool.
+# Install promtool (Prometheus' rule/config/metrics checker) and the prometheus server binary into
+# DEST_DIR without installing or starting anything system-wide: download the Debian package, unpack it
+# into a temporary directory and copy only usr/bin/promtool and usr/bin/prometheus. The chaos suite
+# (tests/chaos/) starts that server itself, to see the alert rules fire.
 #
 # usage: bash scripts/install_promtool.sh DEST_DIR
-# Idempotent: exits at once when DEST_DIR/promtool already runs.
+# Idempotent: exits at once when DEST_DIR/promtool and DEST_DIR/prometheus already run.
 set -euo pipefail
 
 if [[ $# -ne 1 || -z "$1" ]]; then
@@ -12,9 +13,15 @@ if [[ $# -ne 1 || -z "$1" ]]; then
     exit 2
 fi
 dest="$1"
-target="$dest/promtool"
+tools=(promtool prometheus)
 
-if [[ -x "$target" ]] && "$target" --version >/dev/null 2>&1; then
+installed=1
+for tool in "${tools[@]}"; do
+    if ! { [[ -x "$dest/$tool" ]] && "$dest/$tool" --version >/dev/null 2>&1; }; then
+        installed=0
+    fi
+done
+if [[ $installed -eq 1 ]]; then
     exit 0
 fi
 
@@ -42,12 +49,13 @@ if [[ -z "$deb" ]]; then
 fi
 
 dpkg-deb -x "$deb" "$work/root"
-if [[ ! -f "$work/root/usr/bin/promtool" ]]; then
-    echo "install_promtool: $deb holds no usr/bin/promtool" >&2
-    exit 1
-fi
-
 mkdir -p "$dest"
-install -m 0755 "$work/root/usr/bin/promtool" "$target.tmp"
-mv -f "$target.tmp" "$target"
-"$target" --version | head -n 1
+for tool in "${tools[@]}"; do
+    if [[ ! -f "$work/root/usr/bin/$tool" ]]; then
+        echo "install_promtool: $deb holds no usr/bin/$tool" >&2
+        exit 1
+    fi
+    install -m 0755 "$work/root/usr/bin/$tool" "$dest/$tool.tmp"
+    mv -f "$dest/$tool.tmp" "$dest/$tool"
+    "$dest/$tool" --version 2>&1 | head -n 1
+done

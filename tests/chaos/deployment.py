@@ -1,0 +1,58 @@
+"""What a scenario strikes: a `pdserve serve` on this host, or a router of the netns test hosts' cluster.
+
+Worker processes are found by the pid each worker reports in GetLoad, and signalled only when they belong
+to the deployment this suite started: on one host, a process in the session of the `pdserve serve` it
+launched (started with start_new_session, so Ray's raylet and workers inherit its session id); across
+hosts, a process of the test host that runs that worker's pool.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from services.proto_gen import generation_pb2 as pb
+
+if TYPE_CHECKING:
+    from tests.multihost.cluster import Cluster, Router
+    from tests.service.conftest import RunningServer
+
+
+class Deployment(ABC):
+    """The addresses a scenario's clients use, and how it signals a worker."""
+
+    grpc_target: str
+    http_base: str
+    topology: str
+
+    @abstractmethod
+    def signal(self, worker: pb.WorkerLoad, sig: signal.Signals) -> None:
+        """Sends `sig` to the worker's process."""
+
+
+class LocalDeployment(Deployment):
+    def __init__(self, server: RunningServer) -> None:
+        self.server = server
+        self.grpc_target, self.http_base, self.topology = server.grpc_target, server.http_base, "one host"
+
+    def signal(self, worker: pb.WorkerLoad, sig: signal.Signals) -> None:
+        session = self.server.process.pid
+        if os.getsid(worker.pid) != session:
+            raise RuntimeError(f"pid {worker.pid} of {worker.worker} is not in session {session} of our server")
+        os.kill(worker.pid, sig)
+
+
+class ClusterDeployment(Deployment):
+    HOSTS_BY_ROLE = {"prefill": "b", "decode": "c"}
+
+    def __init__(self, cluster: Cluster, router: Router) -> None:
+        self.cluster, self.router = cluster, router
+        self.grpc_target, self.http_base, self.topology = router.grpc_target, router.http_base, "3 hosts (netns)"
+
+    def signal(self, worker: pb.WorkerLoad, sig: signal.Signals) -> None:
+        host = self.cluster.net.hosts[self.HOSTS_BY_ROLE[worker.role]]
+        done = host.run(["kill", f"-{int(sig)}", str(worker.pid)], self.cluster.env())
+        if done.returncode != 0:
+            raise RuntimeError(f"kill on host {host.name}: {done.stderr}")
