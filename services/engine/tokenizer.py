@@ -92,10 +92,29 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.ids.extend(new_ids)
+        if not self._read(complete_only=True):
+            return ""
+        if self.stopped:
+            return self.flush()
+        end = max(self.sent, len(self.text) - self.hold)
+        delta, self.sent = self.text[self.sent : end], end
+        return delta
+
+    def flush(self) -> str:
+        """The held-back rest of the text, once the request has finished. An output that ends inside a UTF-8
+        sequence ends with decode()'s replacement character for it, as the whole output's decode does."""
+        if not self.stopped and self.read_offset < len(self.ids):
+            self._read(complete_only=False)
+        delta, self.sent = self.text[self.sent :], len(self.text)
+        return delta
+
+    def _read(self, complete_only: bool) -> bool:
+        """Appends the text of the tokens not read yet and applies the stop strings; with `complete_only`, takes
+        nothing (False) while that text ends inside a UTF-8 sequence."""
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if full.endswith("\ufffd"):
-            return ""
+        if complete_only and full.endswith("\ufffd"):
+            return False
         before = len(self.text)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
@@ -105,12 +124,4 @@ class IncrementalDetokenizer:
             if hits:
                 self.text = self.text[: min(hits)]
                 self.stopped = True
-                return self.flush()
-        end = max(self.sent, len(self.text) - self.hold)
-        delta, self.sent = self.text[self.sent : end], end
-        return delta
-
-    def flush(self) -> str:
-        """The held-back rest of the text, once the request has finished."""
-        delta, self.sent = self.text[self.sent :], len(self.text)
-        return delta
+        return True

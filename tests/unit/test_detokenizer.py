@@ -38,6 +38,17 @@ def test_deltas_add_up_to_the_full_decode_without_replacement_characters(tokeniz
     assert not detok.stopped
 
 
+def test_an_output_that_ends_inside_a_character_ends_as_its_whole_decode_does(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    cut = next(n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = feed(detok, ids[:cut])
+    assert "".join(deltas) == tokenizer.decode(ids[:cut]) == detok.text  # the replacement character included
+    assert "\ufffd" not in "".join(deltas[:-1])  # only the end, once the output is over
+    stopped = IncrementalDetokenizer(tokenizer, stop=("zzz",))
+    assert "".join(feed(stopped, ids[:cut])) == tokenizer.decode(ids[:cut])
+
+
 def test_special_tokens_are_skipped(tokenizer: Tokenizer) -> None:
     bos = tokenizer.encode("x")[0]
     ids = tokenizer.encode("hello", add_special_tokens=False)
