@@ -9,6 +9,8 @@ against the decode pool's KV, the blocks of its routable workers × --kv-overcom
         else, fewer than --max-queued-requests wait ─► waits in the router, first come first served,
                                                        until admitted requests end (or the deadline)
         else ─► Overloaded, at once: HTTP 429 + Retry-After / gRPC RESOURCE_EXHAUSTED
+    A request that would wait refuses the same way, at once, when the queue ahead of it would outlast its
+    deadline: the queue's length times the time between admitted requests' ends, while requests wait.
 
 A request that waits holds nothing on any worker, so the admitted ones keep their time to first token.
 A decode pool with no routable worker (or --kv-overcommit 0) sets no KV limit: the request goes on and
@@ -172,6 +174,9 @@ class Admission:
         self.admitted = 0
         self.kv_tokens = 0
         self.waiting: deque[Ticket] = deque()
+        # Seconds between two ends of admitted requests while others waited (a moving average), and the last end.
+        self.end_interval: float | None = None
+        self._last_end: float | None = None
 
     @property
     def load(self) -> Load:
@@ -195,6 +200,7 @@ class Admission:
         if verdict is Verdict.ADMIT:
             self._take(ticket)
         else:
+            self._refuse_if_too_late(ticket)
             self.waiting.append(ticket)
         self._publish(capacity)
         try:
@@ -209,6 +215,18 @@ class Admission:
                 self.waiting.remove(ticket)
                 self._wake()
             raise
+
+    def _refuse_if_too_late(self, ticket: Ticket) -> None:
+        """Overloaded when the queue ahead would outlast the request's deadline: better at once than at its end."""
+        remaining = ticket.deadline.remaining()
+        if remaining is None or self.end_interval is None:
+            return
+        expected = (len(self.waiting) + 1) * self.end_interval
+        if expected > remaining:
+            self.metrics.observe_failure("resource_exhausted")
+            raise Overloaded(
+                f"the server is overloaded: the {len(self.waiting)} requests waiting ahead would take about "
+                f"{expected:.1f} s, past this request's deadline ({remaining:.1f} s left); retry later")
 
     async def _wait(self, ticket: Ticket) -> None:
         remaining = ticket.deadline.remaining()
@@ -237,7 +255,16 @@ class Admission:
         ticket.admitted = False
         self.admitted -= 1
         self.kv_tokens -= ticket.need
+        self._time_end()
         self._wake()
+
+    def _time_end(self) -> None:
+        """Times the ends of admitted requests while others wait: how fast the queue moves."""
+        now = time.monotonic()
+        if self.waiting and self._last_end is not None:
+            gap = now - self._last_end
+            self.end_interval = gap if self.end_interval is None else 0.8 * self.end_interval + 0.2 * gap
+        self._last_end = now if self.waiting else None
 
     async def until(self, ticket: Ticket, step: Awaitable[_T]) -> _T:
         """Awaits one step of an admitted request, raising DeadlineExceeded when its deadline passes first."""

@@ -154,6 +154,32 @@ async def test_waiters_are_admitted_in_order_as_the_admitted_end() -> None:
     assert _value(admission.metrics, "pdserve_router_kv_capacity_tokens") == 1000
 
 
+async def test_a_request_the_queue_would_outlast_is_refused_at_once() -> None:
+    admission = _admission(lambda: 1000, queued=10)
+    running = await _admitted(admission, 1000)
+    queued = [asyncio.ensure_future(_admitted(admission, 1000)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert admission.end_interval is None  # nothing has ended yet: no estimate, nobody is refused for it
+    admission.release(running)  # the first end while others wait starts the clock
+    await asyncio.sleep(0.2)
+    first = await asyncio.wait_for(queued[0], 5)
+    admission.release(first)  # 0.2 s later: the queue moves about one request per 0.2 s
+    second = await asyncio.wait_for(queued[1], 5)
+    assert admission.end_interval is not None and admission.end_interval >= 0.2
+    waiting = asyncio.ensure_future(_admitted(admission, 1000))  # no deadline: it waits
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="would take about"):  # 2 ahead of it by then: about 0.4 s, past 0.1 s
+        await admission.admit(admission.ticket(1000, 0.1))
+    assert admission.load.queued == 1
+    patient = asyncio.ensure_future(_admitted(admission, 1000, 30.0))  # 30 s is enough: it waits
+    await asyncio.sleep(0)
+    assert admission.load.queued == 2
+    admission.release(second)
+    admission.release(await asyncio.wait_for(waiting, 5))
+    admission.release(await asyncio.wait_for(patient, 5))
+    assert admission.load == Load(0, 0, 0)
+
+
 async def test_a_waiter_leaves_the_queue_at_its_deadline_or_cancellation() -> None:
     admission = _admission(lambda: 1000, timeout_s=30.0)
     held = await _admitted(admission, 900)
