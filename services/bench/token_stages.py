@@ -18,11 +18,18 @@ Buckets = dict[str, dict[float, float]]  # by stage: cumulative count by upper b
 
 
 async def scrape(url: str) -> Buckets:
-    """The stage histograms on `url` (a pdserve router's /metrics); empty when it has none."""
+    """The stage histograms on `url` (a pdserve router's /metrics); empty when it has none, as a server that is
+    not pdserve (no /metrics, or other metrics) has none."""
     async with httpx.AsyncClient(timeout=10) as client:
-        text = (await client.get(url)).text
+        response = await client.get(url)
+    if response.status_code != 200:
+        return {}
+    try:
+        families = list(text_string_to_metric_families(response.text))
+    except ValueError:  # not the Prometheus text format
+        return {}
     found: Buckets = {}
-    for family in text_string_to_metric_families(text):
+    for family in families:
         if family.name != FAMILY:
             continue
         for sample in family.samples:
