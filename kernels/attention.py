@@ -120,11 +120,17 @@ def paged_attention_ref(
         idx = torch.tensor(decode_rows, device=q.device)
         rows = query_start_loc[idx]
         out[rows] = _decode_batch(q[rows], kv_layer, block_tables[idx], context_lens[idx], scale)
+    _prefill_rows(out, q, kv_layer, block_tables, starts, lens, scale)
+    return out
+
+
+def _prefill_rows(out: torch.Tensor, q: torch.Tensor, kv_layer: torch.Tensor, block_tables: torch.Tensor,
+                  starts: list[int], lens: list[int], scale: float) -> None:
+    """Writes the rows of every sequence with more than one query row (a prefill chunk), one sequence at a time."""
     for b in range(len(lens)):
         s, e = starts[b], starts[b + 1]
         if e - s > 1:
             out[s:e] = _prefill_one(q[s:e], kv_layer, block_tables[b], lens[b], scale)
-    return out
 
 
 def paged_attention_cpu(
@@ -143,10 +149,7 @@ def paged_attention_cpu(
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if not decode_in_place(q, kv_layer, block_tables, context_lens, query_start_loc, scale, out, decode_lens):
         return paged_attention_ref(q, kv_layer, block_tables, context_lens, query_start_loc, scale)
-    for b in range(len(lens)):
-        s, e = starts[b], starts[b + 1]
-        if e - s > 1:
-            out[s:e] = _prefill_one(q[s:e], kv_layer, block_tables[b], lens[b], scale)
+    _prefill_rows(out, q, kv_layer, block_tables, starts, lens, scale)
     return out
 
 

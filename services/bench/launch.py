@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,22 +21,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass
-class LaunchedServer:
-    """A running `pdserve serve`; stop() sends SIGTERM (drain) and kills it if it lingers."""
+class ServerProcess:
+    """A server process started in a session of its own, with its output in `log_path`: stop() sends SIGTERM
+    and kills its process group if it lingers. Subclasses are dataclasses with these two fields."""
 
     process: subprocess.Popen[bytes]
-    grpc_port: int
-    http_port: int
     log_path: Path
-
-    @property
-    def grpc_url(self) -> str:
-        return f"grpc://127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
 
     def log_tail(self, chars: int = 5000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -50,11 +41,29 @@ class LaunchedServer:
                 self.process.wait()
         return self.process.returncode
 
-    def __enter__(self) -> LaunchedServer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass
+class LaunchedServer(ServerProcess):
+    """A running `pdserve serve`; stop() sends SIGTERM (drain) and kills it if it lingers."""
+
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    http_port: int
+    log_path: Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"grpc://127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
 
 def _serving(grpc_port: int) -> bool:

@@ -19,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import os
 import runpy
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.bench.launch import REPO, free_port
+from services.bench.launch import REPO, ServerProcess, free_port
 
 TOOLS = REPO / ".tools" / "llama.cpp"
 BUILD_SCRIPT = REPO / "scripts" / "build_llama_server.sh"
@@ -99,8 +98,8 @@ def server_args(llama: LlamaCpp, gguf: Path, port: int, alias: str, slots: int =
 
 
 @dataclass
-class LlamaServer:
-    """A running llama-server; stop() sends SIGTERM and kills it if it lingers."""
+class LlamaServer(ServerProcess):
+    """A running llama-server."""
 
     process: subprocess.Popen[bytes]
     port: int
@@ -109,24 +108,6 @@ class LlamaServer:
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, chars: int = 5000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self, timeout: float = 30.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> LlamaServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def launch(llama: LlamaCpp, gguf: Path, alias: str, log_dir: Path, timeout: float = 120.0,

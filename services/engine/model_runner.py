@@ -63,12 +63,8 @@ class ModelRunner:
         for s in sched.scheduled:
             n, start, blocks = len(s.token_ids), s.start_pos, s.block_ids
             tokens += s.token_ids
-            if n == 1:  # a decode
-                positions.append(start)
-                slots.append(blocks[start // bs] * bs + start % bs)
-            else:
-                positions += range(start, start + n)
-                slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
+            positions += range(start, start + n)
+            slots += [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
             context_lens.append(start + n)
             starts.append(starts[-1] + n)
             tables.append(blocks + [0] * (max_blocks - len(blocks)))

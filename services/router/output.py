@@ -39,9 +39,8 @@ def emit(metrics: Metrics, st: RequestState, token_ids: list[int], queue: asynci
         for _ in token_ids:
             metrics.observe_token_gap(gap)
     st.last_emit = now
-    if st.completion_tokens:  # they came with the first token (a migrated output's new worker sends them again)
+    if st.output_ids:  # they came with the first token (a migrated output's new worker sends them again)
         prompt_logprobs = None
-    st.completion_tokens += len(token_ids)
     st.output_ids += token_ids
     metrics.observe_generated_tokens(len(token_ids))
     text = st.detok.add(token_ids)

@@ -40,8 +40,11 @@ class RequestState:
     transfer: TransferStats | None = None  # a successful hand-off, until it is observed with its transport
     transfer_failed: bool = False  # a failed KV hand-off was counted: one request counts once
     cached_tokens: int = 0
-    completion_tokens: int = 0
     last_emit: float | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)  # the tokens sent to the client
     migrations: int = 0  # times it moved off a dead decode worker (migration.py)
     left: list[str] = dataclasses.field(default_factory=list)  # the decode workers it moved off, by name
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)

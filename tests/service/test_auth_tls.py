@@ -340,8 +340,7 @@ def test_chart_probe_and_helm_test_work_against_mutual_tls(tls_server: RunningSe
                                                           tmp_path: Path) -> None:
     """The chart with API keys and client certificates: its router probe (wget, presenting the Secret's tls.crt)
     and its `helm test` script run against this server, with the Secrets' files here."""
-    if shutil.which("wget") is None:
-        pytest.skip("no wget here (the pdserve images have it)")
+    assert shutil.which("wget"), "the chart's probe runs wget (the pdserve images have it); install it here too"
     served = _client(_https(tls_server), KEYS[0], verify=_ssl_context(pki)).models.list().data[0].id
     (tmp_path / "api-keys").write_text(f"# the first key is sent\n{KEYS[0]}\nsk-other\n")
     values = {"auth": {"apiKeys": {"existingSecret": "keys"}}, "tls": {"existingSecret": "certs", "clientAuth": True},

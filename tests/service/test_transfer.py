@@ -270,7 +270,8 @@ async def test_bad_arguments_are_clear_errors(pair: Pair) -> None:
 
 @pytest.mark.parametrize("cache_blocks", [0, NUM_BLOCKS], ids=["tensors", "shared_cache"])
 def test_two_ray_actors_move_kv(cache_blocks: int) -> None:
-    ray = pytest.importorskip("ray")
+    import ray
+
     from services.bench.transfer_actors import DecodeSide, PrefillSide
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)

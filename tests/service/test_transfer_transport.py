@@ -72,7 +72,8 @@ async def test_memory_that_cannot_be_mapped_is_read_over_ucx(monkeypatch: pytest
 
 def test_a_tcp_only_hand_off_reports_tcp() -> None:
     """UCX_TLS=tcp in both actors: nothing is mapped, and the KV crosses tcp (as between two hosts)."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     from services.bench.transfer_actors import DecodeSide, PrefillSide
 
     config = TransferConfig(timeout_s=5.0, ucx_tls="tcp")
