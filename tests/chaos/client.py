@@ -192,9 +192,7 @@ class Client:
                 if cancel_after is not None and chunks >= cancel_after:
                     return Outcome("cancelled", "http", time.monotonic() - start, tokens=chunks)
         elapsed = time.monotonic() - start
-        # The router's incremental detokenizer drops an incomplete UTF-8 tail at the end (decode() shows it as
-        # U+FFFD): the tokens are the same, so the text is compared without it.
-        if finish == "length" and text.rstrip("\ufffd") == self.ref.text(req).rstrip("\ufffd"):
+        if finish == "length" and text == self.ref.text(req):
             return Outcome("exact", "http", elapsed, tokens=chunks)
         want = self.ref.text(req)
         at = next((i for i, (a, b) in enumerate(zip(text, want, strict=False)) if a != b), min(len(text), len(want)))
