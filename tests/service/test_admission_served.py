@@ -58,7 +58,8 @@ def _assert_no_kv_held(server: RunningServer) -> None:
     for _ in range(150):
         report = server.load(check_integrity=True)
         assert all(w.alive and w.integrity_ok for w in report.workers), report
-        if all(w.num_used_blocks == 0 and w.num_reservations == 0 for w in report.workers):
+        idle = all(w.num_used_blocks == 0 and w.num_reservations == 0 for w in report.workers)
+        if idle and report.num_inflight_requests == 0:  # the router's own teardown may end just after the client's
             break
         time.sleep(0.2)
     else:
