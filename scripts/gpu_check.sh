@@ -2,7 +2,7 @@
 # Every check that needs a CUDA device, in one pass, with a time limit on each step:
 #   1. tests/gpu: the Triton kernels compiled against their torch references, the engine on CUDA
 #      against transformers on the same GPU (float32 token for token, bfloat16 first tokens), and the
-#      KV hand-off with CUDA memory on either side (skipped where ucxx is not installed);
+#      KV hand-off with CUDA memory on either side (skipped where UCX is not installed);
 #   2. `pdserve bench offline` on CUDA in bfloat16: the small preset, then the llama3-8b preset
 #      (written in the background meanwhile), each against transformers, with decode steps beside
 #      the HBM roofline; then llama3-8b again without CUDA graphs, for the step times side by side.

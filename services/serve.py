@@ -28,7 +28,7 @@ ENGINE_FLAGS = ConfigFlags(EngineConfig, exclude=("model", "device", "cache", "s
 CACHE_FLAGS = ConfigFlags(CacheConfig, exclude=("enable_prefix_caching",))
 SCHEDULER_FLAGS = ConfigFlags(SchedulerConfig)
 ROUTER_FLAGS = ConfigFlags(RouterConfig, exclude=("max_request_bytes",))
-TRANSFER_FLAGS = ConfigFlags(TransferConfig, prefix="transfer-", exclude=("port", "ucx_tls", "progress_mode"))
+TRANSFER_FLAGS = ConfigFlags(TransferConfig, prefix="transfer-", exclude=("port", "ucx_tls"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

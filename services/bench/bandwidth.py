@@ -35,7 +35,7 @@ import statistics
 from typing import Any
 
 from services.bench.perftest import MIB, PerftestEnd, run_perftest, run_perftest_between
-from services.transfer.config import CUDA_UCX_TLS, DEFAULT_UCX_TLS, PROGRESS_MODES, TransferConfig
+from services.transfer.config import CUDA_UCX_TLS, DEFAULT_UCX_TLS, TransferConfig
 from services.transfer.fingerprint import KVFingerprint
 
 
@@ -52,7 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"UCX transports (default: UCX_TLS from the environment, else {DEFAULT_UCX_TLS}, plus {CUDA_UCX_TLS} "
         "where CUDA is available)",
     )
-    parser.add_argument("--progress-mode", default="thread", choices=PROGRESS_MODES)
     parser.add_argument(
         "--staging-mib", type=int, default=TransferConfig.staging_mib, help="0: register the tensors in place"
     )
@@ -100,7 +99,6 @@ class _Pair:
         config = TransferConfig(
             timeout_s=60.0,
             ucx_tls=args.ucx_tls,
-            progress_mode=args.progress_mode,
             staging_mib=args.staging_mib,
             spin_us=args.spin_us,
         )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import os
 import random
 import time
@@ -56,10 +55,8 @@ class DecodeSide:
     def __init__(
         self, fp: KVFingerprint, config: TransferConfig, num_blocks: int, device: str = "cpu", on_node: bool = False
     ) -> None:
-        if on_node and not config.host:
-            import ray
-
-            config = dataclasses.replace(config, host=str(ray.util.get_node_ip_address()))
+        if on_node:
+            config = config.on_node()
         self.fp = fp
         shape = (fp.num_layers, 2, num_blocks, fp.block_size, fp.num_kv_heads, fp.head_dim)
         # zero_() writes every page now (torch.zeros may map untouched ones), as a serving worker's cache is once warm

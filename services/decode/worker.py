@@ -13,7 +13,6 @@ reservation not claimed within its lease is released, so a dead request never st
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -47,7 +46,7 @@ class DecodeWorker(EngineWorker):
         super().__init__(config, name)
         self.role = role
         log_info_of("services.transfer")
-        transfer = dataclasses.replace(transfer, host=transfer.host or node_address())
+        transfer = transfer.on_node()
         self.transfer_config = transfer
         self.receiver = KVReceiver(self.engine.kv_cache, kv_fingerprint(self), transfer)
         self.address: str | None = None
@@ -206,10 +205,3 @@ def log_info_of(name: str) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-
-
-def node_address() -> str:
-    """This worker's address in the Ray cluster, which other hosts reach it at; 127.0.0.1 outside Ray."""
-    import ray
-
-    return str(ray.util.get_node_ip_address()) if ray.is_initialized() else "127.0.0.1"

@@ -76,7 +76,7 @@ class PrefillWorker(EngineWorker):
     def __init__(self, config: EngineConfig, transfer: TransferConfig, name: str) -> None:
         # Every step streams KV from the per-layer hook, which CUDA graphs cannot call: capture none.
         super().__init__(dataclasses.replace(config, enforce_eager=True), name)
-        self.transfer_config = transfer
+        self.transfer_config = transfer = transfer.on_node()
         self.sender = KVSender(kv_fingerprint(self), transfer)
         self.plans: dict[str, SendPlan] = {}
         self.shared_cache = False  # the engine's KV cache is the sender's shared one (set by ready)

@@ -1,6 +1,7 @@
 """KV hand-off over UCX: KVSender (prefill side) offers each layer, KVReceiver (decode side) copies it into its blocks.
 
-The data path is C on UCP (native/kvx.c); ucxx carries the handshake and reports a peer that is gone.
+The data path is C on UCP (native/kvx.c); a TCP control connection carries the handshake and reports a peer
+that is gone (wire.py).
 """
 
 from __future__ import annotations

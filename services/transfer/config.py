@@ -1,27 +1,45 @@
 """Configuration of the KV hand-off, and the one place that sets UCX's environment.
 
-UCX reads its `UCX_*` variables when the ucxx context is created, and ucxx sets a few defaults of
-its own when it is imported, so `apply_ucx_env` must run before the first `import ucxx` in the
-process. `services.transfer.ucx_runtime` is the only module that imports ucxx, and it calls
-`apply_ucx_env` first.
+UCX reads its `UCX_*` variables when the data path's context is created, so `apply_ucx_env` must
+run before that: `services.transfer.ucx_runtime` creates it, and calls `apply_ucx_env` first.
+
+Where UCX listens: each of its tcp interfaces listens on its device's own address, one socket per
+network device. When a worker is given the address it advertises, UCX_NET_DEVICES keeps those
+sockets to the interface that holds it (plus the RDMA devices, which need no socket), unless the
+environment already sets UCX_NET_DEVICES; the handshake's own listener binds to that address too
+(receiver.py). Nothing listens on every interface.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import ipaddress
+import logging
 import os
+import socket
+import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.config_flags import flag
 
+log = logging.getLogger(__name__)
 FAILURE_POLICIES = ("recompute", "fail")
-PROGRESS_MODES = ("thread", "thread-polling")
-# Shared memory (posix/sysv), cross-memory attach (cma), loopback (self) and tcp. tcp is needed
-# even on one host: UCX's sockaddr connection manager rides on it. On one host the data path's
-# own endpoints (native/kvx.c, error handling off) carry headers and acks over sysv shared
+# Shared memory (posix/sysv), cross-memory attach (cma), loopback (self) and tcp. On one host the
+# data path's endpoints (native/kvx.c, error handling off) carry headers and acks over sysv shared
 # memory, the decode side maps the sender's staging ring, and tensors registered in place are
-# read over cma (all seen with UCX_PROTO_INFO=y); the ucxx control endpoints carry the handshake.
+# read over cma (all seen with UCX_PROTO_INFO=y); between hosts without RDMA, everything goes over tcp.
 DEFAULT_UCX_TLS = "posix,sysv,cma,self,tcp"
+# Settings the data path was measured with (ucxx's defaults when it came up through ucxx): kept unless the
+# environment sets them.
+UCX_DEFAULTS = {
+    "UCX_MEMTYPE_CACHE": "n",
+    "UCX_RNDV_THRESH": "8192",
+    "UCX_RNDV_FRAG_MEM_TYPE": "cuda",
+    "UCX_MAX_RNDV_RAILS": "1",
+}
+SIOCGIFADDR = 0x8915
 # Added where CUDA is available. Without cuda_copy, UCX takes a device pointer for host memory and
 # every get into or out of CUDA memory fails with an I/O error (seen on an H200); on a host
 # without CUDA, naming them only makes UCX warn in every process.
@@ -34,14 +52,12 @@ class TransferConfig:
 
     timeout_s is also the default for `KVReceiver.wait`.
     failure_policy: the transfer layer only carries it; the decode worker and the router act on it.
-    host: the address the receiver advertises in `start()` (its listener accepts on every interface). Empty:
-        a decode worker advertises its node's address in the Ray cluster; a bare KVReceiver, 127.0.0.1.
-    ucx_tls: must include tcp, which the connection manager needs. Empty (the default): UCX_TLS from the
-        environment if it is set there, as UCX users expect, else DEFAULT_UCX_TLS, plus CUDA_UCX_TLS where
-        torch sees a CUDA device.
+    host: the address the receiver listens on and advertises in `start()`, and that UCX's network listeners keep
+        to (see above). Empty: a worker takes its node's address in the Ray cluster; a bare KVReceiver listens on
+        127.0.0.1, and UCX on every device's address.
+    ucx_tls: empty (the default): UCX_TLS from the environment if it is set there, as UCX users expect, else
+        DEFAULT_UCX_TLS, plus CUDA_UCX_TLS where torch sees a CUDA device.
     staging_mib: shared memory allocated through UCX (see staging.py); CUDA tensors are always registered in place.
-    progress_mode: the ucxx progress thread of the control endpoints sleeps in epoll ("thread") or spins
-        ("thread-polling", costs one core per process); see ucx_runtime.
     spin_us: headers that find the loop polling need no wake-up: the sender's post takes about 2 us instead of
         12 here. The loop is busy for at most this long after each header.
     token_file: a file holding the cluster's KV token, read by each worker on its own host when its sender or
@@ -60,7 +76,7 @@ class TransferConfig:
     host: str = field(
         default="",
         metadata=flag("the address a decode worker gives prefill workers to send it KV (default: its node's "
-                      "address in the Ray cluster)", name="--advertise-host"),
+                      "address in the Ray cluster); workers listen for KV on it alone", name="--advertise-host"),
     )
     port: int = 0  # the receiver's listening port; 0 picks a free one
     ucx_tls: str = ""  # UCX transports (UCX_TLS)
@@ -68,7 +84,6 @@ class TransferConfig:
         default=256,
         metadata=flag("each prefill worker's staging ring for host KV (shared memory); 0 registers tensors in place"),
     )
-    progress_mode: str = "thread"
     spin_us: int = field(
         default=200,
         metadata=flag("how long a decode worker polls for a request's next KV layer before sleeping; 0 never polls"),
@@ -103,10 +118,16 @@ class TransferConfig:
             raise ValueError(f"TransferConfig.spin_us must be an int in [0, 100000], got {spin!r}")
         if not isinstance(self.token_file, str):
             raise ValueError(f"TransferConfig.token_file must be a path or empty, got {self.token_file!r}")
-        if self.progress_mode not in PROGRESS_MODES:
-            raise ValueError(
-                f"TransferConfig.progress_mode must be one of {PROGRESS_MODES}, got {self.progress_mode!r}"
-            )
+
+    def on_node(self) -> TransferConfig:
+        """This config with its host, if it names none, set to the worker's address in the Ray cluster, which other
+        hosts reach it at (127.0.0.1 outside Ray): where its KV listeners bind and what a decode worker advertises."""
+        if self.host:
+            return self
+        import ray
+
+        host = str(ray.util.get_node_ip_address()) if ray.is_initialized() else "127.0.0.1"
+        return dataclasses.replace(self, host=host)
 
     def transports(self) -> str:
         """The UCX_TLS in effect: `ucx_tls`, else the environment's UCX_TLS, else the defaults for this host."""
@@ -121,7 +142,9 @@ class TransferConfig:
 
     def ucx_env(self) -> dict[str, str]:
         """The UCX environment variables this configuration implies."""
+        devices = os.environ.get("UCX_NET_DEVICES") or (net_devices(self.host) if self.host else "")
         return {
+            **({"UCX_NET_DEVICES": devices} if devices else {}),
             "UCX_TLS": self.transports(),
             # Without shared memory or cma (another host, another pod), UCX emulates the gets over
             # tcp in segments of this size: 256k moved 8 and 64 MiB requests 1.5-2.5x faster than
@@ -132,14 +155,45 @@ class TransferConfig:
         }
 
     def apply_ucx_env(self) -> None:
-        """Write `ucx_env()` into os.environ (must happen before ucxx is first imported)."""
+        """Write `ucx_env()`, and UCX_DEFAULTS not set already, into os.environ (before the data path comes up)."""
+        for name, value in UCX_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         os.environ.update(self.ucx_env())
 
 
 def _check_tls(tls: str, what: str) -> str:
-    names = [t.strip() for t in tls.split(",") if t.strip()]
-    if not names:
+    if not [t for t in tls.split(",") if t.strip()]:
         raise ValueError(f"{what} must name at least one UCX transport")
-    if "tcp" not in names and "all" not in names:
-        raise ValueError(f"{what} must include 'tcp' (UCX's connection manager needs it), got {tls!r}")
     return tls
+
+
+def interface_of(address: str) -> str:
+    """The network interface that holds `address` on this host, or "" when none does."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6:
+        try:
+            lines = Path("/proc/net/if_inet6").read_text().splitlines()
+        except OSError:
+            return ""
+        return next((f[5] for f in map(str.split, lines) if len(f) == 6 and f[0] == ip.exploded.replace(":", "")), "")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for _, name in socket.if_nameindex():
+            try:
+                raw = fcntl.ioctl(sock.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address
+            if socket.inet_ntoa(raw[20:24]) == address:
+                return name
+    return ""
+
+
+def net_devices(address: str) -> str:
+    """UCX_NET_DEVICES for a worker that advertises `address`: its interface plus every RDMA port ("mlx5_0:1"),
+    or "" (every device) when no interface here holds it."""
+    interface = interface_of(address)
+    if not interface:
+        log.warning("no interface here holds the advertised address %s: UCX listens on every device's address",
+                    address)
+        return ""
+    rdma = sorted(f"{port.parent.parent.name}:{port.name}" for port in Path("/sys/class/infiniband").glob("*/ports/*"))
+    return ",".join([interface, *rdma])

@@ -1,13 +1,13 @@
 """The sender's connections, one per decode worker: opened by the handshake on first use, watched until they end.
 
     prefill (PeerLinks.open)                        decode (KVReceiver)
-    ucxx endpoint to host:port; frame(HandshakeRequest: layout, worker address, tag,
+    TCP connection to host:port; frame(HandshakeRequest: layout, worker address, tag,
                                       the staging ring and shared cache it may read)  ───►
                                                      ◄───  frame(HandshakeReply: ok, worker address, tag,
                                                                  whether it reads the ring and the cache)
-    data-path connection to its worker (native/); the endpoint stays open and carries nothing more
+    data-path connection to its worker (native/); the control connection stays open and carries nothing more
 
-Headers and acks then travel on the data path. Any completion on the control endpoint means the
+Headers and acks then travel on the data path. The control connection's end means the hand-off
 connection ended, and so does a failure the data path reports (`on_events` gets those). To a peer
 that reads this side's memory over tcp (another host without RDMA), each get is a message this
 side's worker answers; such a connection keeps the worker awake for a while after each header
@@ -28,13 +28,14 @@ from services.transfer.config import TransferConfig
 from services.transfer.errors import KVIncompatible, TransferError
 from services.transfer.fingerprint import KVFingerprint
 from services.transfer.handshake import HANDSHAKE_PROTOCOL, load_token, peer_problem
-from services.transfer.wire import new_frame_buffer, request
+from services.transfer.wire import keep_alive, request, until_closed
 
 
 @dataclass(eq=False)
 class PeerLink:
     peer: str
-    ep: Any  # ucxx control endpoint
+    reader: asyncio.StreamReader  # the control connection (wire.py): read until it ends
+    control: asyncio.StreamWriter
     data: native.Connection
     tag: int
     staged: bool  # the receiver reads the staging ring (else tensors are registered in place)
@@ -84,7 +85,7 @@ class PeerLinks:
         self._connecting: dict[str, asyncio.Lock] = {}
         self.connects = 0  # connections opened so far (reuse means this stays at one per peer)
 
-    async def get(self, peer: str, ucxx: Any, staging: native.Region | None, cache: native.Region | None) -> PeerLink:
+    async def get(self, peer: str, staging: native.Region | None, cache: native.Region | None) -> PeerLink:
         """The connection to `peer`, opened now if there is none (offering the regions it may read)."""
         link = self.by_peer.get(peer)
         if link is not None:
@@ -97,7 +98,7 @@ class PeerLinks:
                 return link
             timeout = self._config.timeout_s
             try:
-                link = await asyncio.wait_for(self._open(ucxx, peer, host, port, staging, cache), timeout)
+                link = await asyncio.wait_for(self._open(peer, host, port, staging, cache), timeout)
             except TimeoutError:
                 raise TransferError("timeout", f"connecting to {peer} took over {timeout}s") from None
             self.by_peer[peer] = link
@@ -106,20 +107,21 @@ class PeerLinks:
             return link
 
     def close(self, link: PeerLink) -> None:
-        """Forget the connection and close both of its endpoints."""
+        """Forget the connection and close both of its ends."""
         if self.by_peer.get(link.peer) is link:
             del self.by_peer[link.peer]
         ucx_runtime.unsubscribe(link.tag)
-        link.ep.abort()  # which also ends the watch's receive
+        link.control.transport.abort()  # which also ends the watch's read
         link.data.close()
 
     async def _open(
-        self, ucxx: Any, peer: str, host: str, port: int, staging: native.Region | None, cache: native.Region | None
+        self, peer: str, host: str, port: int, staging: native.Region | None, cache: native.Region | None
     ) -> PeerLink:
         try:
-            ep = await ucxx.create_endpoint(host, port, connect_timeout=self._config.timeout_s)
-        except Exception as exc:
+            reader, control = await asyncio.open_connection(host, port)
+        except OSError as exc:
             raise TransferError("peer_gone", f"cannot connect to KV receiver at {peer}: {exc!r}") from exc
+        keep_alive(control)
         box: list[PeerLink] = []
         tag = ucx_runtime.subscribe(lambda events: self._on_events(box[0], events) if box else None)
         try:
@@ -135,7 +137,7 @@ class PeerLinks:
                 hello.staging.CopyFrom(_shared_region(staging))
             if cache is not None:
                 hello.cache.CopyFrom(_shared_region(cache))
-            reply = await request(ep, hello, kv_pb2.HandshakeReply)
+            reply = await request(reader, control, hello, kv_pb2.HandshakeReply)
             if not reply.ok:
                 raise KVIncompatible(f"decode worker at {peer} refused the KV hand-off: {reply.error}")
             refused = peer_problem(reply, ucx_runtime.own_shape())
@@ -145,11 +147,11 @@ class PeerLinks:
             if answers_gets(data.transports()):
                 data.answer_gets()
             staged, cached = reply.staging and staging is not None, reply.cache and cache is not None
-            box.append(PeerLink(peer, ep, data, tag, staged, cached))
+            box.append(PeerLink(peer, reader, control, data, tag, staged, cached))
             return box[0]
         except BaseException as exc:
             ucx_runtime.unsubscribe(tag)
-            ep.abort()
+            control.transport.abort()
             if isinstance(exc, (KVIncompatible, asyncio.CancelledError)):
                 raise
             if isinstance(exc, ValueError):
@@ -157,15 +159,7 @@ class PeerLinks:
             raise TransferError("peer_gone", f"handshake with {peer} failed: {exc!r}") from exc
 
     async def _watch(self, link: PeerLink) -> None:
-        """The control endpoint carries nothing after the handshake: any completion means it ended."""
-        from services.transfer.ucx_ops import post_recv
-
-        try:
-            await post_recv(link.ep, new_frame_buffer())
-            reason = "sent on the control endpoint"
-        except asyncio.CancelledError:
-            return
-        except Exception as exc:
-            reason = repr(exc)
+        """The control connection carries nothing after the handshake: anything on it means it ended."""
+        reason = await until_closed(link.reader)
         if self.by_peer.get(link.peer) is link:
             self._on_end(link, TransferError("peer_gone", f"connection to {link.peer} ended: {reason}"))

@@ -36,7 +36,7 @@ from services.transfer.handshake import load_token
 from services.transfer.recv_links import Link, PostedRead
 from services.transfer.recv_paths import MAX_HEADER_BYTES, BounceBuffer, header_problem
 from services.transfer.routes import Routes
-from services.transfer.wire import new_frame_buffer, parse
+from services.transfer.wire import keep_alive, parse, until_closed
 
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"  # what a receiver advertises when its config names no host
@@ -71,27 +71,24 @@ class KVReceiver:
         self._routes: Routes | None = None  # straight into kv_cache (host memory only)
         self._links: dict[int, Link] = {}
         self._conn_ids = itertools.count()
-        self._listener: Any = None
-        self._ucxx: Any = None
+        self._listener: asyncio.Server | None = None
         self._address: str | None = None
         self._closed = False
 
     # ---- public API -------------------------------------------------------------------------
 
     async def start(self) -> str:
-        """Start the UCX listener; returns the "host:port" that senders connect to."""
+        """Listen for senders on the configured host (127.0.0.1 when none); returns the "host:port" they connect to."""
         if self._closed:
             raise RuntimeError("KVReceiver is closed")
         if self._address is not None:
             return self._address
-        self._ucxx = ucx_runtime.acquire(self._config)
+        ucx_runtime.acquire(self._config)
+        host = self._config.host or LOOPBACK
         try:
-            self._listener = self._ucxx.create_listener(
-                self._serve, port=self._config.port, connect_timeout=self._config.timeout_s
-            )
-        except Exception:
+            self._listener = await asyncio.start_server(self._serve, host, self._config.port)
+        except BaseException:
             ucx_runtime.release()
-            self._ucxx = None
             raise
         if not self._on_cuda:
             fp = self._fp
@@ -99,7 +96,8 @@ class KVReceiver:
                 self._cache_address, fp.num_layers, self._plane_bytes, self._token_bytes, fp.block_size
             )
             self._routes = self._requests.routes = Routes(sink)
-        self._address = f"{self._config.host or LOOPBACK}:{self._listener.port}"
+        port = self._listener.sockets[0].getsockname()[1]
+        self._address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         return self._address
 
     def expect(self, request_id: str, block_ids: list[int], token_start: int, token_end: int) -> None:
@@ -146,37 +144,33 @@ class KVReceiver:
             self._routes.close()
             self._routes = self._requests.routes = None
         if self._listener is not None:
-            await asyncio.sleep(0)  # let ucxx retire its handler bookkeeping first
             self._listener.close()
             self._listener = None
-        if self._ucxx is not None:
-            self._ucxx = None
             ucx_runtime.release()
 
     # ---- one connection ---------------------------------------------------------------------
 
-    async def _serve(self, ep: Any) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._closed:
-            ep.abort()
+            writer.transport.abort()
             return
-        from services.transfer.ucx_ops import post_recv
-
+        keep_alive(writer)
         conn = next(self._conn_ids)
-        link = self._links[conn] = Link(conn, ep, self._drop)
+        link = self._links[conn] = Link(conn, reader, writer, self._drop)
         watch = None
         try:
             accepted = await link.accept(
                 self._fp, self._config, self._on_events, self._on_cuda, self._bounce, self._routes, self._token
             )
             if accepted:
-                # Nothing more comes on the control endpoint: this receive ends when it does.
-                watch = asyncio.ensure_future(post_recv(ep, new_frame_buffer()))
-                watch.add_done_callback(lambda f: f.cancelled() or f.exception())
-                await asyncio.wait([watch, link.ended], return_when=asyncio.FIRST_COMPLETED)
+                # Nothing more comes on the control connection: this read ends when it does.
+                watch = asyncio.ensure_future(until_closed(reader))
+                ends: list[asyncio.Future[Any]] = [watch, link.ended]
+                await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             if not self._closed:
                 raise
-        except Exception as exc:  # UCX errors: the peer went away or the endpoint failed
+        except Exception as exc:  # the peer went away, broke the protocol, or timed out
             log.debug("KV connection %d ended: %r", conn, exc)
         finally:
             self._links.pop(conn, None)

@@ -35,7 +35,7 @@ from services.transfer.recv_paths import (
     ucx_transport,
 )
 from services.transfer.routes import Routes
-from services.transfer.wire import decode_frame, encode_frame, new_frame_buffer
+from services.transfer.wire import FRAME_BYTES, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 ACK_BATCH = 64
@@ -53,14 +53,22 @@ class PostedRead(NamedTuple):
 
 
 class Link:
-    """One accepted connection (`conn` is its id): the ucxx control endpoint and the data-path connection back.
+    """One accepted connection (`conn` is its id): the control connection and the data-path connection back.
 
     `on_failure(conn, error)` is called when sending acks fails.
     """
 
-    def __init__(self, conn: int, ep: Any, on_failure: Callable[[int, TransferError], None]) -> None:
+    def __init__(
+        self,
+        conn: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_failure: Callable[[int, TransferError], None],
+    ) -> None:
         self.conn = conn
-        self.ep = ep
+        self.reader, self.writer = reader, writer
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "a sender"
         self.task = asyncio.current_task()
         self.data: native.Connection | None = None
         self.tag = 0
@@ -88,10 +96,7 @@ class Link:
     ) -> bool:
         """Check every field of the sender's handshake (handshake.py), then connect back to its worker; True when
         the link is up. A refused sender gets the reason in a HandshakeReply(ok=False), and a log line here."""
-        from services.transfer.ucx_ops import post_recv, post_send
-
-        frame = new_frame_buffer()
-        await asyncio.wait_for(post_recv(self.ep, frame), config.timeout_s)
+        frame = await asyncio.wait_for(self.reader.readexactly(FRAME_BYTES), config.timeout_s)
         try:
             hello = decode_frame(frame, kv_pb2.HandshakeRequest)
             refused = hello_problem(hello, token)
@@ -114,12 +119,10 @@ class Link:
             )
         except (KVIncompatible, ValueError, native.NativeError) as exc:
             reply = kv_pb2.HandshakeReply(ok=False, error=str(exc))
-            log.warning("refused KV connection %d from %s: %s", self.conn, self._peer() or "a sender", exc)
-        await asyncio.wait_for(post_send(self.ep, encode_frame(reply)), config.timeout_s)
-        if not reply.ok:
-            # Leave the sender time to read the refusal before the endpoint goes away.
-            await asyncio.sleep(0.05)
-        else:
+            log.warning("refused KV connection %d from %s: %s", self.conn, self.peer, exc)
+        self.writer.write(encode_frame(reply))
+        await asyncio.wait_for(self.writer.drain(), config.timeout_s)
+        if reply.ok:
             self._log_transport()
         return bool(reply.ok)
 
@@ -150,13 +153,7 @@ class Link:
         else:
             devices = sorted({lane.device for lane in self.data.transports() if lane.transport != "self"})
             how = f"device {', '.join(devices)}"
-        log.info("KV connection %d from %s: reads over %s (%s)", self.conn, self._peer() or "a sender",
-                 self.transport, how)
-
-    def _peer(self) -> str:
-        """"host:port" of the sender, while ucxx's endpoint is open (just after the handshake); else ""."""
-        alive = not getattr(self.ep, "closed", True)
-        return native.peer_name(self.ep.ucp_endpoint) if alive else ""
+        log.info("KV connection %d from %s: reads over %s (%s)", self.conn, self.peer, self.transport, how)
 
     def acks_due(self, now: bool) -> None:
         """Send the acks due: at once when `now` or ACK_BATCH of them are due, else ACK_DELAY_S after the first."""
@@ -182,7 +179,7 @@ class Link:
                 )
 
     def end(self, routes: Routes | None) -> None:
-        """Say goodbye on the data path, then close both endpoints (its serving task then finishes)."""
+        """Say goodbye on the data path, then close both connections (its serving task then finishes)."""
         if not self.ended.done():
             self.ended.set_result(None)
         self.posted = []  # closing `data` ends their gets; their requests fail
@@ -197,4 +194,4 @@ class Link:
         if self.data is not None:
             self.send_acks(closing=True)
             self.data.close(flush_timeout_s=0.1)
-        self.ep.abort()
+        self.writer.transport.abort()

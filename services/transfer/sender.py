@@ -60,7 +60,7 @@ class KVSender:
         self._staging: StagingPath | None = None
         self._cache: SharedCachePath | None = None
         self._in_place: InPlacePath | None = None
-        self._ucxx: Any = None
+        self._node: native.Node | None = None  # once started
         self._closed = False
 
     async def send(self, peer: str, request_id: str, layer: int, token_start: int, kv: LayerKV) -> int:
@@ -120,10 +120,10 @@ class KVSender:
         expected = (fp.num_layers, 2, shape[2] if len(shape) == 6 else -1, fp.block_size, fp.num_kv_heads, fp.head_dim)
         if tuple(shape) != expected or shape[2] < 1:
             raise ValueError(f"a KV cache for this fingerprint has shape {expected} with num_blocks >= 1, got {shape}")
-        if self._ucxx is None or self._links.by_peer or self._cache is not None:
+        if self._node is None or self._links.by_peer or self._cache is not None:
             raise RuntimeError("allocate_cache comes once, after start() and before the first connection")
         try:
-            self._cache = SharedCachePath.allocate(ucx_runtime.node(), tuple(shape), fp.torch_dtype)
+            self._cache = SharedCachePath.allocate(self._node, tuple(shape), fp.torch_dtype)
         except native.NativeError as exc:
             log.warning("no shared KV cache (%s): sends from the cache are staged", exc)
             return None
@@ -133,10 +133,9 @@ class KVSender:
         """Bring UCX and the staging ring up now; otherwise the first connection does."""
         if self._closed:
             raise RuntimeError("KVSender is closed")
-        if self._ucxx is None:
-            self._ucxx = ucx_runtime.acquire(self._config)
+        if self._node is None:
+            self._node = node = ucx_runtime.acquire(self._config)
             self._in_flight.start(asyncio.get_running_loop())
-            node = ucx_runtime.node()
             self._in_place = InPlacePath(node)
             self._staging = StagingPath.allocate(node, self._config.staging_mib) if self._config.staging_mib else None
 
@@ -149,7 +148,7 @@ class KVSender:
         conns = list(self._links.by_peer.values())
         for conn in conns:
             self._drop(conn, TransferError("cancelled", "the KV sender closed"))
-        # Let the aborted control endpoints' receives end while the loop still runs.
+        # Let the aborted control connections' reads end while the loop still runs.
         watches = [c.watch for c in conns if c.watch is not None]
         if watches:
             await asyncio.wait(watches, timeout=1.0)
@@ -157,8 +156,8 @@ class KVSender:
         if self._staging is not None:
             self._staging.close()
             self._staging = None
-        if self._ucxx is not None:
-            self._ucxx = None
+        if self._node is not None:
+            self._node = None
             ucx_runtime.release()
 
     @property
@@ -245,7 +244,7 @@ class KVSender:
         if link is None:
             await self.start()
             staging = self._staging.region if self._staging is not None else None
-            link = await self._links.get(peer, self._ucxx, staging, self._cache.region if self._cache else None)
+            link = await self._links.get(peer, staging, self._cache.region if self._cache else None)
         return link
 
     def _drop(self, conn: PeerLink, error: TransferError) -> None:

@@ -1,24 +1,14 @@
-"""The process-wide ucxx context: created on first use, shared by every sender and receiver.
+"""The process-wide UCX worker of the data path (services/transfer/native): created on first use, shared by every
+sender and receiver of the process.
 
-Progress mode (why "thread" with Python futures): ucxx runs a C++ progress thread and a notifier
-thread that completes each request's asyncio future on the event loop that was running when UCX
-was initialised. Nothing busy-polls the loop, so the loop stays free for other work and a worker
-thread can hand it coroutines with `asyncio.run_coroutine_threadsafe(sender.send(...), loop)`
-while it computes the next layer (the send then overlaps the compute). The other modes either
-spin the loop with `asyncio.sleep(0)` ("polling", and ucxx's default without futures, which
-starves other threads of the GIL and, on an oversubscribed host, the peer process too) or progress
-only on epoll events ("blocking", several times slower when measured here).
-
-All users must therefore run on one event loop at a time. `acquire()` checks that, and moves the
-notifier to a new loop once every earlier user has released (e.g. two `asyncio.run` in a row).
-
-The data path's own UCX worker (services/transfer/native) is process-wide too: `node()` returns
-it, and its events reach the loop through one reader on its eventfd. Each connection end
-subscribes a handler under a tag of its own (`subscribe`), which is what the peer's messages carry;
-a handler gets, once per wake-up, every event that arrived for its tag, oldest first. While a
-handler says more are due (a receiver whose request is mid-transfer), the loop keeps polling the
-worker for up to `TransferConfig.spin_us` instead of sleeping, so that the next header needs no
-wake-up on either side.
+Its events reach the event loop through one reader on its eventfd, so all users must run on one
+event loop at a time. `acquire()` checks that, and moves the reader to a new loop once every
+earlier user has released (e.g. two `asyncio.run` in a row). Each connection end subscribes a
+handler under a tag of its own (`subscribe`), which is what the peer's messages carry; a handler
+gets, once per wake-up, every event that arrived for its tag, oldest first. While a handler says
+more are due (a receiver whose request is mid-transfer), the loop keeps polling the worker for up
+to `TransferConfig.spin_us` instead of sleeping, so that the next header needs no wake-up on
+either side.
 """
 
 from __future__ import annotations
@@ -29,7 +19,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from types import ModuleType
 
 from services.transfer import native
 from services.transfer.config import TransferConfig
@@ -53,9 +42,9 @@ Handler = Callable[[list[tuple[int, int, bytes]]], bool | None]
 _handlers: dict[int, Handler] = {}
 
 
-def acquire(config: TransferConfig) -> ModuleType:
-    """Initialise UCX on the running loop if needed and return the `ucxx` module. Pair with `release()`."""
-    global _users, _loop, _env, _spin_s
+def acquire(config: TransferConfig) -> native.Node:
+    """Bring the data path's UCX worker up on the running loop if needed, and return it. Pair with `release()`."""
+    global _users, _loop, _env, _spin_s, _node
     loop = asyncio.get_running_loop()
     with _lock:
         if _users > 0 and _loop is not loop:
@@ -68,30 +57,17 @@ def acquire(config: TransferConfig) -> ModuleType:
             _env = config.ucx_env()
         elif _env != config.ucx_env():
             log.warning("UCX already configured with %s; ignoring %s", _env, config.ucx_env())
-        import ucxx
-
-        global _node
-        if _loop is None:
-            ucxx.init(progress_mode=config.progress_mode, enable_python_future=True)
-            _stop_at_exit(ucxx)
+        if _node is None:
             _node = native.Node()
-        elif _loop is not loop:
-            # The notifier thread completes futures on the loop it was started with: move it.
-            ucxx.stop_notifier_thread()
-            ucxx.core._get_ctx().start_notifier_thread()
-            ucxx.core._get_ctx().continuous_ucx_progress()
-            assert _node is not None
-            if not _loop.is_closed():
-                _loop.remove_reader(_node.event_fd)
         if _loop is not loop:
-            assert _node is not None
+            if _loop is not None and not _loop.is_closed():
+                _loop.remove_reader(_node.event_fd)
             loop.add_reader(_node.event_fd, _dispatch)
         _loop = loop
         _spin_s = config.spin_us * 1e-6  # a process-wide setting: the latest user's applies
-        assert _node is not None
         _node.set_spin(_spin_s)
         _users += 1
-        return ucxx
+        return _node
 
 
 def node() -> native.Node:
@@ -154,11 +130,3 @@ def release() -> None:
     global _users
     with _lock:
         _users = max(0, _users - 1)
-
-
-def _stop_at_exit(ucxx: ModuleType) -> None:
-    # The notifier thread is not a daemon: stop it before the interpreter joins threads at exit,
-    # which plain atexit handlers would be too late for.
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        register(ucxx.stop_notifier_thread)

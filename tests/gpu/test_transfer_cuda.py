@@ -40,7 +40,7 @@ from services.transfer.kv import LayerKV
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="needs ucxx (`make setup` installs it)"),
+    pytest.mark.skipif(importlib.util.find_spec("libucx") is None, reason="needs UCX (`make setup` installs it)"),
 ]
 
 GPU = "cuda"

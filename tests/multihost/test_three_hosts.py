@@ -112,6 +112,21 @@ def test_the_kv_crossed_the_network(cluster: Cluster, expected: list[list[int]])
     assert said and all(re.search(rf"from {re.escape(prefill)}:\d+: reads over tcp \(device ", s) for s in said), said
 
 
+# Ray's core worker serves its own gRPC on a port of Ray's worker-port range, on every interface.
+_RAY_WORKER_PORTS = range(10002, 20000)
+
+
+def test_the_workers_listen_on_their_own_address_alone(cluster: Cluster) -> None:
+    """The KV handshake's listener and UCX's own tcp listeners bind to the worker's host address, no other."""
+    load = _stub(cluster.routers[0]).GetLoad(pb.LoadRequest(), timeout=30)
+    for worker in load.workers:
+        host = cluster.net.hosts["b" if worker.role == "prefill" else "c"]
+        listening = host.run(["ss", "-ltnpH"], cluster.env()).stdout.splitlines()
+        bound = [line.split()[3].rpartition(":") for line in listening if f"pid={worker.pid}," in line]
+        ours = [(address, port) for address, _, port in bound if int(port) not in _RAY_WORKER_PORTS]
+        assert ours and all(address == host.ip for address, _ in ours), (worker.worker, bound)
+
+
 # What KubeRay's default probes fetch in each Ray container (the head checks the GCS too); they send no token.
 _PROBES = {"a": ["52365/api/local_raylet_healthz", "8265/api/gcs_healthz"], "b": ["52365/api/local_raylet_healthz"],
            "c": ["52365/api/local_raylet_healthz"], "d": ["52365/api/local_raylet_healthz"]}

@@ -1,8 +1,8 @@
 """A rogue peer on the KV channel, over real UCX on loopback: refused cleanly, and the receiver keeps serving.
 
-Each rogue handshake goes to a real KVReceiver through a real ucxx endpoint. Before these checks, a
-worker address with an unknown version aborted the whole process inside UCX, so a regression here
-kills the test run rather than failing one test.
+Each rogue handshake goes to a real KVReceiver over its real control connection (TCP). Before these
+checks, a worker address with an unknown version aborted the whole process inside UCX, so a
+regression here kills the test run rather than failing one test.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from services.transfer import (
 )
 from services.transfer.handshake import HANDSHAKE_PROTOCOL
 from services.transfer.peers import parse_peer
-from services.transfer.wire import request
+from services.transfer.wire import FRAME_BYTES, decode_frame, request
 
 FP = KVFingerprint(model="tiny", dtype="float32", block_size=4, num_layers=3, num_kv_heads=2, head_dim=8)
 NUM_BLOCKS = 16
@@ -45,7 +45,7 @@ def token_file(tmp_path: Path, name: str, value: str) -> str:
 
 
 class Side:
-    """A receiver (and its cache) on loopback, with a rogue's ucxx context in the same process."""
+    """A receiver (and its cache) on loopback, and a rogue that speaks to it over plain sockets."""
 
     def __init__(self, config: TransferConfig) -> None:
         self.cache = torch.zeros(FP.num_layers, 2, NUM_BLOCKS, FP.block_size, FP.num_kv_heads, FP.head_dim)
@@ -54,17 +54,22 @@ class Side:
         self.addr = ""
 
     async def rogue(self, hello: Any) -> Any:
-        """Send one handshake from a bare ucxx endpoint and return the receiver's reply."""
-        ucxx = ucx_runtime.acquire(self.config)
+        """Send one handshake on a bare TCP connection and return the receiver's reply."""
+        reader, writer = await asyncio.open_connection(*parse_peer(self.addr))
         try:
-            host, port = parse_peer(self.addr)
-            ep = await ucxx.create_endpoint(host, port, connect_timeout=5.0)
-            try:
-                return await request(ep, hello, kv_pb2.HandshakeReply)
-            finally:
-                ep.abort()
+            return await request(reader, writer, hello, kv_pb2.HandshakeReply)
         finally:
-            ucx_runtime.release()
+            writer.transport.abort()
+
+    async def raw(self, data: bytes) -> bytes:
+        """Send `data` on a bare TCP connection, then whatever the receiver answers before it closes the connection."""
+        reader, writer = await asyncio.open_connection(*parse_peer(self.addr))
+        try:
+            writer.write(data)
+            writer.write_eof()
+            return await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.transport.abort()
 
     async def hand_off(self, sender_config: TransferConfig, rid: str, blocks: list[int]) -> None:
         """A real hand-off of one request into `blocks`, checked byte for byte."""
@@ -219,6 +224,54 @@ async def test_kv_token_is_required(side: Side, tmp_path: Path) -> None:
     await side.settled()
     right = TransferConfig(timeout_s=5.0, token_file=token_file(tmp_path, "right", "s3cret-kv-token"))
     await side.hand_off(right, "with-token", [4, 6])
+
+
+BAD_STREAMS: dict[str, bytes] = {
+    "nothing": b"",
+    "half a frame": bytes(FRAME_BYTES // 2),
+    "random frame": random.Random(5).randbytes(FRAME_BYTES),
+    "length past the frame": (FRAME_BYTES).to_bytes(4, "little") + bytes(FRAME_BYTES - 4),
+    "HTTP": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STREAMS))
+async def test_garbage_on_the_control_connection_is_refused(side: Side, case: str) -> None:
+    answer = await side.raw(BAD_STREAMS[case])
+    if answer:  # a whole frame that is not a handshake gets a refusal; anything shorter, only the close
+        reply = decode_frame(answer, kv_pb2.HandshakeReply)
+        assert not reply.ok and reply.error
+    await side.settled()
+    await side.hand_off(side.config, f"after-{case}", [1, 2])
+    await side.settled()
+
+
+async def test_a_silent_peer_is_let_go_after_the_timeout(tmp_path: Path) -> None:
+    s = Side(TransferConfig(timeout_s=0.5))
+    s.addr = await s.receiver.start()
+    try:
+        reader, writer = await asyncio.open_connection(*parse_peer(s.addr))
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the receiver, not by us
+        writer.transport.abort()
+        await s.settled()
+    finally:
+        await s.receiver.close()
+
+
+async def test_the_listener_binds_to_the_advertised_address_alone() -> None:
+    s = Side(TransferConfig(timeout_s=5.0, host="127.0.0.2"))
+    s.addr = await s.receiver.start()
+    try:
+        host, port = parse_peer(s.addr)
+        assert host == "127.0.0.2"
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection("127.0.0.1", port)
+        listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                     if line.split()[3] == "0A"]  # local address of each socket in state LISTEN
+        assert f"0200007F:{port:04X}" in listening and f"00000000:{port:04X}" not in listening
+        await s.hand_off(s.config, "bound", [0, 5])
+    finally:
+        await s.receiver.close()
 
 
 def test_token_file_that_cannot_be_read_is_a_clear_error(tmp_path: Path) -> None:

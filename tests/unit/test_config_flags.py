@@ -52,7 +52,6 @@ def test_serve_flags_cover_every_field_but_those_serve_sets_itself() -> None:
         ("EngineConfig", "scheduler"), ("EngineConfig", "num_threads"),  # set per worker by the pools
         ("CacheConfig", "enable_prefix_caching"), ("RouterConfig", "max_request_bytes"),
         ("TransferConfig", "port"), ("TransferConfig", "ucx_tls"),
-        ("TransferConfig", "progress_mode"),
     }
 
 

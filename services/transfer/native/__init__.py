@@ -20,7 +20,7 @@ from services.transfer.native.library import (
     status_string,
 )
 from services.transfer.native.memory import Pieces, Region, RemoteKey, copy_kv, mapped, prefault
-from services.transfer.native.node import EVENT_MESSAGE, EVENT_PEER_FAILED, Connection, Lane, Node, peer_name
+from services.transfer.native.node import EVENT_MESSAGE, EVENT_PEER_FAILED, Connection, Lane, Node
 from services.transfer.native.sink import EVENT_ACKS_DUE, EVENT_ROUTE_DONE, ROUTE_DONE, Sink
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
     "build",
     "copy_kv",
     "lib",
-    "peer_name",
     "mapped",
     "prefault",
     "status_string",

@@ -23,12 +23,10 @@
  * Endpoints use UCP_ERR_HANDLING_MODE_NONE: with error handling on, UCX leaves out cma (and
  * shared memory), and gets fall back to software emulation over tcp, about 20x slower here. A
  * dead peer still shows: fetches and sends fail with an error status (checked by killing the
- * peer mid-run), and the control connection (ucxx, error handling on) reports it as well.
+ * peer mid-run), and the control connection (a TCP socket, services/transfer/wire.py) ends as well.
  * Python calls these functions through ctypes, which drops the GIL while they run.
  */
-#include <arpa/inet.h>
 #include <errno.h>
-#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -386,32 +384,6 @@ long kvx_transports(kvx_conn *conn, char *out, size_t capacity)
     }
     pthread_mutex_unlock(&conn->lock);
     return used < capacity ? (long)used : -(long)(used + 1);
-}
-
-/* The address of the peer at the far end of an endpoint created through a listener or to a socket
- * address (any UCP endpoint, e.g. one of ucxx's), as text: its length, or 0 if UCX cannot say. */
-long kvx_peer_name(uint64_t endpoint, char *out, size_t capacity)
-{
-    ucp_ep_attr_t attr = {0};
-    char host[INET6_ADDRSTRLEN] = "";
-    int port = 0, n;
-    attr.field_mask = UCP_EP_ATTR_FIELD_REMOTE_SOCKADDR;
-    if (endpoint == 0 || ucp_ep_query((ucp_ep_h)(uintptr_t)endpoint, &attr) != UCS_OK) {
-        return 0;
-    }
-    if (attr.remote_sockaddr.ss_family == AF_INET) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)&attr.remote_sockaddr;
-        inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
-        port = ntohs(in->sin_port);
-    } else if (attr.remote_sockaddr.ss_family == AF_INET6) {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)&attr.remote_sockaddr;
-        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
-        port = ntohs(in6->sin6_port);
-    } else {
-        return 0;
-    }
-    n = snprintf(out, capacity, "%s:%d", host, port);
-    return n > 0 && (size_t)n < capacity ? n : 0;
 }
 
 static void wait_request(kvx_node *node, void *request)

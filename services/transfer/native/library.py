@@ -88,7 +88,6 @@ def _declare(so: ctypes.CDLL) -> ctypes.CDLL:
         ("kvx_disconnect", None, [p, ctypes.c_double]),
         ("kvx_transports", lng, [p, p, sz]),
         ("kvx_answer_gets", None, [p, i]),
-        ("kvx_peer_name", lng, [u64, p, sz]),
         ("kvx_send", i, [p, p, sz]),
         ("kvx_send_staged", i, [p, u64, u64, u64, sz, p, sz]),
         ("kvx_register", p, [p, p, sz, status]),

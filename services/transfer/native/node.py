@@ -25,12 +25,6 @@ class Lane(NamedTuple):
     device: str
 
 
-def peer_name(endpoint: int) -> str:
-    """"host:port" of the peer at the far end of a UCP endpoint made through a listener (ucxx's `ucp_endpoint`),
-    or "" when UCX cannot say."""
-    return sized(lib().kvx_peer_name, endpoint).decode(errors="replace")
-
-
 class Node:
     """One UCP worker with its progress thread; `event_fd` turns readable when `poll()` has events."""
 
