@@ -107,7 +107,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             # Alive: answering, and the incarnation the router dispatches to. An actor that Ray has
             # restarted is not, until the pool's next poll has learnt its new KV address.
             known = w.last_load is None or w.last_load.pid == info.pid
-            return convert.load_to_proto(w.name, w.role, w.alive and known, info)
+            load = convert.load_to_proto(w.name, w.role, w.alive and known, info)
+            load.kv_address = (w.kv_address or "") if known else ""
+            return load
 
         loads = await asyncio.gather(*(one(w) for w in workers))
         return pb.LoadReport(workers=loads, num_inflight_requests=len(self.router.active))

@@ -18,6 +18,7 @@ from tests.chaos.deployment import LocalDeployment
 from tests.chaos.fuzz import fuzz
 from tests.chaos.invariants import ScenarioResult, kinds_line
 from tests.chaos.prometheus import Prometheus, dashboard_queries
+from tests.chaos.rogue import rogue_kv_peer
 from tests.chaos.workload import Reference
 
 SCALE = scenarios.Scale(in_flight=8)
@@ -52,6 +53,12 @@ def test_abort_from_another_connection_is_refused(deployment: LocalDeployment, r
 def test_restarted_workers_are_not_reached_at_stale_endpoints(deployment: LocalDeployment,
                                                                reference: Reference) -> None:
     _check(asyncio.run(scenarios.stale_peer(deployment, reference, SCALE)), deployment)
+
+
+def test_a_rogue_peer_on_the_kv_port_is_refused(deployment: LocalDeployment, reference: Reference) -> None:
+    from services.modelgen.default_model import default_model_dir
+
+    _check(asyncio.run(rogue_kv_peer(deployment, reference, str(default_model_dir()))), deployment)
 
 
 def test_fuzzed_input_gets_clear_errors(deployment: LocalDeployment) -> None:
