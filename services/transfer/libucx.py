@@ -1,4 +1,4 @@
-"""Where the libucx wheel lives: the UCX that ucxx loads, whose headers and libraries the data path builds against."""
+"""Where the libucx wheel lives (ucxx-cu12 installs it): the UCX the data path builds against and loads."""
 
 from __future__ import annotations
 

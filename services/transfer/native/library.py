@@ -1,7 +1,7 @@
 """Building kvx.c and kvx_route.c into a shared library on first use, and loading it through ctypes.
 
 The library is compiled against the UCX headers and libraries of the libucx wheel (the same UCX
-that ucxx loads) into `_build/`, keyed by a hash of the sources, so an edited source rebuilds and
+that ucxx-cu12 installs) into `_build/`, keyed by a hash of the sources, so an edited source rebuilds and
 concurrent first imports (several Ray actors) never see a half-written file.
 """
 
