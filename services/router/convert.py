@@ -101,4 +101,5 @@ def load_to_proto(name: str, role: str, alive: bool, info: LoadInfo | None) -> p
         integrity_error=info.integrity_error or "",
         num_reservations=info.num_reservations,
         pid=info.pid,
+        node_ip=info.node_ip,
     )

@@ -146,6 +146,8 @@ SPECS: tuple[MetricSpec, ...] = (
        _MODEL + ("slo",)),
     _c("request_migrations_total", "Times a request moved to another decode worker because its decode worker died "
        "mid-stream (token replay; see services/router/migration.py).", _MODEL),
+    _c("request_reprefills_total", "Times a request's prompt was prefilled again on another prefill worker because "
+       "its prefill worker died before the first token (see services/router/reprefill.py).", _MODEL),
     # Admission (services/router/admission.py): the router's account of the decode pool's KV.
     _g("router_queued_requests", "Requests waiting in the router for admission (room in the decode pool's KV); "
        "past --max-queued-requests new ones are refused with HTTP 429 / RESOURCE_EXHAUSTED.", _MODEL),

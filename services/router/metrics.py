@@ -15,6 +15,7 @@ Workers are Ray actors in other processes and never serve `/metrics` themselves:
                         ──TransferStats────────────────────────────► Metrics.observe_transfer()
                         ──admission account, deadlines passed─────► Metrics.set_admission(), observe_deadline_exceeded()
                         ──a request moved off a dead decode worker─► Metrics.observe_migration()
+                        ──a prompt prefilled again on a live worker─► Metrics.observe_reprefill()
     Prometheus ──GET http://router:8000/metrics──► Metrics.render()
 
 The router polls every worker about once a second. When a poll fails the router calls
@@ -206,6 +207,10 @@ class Metrics:
     def observe_migration(self) -> None:
         """A request's decode worker died mid-stream and the request moved to another one (token replay)."""
         self._families.counter("request_migrations_total").labels(self.model_name).inc()
+
+    def observe_reprefill(self) -> None:
+        """A request's prefill worker died before its first token and another one prefills it again."""
+        self._families.counter("request_reprefills_total").labels(self.model_name).inc()
 
     def set_admission(self, admitted: int, kv_tokens: int, queued: int, capacity_tokens: int) -> None:
         """The router's admission account changed (services/router/admission.py)."""

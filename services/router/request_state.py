@@ -12,6 +12,7 @@ from ray import ObjectRef
 from services.engine.sampling_params import SamplingParams
 from services.engine.stats import RequestTimes, TransferStats
 from services.engine.tokenizer import IncrementalDetokenizer
+from services.router.admission import Deadline
 from services.router.pool import WorkerHandle
 
 
@@ -44,6 +45,8 @@ class RequestState:
     output_ids: list[int] = dataclasses.field(default_factory=list)  # the tokens sent to the client
     migrations: int = 0  # times it moved off a dead decode worker (migration.py)
     left: list[str] = dataclasses.field(default_factory=list)  # the decode workers it moved off, by name
+    deadline: Deadline = dataclasses.field(default_factory=Deadline)  # its request's (admission.py)
+    prefills_left: list[str] = dataclasses.field(default_factory=list)  # prefill workers that died on it (reprefill.py)
 
     @property
     def completion_tokens(self) -> int:

@@ -4,6 +4,7 @@ disagg:    reserve on a decode worker ─► prefill worker computes and streams
            ─► first token to the client ─► decode worker claims the reservation and streams the rest
 local:     colocated mode, or an uncached prompt part under the threshold: the decode worker does both
 migrated:  the decode worker died mid-stream: another one resumes the output by token replay (migration.py)
+re-prefill: the prefill worker died before the first token: another one prefills it again (reprefill.py)
 The router detokenizes incrementally and applies stop strings; abort, client cancellation and
 deadlines release the request's KV on both sides, the prefill worker's included while it still computes.
 A request id is taken from admission until every release of its outputs is done, so a new request with the
@@ -24,7 +25,7 @@ from services.engine.errors import InvalidRequest, ResourceExhausted
 from services.engine.sampling_params import SamplingParams
 from services.engine.stats import TransferStats
 from services.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from services.router.admission import Aborted, Admission, Ticket, kv_capacity, kv_need
+from services.router.admission import Aborted, Admission, Deadline, Ticket, kv_capacity, kv_need
 from services.router.config import RouterConfig
 from services.router.errors import Unavailable
 from services.router.failures import (
@@ -32,6 +33,7 @@ from services.router.failures import (
     WorkerFailed,
     client_error,
     failure_reason,
+    is_worker_death,
     transfer_failure_reason,
     unwrap,
 )
@@ -42,6 +44,7 @@ from services.router.openai_fields import RequestError
 from services.router.output import emit, emit_batch, finish, observe_delivery, record_finished
 from services.router.policies import Policy, RoutingRequest, make_policy
 from services.router.pool import WorkerHandle, WorkerPools
+from services.router.reprefill import PrefillDied, Reprefills, reserve_again
 from services.router.request_state import RequestState, worker_ids
 from services.transfer.errors import TransferError
 from services.worker.messages import PrefillResult, TokenBatch
@@ -69,6 +72,7 @@ class Router:
         self.prefill_policy = make_policy(config.prefill_policy)
         self.decode_policy = make_policy(config.decode_policy)
         self.migrations = Migrations(config, metrics, self.decode_policy, block_size)
+        self.reprefills = Reprefills(metrics, self.prefill_policy)
         self.active: dict[str, list[asyncio.Task[None]]] = {}  # by request id: one task per output
         self.owners: dict[str, str | None] = {}  # by request id: GenerateInput.owner
         self.tickets: dict[str, Ticket] = {}  # by request id: its place in the admission account
@@ -115,7 +119,8 @@ class Router:
 
         def start(index: int) -> None:
             sample = params if n == 1 else params.for_sample(index)
-            tasks.append(asyncio.create_task(self._run(children[index], index, ids, sample, inp.priority, queue)))
+            run = self._run(children[index], index, ids, sample, inp.priority, queue, ticket.deadline)
+            tasks.append(asyncio.create_task(run))
 
         tasks: list[asyncio.Task[None]] = []
         self.active[rid], self.owners[rid] = tasks, inp.owner
@@ -175,9 +180,9 @@ class Router:
         return bool(tasks)
 
     async def _run(self, rid: str, index: int, ids: list[int], params: SamplingParams, priority: int,
-                   queue: asyncio.Queue[Event | BaseException]) -> None:
-        st = RequestState(rid, index, ids, params, IncrementalDetokenizer(self.tokenizer, params.stop,
-                                                                          params.min_tokens))
+                   queue: asyncio.Queue[Event | BaseException], deadline: Deadline) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, params.min_tokens)
+        st = RequestState(rid, index, ids, params, detok, deadline=deadline)
         try:
             await self._dispatch(st, priority, queue)
         except asyncio.CancelledError:
@@ -220,7 +225,7 @@ class Router:
         else:
             local = await self._reserve(st, decode)
             if not local:
-                first = await self._prefill(st, routing, st.cached_tokens)
+                first = await self._prefill(st, routing)
                 if first is not None and await self._emit_first(st, first, queue):
                     return
         await self._stream_decode(st, decode, first, local, priority, queue)
@@ -288,24 +293,39 @@ class Router:
                 finish(self.metrics, st, batch.finish_reason or "stop", queue)
                 return
 
-    async def _prefill(self, st: RequestState, routing: RoutingRequest, token_start: int) -> PrefillResult | None:
-        """Runs the remote prefill. None means it failed and the decode worker recomputes. While it runs,
-        st.prefill names the worker, so that a cancellation aborts it there (_release) rather than leaving the
-        worker to compute the whole prompt for nobody."""
+    async def _prefill(self, st: RequestState, routing: RoutingRequest) -> PrefillResult | None:
+        """Runs the remote prefill. None means it failed and the decode worker recomputes. A prefill worker that
+        dies before the first token leaves the prompt to another one while the output may move (reprefill.py)."""
         alive = [w for w in self.pools.prefill if w.routable]
-        decode = st.decode
-        assert decode is not None
         if not alive:
             self._prefill_failed(st, "peer_gone", "no prefill worker is alive and taking requests")
             return None
         prefill = self.prefill_policy.choose(alive, routing)
         self.prefill_policy.record(prefill, routing)
+        while True:
+            try:
+                return await self._prefill_on(st, prefill)
+            except PrefillDied as died:
+                self._count_transfer_failure(st, "peer_gone")
+                again = self.reprefills.target(st, died, self.pools.prefill, routing)
+                if again is None:
+                    self._prefill_failed(st, "peer_gone", str(died))
+                    return None
+                prefill = again
+                await reserve_again(st, self.config.lease_s)
+
+    async def _prefill_on(self, st: RequestState, prefill: WorkerHandle) -> PrefillResult | None:
+        """The remote prefill on `prefill`; None when it failed and the decode worker recomputes, PrefillDied when
+        the worker died. While it runs, st.prefill names the worker, so that a cancellation aborts it there
+        (_release) rather than leaving the worker to compute the whole prompt for nobody."""
+        decode = st.decode
+        assert decode is not None
         st.prefill = prefill
         prefill.inflight += 1
         started = time.monotonic()
         try:
             result: PrefillResult = await prefill.actor.prefill.remote(
-                st.rid, st.ids, st.params, decode.kv_address, token_start
+                st.rid, st.ids, st.params, decode.kv_address, st.cached_tokens
             )
         except asyncio.CancelledError:
             raise  # st.prefill stays set for _release
@@ -318,6 +338,8 @@ class Router:
                 self._prefill_failed(st, cause.reason, str(cause))
                 return None
             prefill.record_failure(self.config.circuit_breaker_failures)
+            if is_worker_death(e):
+                raise PrefillDied(prefill, e) from e
             self._prefill_failed(st, "peer_gone", f"prefill worker {prefill.name} failed: {type(e).__name__}")
             return None
         finally:

@@ -24,6 +24,7 @@ class EngineWorker:
         self.engine = LLMEngine(config)
         self.async_engine = AsyncEngine(self.engine)
         self._started = False
+        self.node_ip = node_ip()
 
     def _ensure_started(self) -> None:
         if not self._started:
@@ -50,6 +51,7 @@ class EngineWorker:
                 num_reservations=self.num_reservations(),
                 integrity_error=engine.check_integrity() if check_integrity else None,
                 pid=os.getpid(),
+                node_ip=self.node_ip,
             )
 
         info = await self.async_engine.call(read)
@@ -69,3 +71,10 @@ class EngineWorker:
         # Wake whoever streams this request: it ends with "abort".
         self.async_engine.dispatch([RequestOutput(request_id, [], True, "abort", 0, 0, 0)])
         return found
+
+
+def node_ip() -> str:
+    """The address of this process's Ray node ("" outside Ray): with its pid, it names the process across hosts."""
+    import ray
+
+    return str(ray.util.get_node_ip_address()) if ray.is_initialized() else ""

@@ -71,3 +71,4 @@ class LoadInfo:
     num_reservations: int
     integrity_error: str | None  # None when the check passed or was not asked for
     pid: int
+    node_ip: str = ""  # its Ray node's address: with pid, which process on which host

@@ -17,10 +17,11 @@ from tests.service.conftest import RunningServer, start_server
 # Sized for a small CPU host: --num-blocks and --max-queued-requests keep what the router admits or queues to what
 # two cores serve within a request's deadline (with the default queue of 128, the overload scenario's queued
 # requests run out their 30 s deadline here instead of being refused); --slo-ttft-ms is a target the suite's
-# long prompts miss on this hardware, so that the SLO burn alerts fire.
-SERVE_ARGS = ("--mode", "disagg", "--prefill-workers", "2", "--decode-workers", "2",
-              "--local-prefill-threshold", "0", "--slo-ttft-ms", "20", "--transfer-timeout-s", "5",
-              "--num-blocks", "1024", "--max-queued-requests", "8")
+# long prompts miss on this hardware, so that the SLO burn alerts fire. The netns test hosts' routers take SIZING
+# after the chart's own arguments.
+SIZING = ("--local-prefill-threshold", "0", "--slo-ttft-ms", "20", "--transfer-timeout-s", "5",
+          "--num-blocks", "1024", "--max-queued-requests", "8")
+SERVE_ARGS = ("--mode", "disagg", "--prefill-workers", "2", "--decode-workers", "2", *SIZING)
 # The alert rules' durations (rate windows, `for:`) divided by this: 5m -> 5 s, 1h -> 60 s.
 RULE_SPEEDUP = 60.0
 

@@ -3,7 +3,8 @@
 Worker processes are found by the pid each worker reports in GetLoad, and signalled only when they belong
 to the deployment this suite started: on one host, a process in the session of the `pdserve serve` it
 launched (started with start_new_session, so Ray's raylet and workers inherit its session id); across
-hosts, a process of the test host that runs that worker's pool.
+hosts, the process of that pid on the test host whose address is the worker's Ray node's (GetLoad's node_ip:
+each host numbers its processes in a pid namespace of its own, so a pid alone names one on every host).
 """
 
 from __future__ import annotations
@@ -45,14 +46,15 @@ class LocalDeployment(Deployment):
 
 
 class ClusterDeployment(Deployment):
-    HOSTS_BY_ROLE = {"prefill": "b", "decode": "c"}
-
     def __init__(self, cluster: Cluster, router: Router) -> None:
         self.cluster, self.router = cluster, router
-        self.grpc_target, self.http_base, self.topology = router.grpc_target, router.http_base, "3 hosts (netns)"
+        self.grpc_target, self.http_base = router.grpc_target, router.http_base
+        self.topology = f"{len(cluster.net.hosts)} hosts (netns)"
 
     def signal(self, worker: pb.WorkerLoad, sig: signal.Signals) -> None:
-        host = self.cluster.net.hosts[self.HOSTS_BY_ROLE[worker.role]]
-        done = host.run(["kill", f"-{int(sig)}", str(worker.pid)], self.cluster.env())
+        hosts = [h for h in self.cluster.net.hosts.values() if h.ip == worker.node_ip]
+        if len(hosts) != 1:
+            raise RuntimeError(f"{worker.worker} runs on node {worker.node_ip!r}, which is no test host of ours")
+        done = hosts[0].run(["kill", f"-{int(sig)}", str(worker.pid)], self.cluster.env())
         if done.returncode != 0:
-            raise RuntimeError(f"kill on host {host.name}: {done.stderr}")
+            raise RuntimeError(f"kill on host {hosts[0].name}: {done.stderr}")

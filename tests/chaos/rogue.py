@@ -88,13 +88,16 @@ async def rogue_kv_peer(dep: Deployment, ref: Reference, model_dir: str, deadlin
     result = ScenarioResult("rogue peer on the KV port", dep.topology, recovery_expected=False)
     async with Client(dep.grpc_target, dep.http_base, ref) as client:
         before = [w for w in (await client.load(False)).workers if w.role == "decode"]
+        result.checks["every decode worker names its KV address"] = bool(before) and all(w.kv_address for w in before)
+        if not result.checks["every decode worker names its KV address"]:
+            return result
         streams = rogue_streams(fingerprint(model_dir))
         started = time.monotonic()
-        for worker in before:
-            answers = await asyncio.gather(*(send_rogue(worker.kv_address, data) for data in streams.values()))
-            for name, answer in zip(streams, answers, strict=True):
-                refused = answer == "closed" or answer.startswith("refused: ")
-                result.checks[f"{worker.worker}: {name}: {answer[:90]}"] = refused
+        answers = await asyncio.gather(*(asyncio.gather(*(send_rogue(w.kv_address, data) for w in before))
+                                         for data in streams.values()))
+        for name, said in zip(streams, answers, strict=True):
+            refused = all(answer == "closed" or answer.startswith("refused: ") for answer in said)
+            result.checks[f"{name}, to each of {len(before)} decode workers: {said[0][:90]}"] = refused
         result.measured["rogue connections answered, s"] = round(time.monotonic() - started, 2)
         after = {w.worker: w for w in (await client.load(False)).workers if w.role == "decode"}
         for worker in before:

@@ -93,17 +93,22 @@ async def _finish(client: Client, result: ScenarioResult, tasks: list[asyncio.Ta
 
 
 async def prefill_kill(dep: Deployment, ref: Reference, scale: Scale) -> ScenarioResult:
-    """SIGKILL the busiest prefill worker while long prompts are in flight: they complete (re-prefilled or
-    recomputed) or fail clearly; Ray restarts the worker."""
-    result = ScenarioResult("prefill worker SIGKILL", dep.topology)
+    """SIGKILL the busiest prefill worker while long prompts are in flight: every one completes exactly, those
+    of the killed worker prefilled again on the other prefill worker (counted); Ray restarts the worker."""
+    result = ScenarioResult("prefill worker SIGKILL", dep.topology, errors_allowed=False)
     async with Client(dep.grpc_target, dep.http_base, ref) as client:
         workers = worker_names(await client.load(False))
+        reprefills = await client.metric("pdserve_request_reprefills_total")
         tasks = [asyncio.create_task(client.send(r)) for r in _reqs("kill", scale.in_flight, 16, scale.deadline_s)]
         victim = await _busy(client, "prefill", tasks)
         _in_flight(result, tasks)
         killed_at = time.monotonic()
         dep.signal(victim, signal.SIGKILL)
-        return await _finish(client, result, tasks, killed_at, workers, {victim.worker: victim.pid})
+        await _finish(client, result, tasks, killed_at, workers, {victim.worker: victim.pid})
+        moved = await client.metric("pdserve_request_reprefills_total") - reprefills
+        result.checks[f"prompts of the killed worker prefilled again on another (pdserve_request_reprefills_total "
+                      f"+{moved:g})"] = moved >= 1
+    return result
 
 
 async def decode_kill(dep: Deployment, ref: Reference, scale: Scale) -> ScenarioResult:

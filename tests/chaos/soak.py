@@ -1,6 +1,11 @@
 """`make chaos`: every scenario at full size, on one host and (as root) on the netns test hosts, with a real
 Prometheus scraping the one-host router; prints the table and writes OUT/chaos.md and OUT/chaos.json.
 
+Both topologies have two prefill and two decode workers, so that a killed decode worker's streams move to
+another one and a killed prefill worker's prompts are prefilled again on another one. Across hosts: the Ray head
+and router on a, prefill on b and f, decode on c and e, the second router on d (tests/multihost/cluster.py);
+the KV channel breaks strike b's network, and the router SIGTERM strikes d's router while a's serves on.
+
     python -m tests.chaos.soak --out bench/results/chaos [--skip-multihost]
 """
 
@@ -12,21 +17,26 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from services.env import ENV
 from tests.chaos import scenarios
 from tests.chaos.client import Client, Outcome
-from tests.chaos.conftest import RULE_SPEEDUP, SERVE_ARGS
+from tests.chaos.conftest import RULE_SPEEDUP, SERVE_ARGS, SIZING
 from tests.chaos.deployment import ClusterDeployment, Deployment, LocalDeployment
 from tests.chaos.fuzz import fuzz
 from tests.chaos.invariants import ScenarioResult, worker_names
 from tests.chaos.prometheus import ALERTS, Prometheus, dashboard_queries, scaled_rules
 from tests.chaos.report import rows, table, write
+from tests.chaos.rogue import rogue_kv_peer
 from tests.chaos.workload import Reference, Req, prompts
+
+if TYPE_CHECKING:
+    from tests.multihost.cluster import Cluster
 
 ALERTS_EXPECTED = ("PdserveWorkerDown", "PdserveKVTransferFailures", "PdserveTTFTSLOBurnFast", "PdserveOverloaded",
                    "PdserveRouterDown")
@@ -66,6 +76,28 @@ async def kv_channel_break(dep: ClusterDeployment, ref: Reference, scale: scenar
         return await scenarios._finish(client, result, tasks, time.monotonic(), workers)
 
 
+def scenario_steps(dep: Deployment, ref: Reference, scale: scenarios.Scale,
+                   model_dir: str) -> list[tuple[str, Callable[[], ScenarioResult]]]:
+    """Every scenario but the router SIGTERM (which ends a router), in the order both topologies run them
+    (`model_dir`: the served model's directory, whose name is in the KV fingerprint)."""
+    steps = [
+        ("prefill kill", lambda: scenarios.prefill_kill(dep, ref, scale)),
+        ("decode kill", lambda: scenarios.decode_kill(dep, ref, scale)),
+        ("prefill stall", lambda: scenarios.stall(dep, ref, scale, "prefill")),
+        ("decode stall", lambda: scenarios.stall(dep, ref, scale, "decode")),
+        ("disconnect", lambda: scenarios.client_disconnect(dep, ref, scale)),
+        ("cancel", lambda: scenarios.cancel_before_first_token(dep, ref, scale)),
+        ("abort", lambda: scenarios.abort_from_another_connection(dep, ref, scale)),
+        ("stale peer", lambda: scenarios.stale_peer(dep, ref, scale)),
+        ("overload", lambda: scenarios.overload(dep, ref, scale)),
+        ("prefill pool stall", lambda: scenarios.prefill_pool_stall(dep, ref, scale)),
+        ("rogue kv peer", lambda: rogue_kv_peer(dep, ref, model_dir, scale.deadline_s)),
+    ]
+    runs: list[tuple[str, Callable[[], ScenarioResult]]] = [
+        (name, lambda make=make: asyncio.run(make())) for name, make in steps]
+    return runs + [("fuzz", lambda: fuzz(dep, examples=200))]
+
+
 def _run(results: list[ScenarioResult], name: str, fn: Any) -> None:
     print(f"== {name}", flush=True)
     try:
@@ -90,21 +122,8 @@ def one_host(work: Path, ref: Reference, scale: scenarios.Scale) -> tuple[list[S
     dep: Deployment = LocalDeployment(server)
     results: list[ScenarioResult] = []
     try:
-        steps = [
-            ("prefill kill", lambda: scenarios.prefill_kill(dep, ref, scale)),
-            ("decode kill", lambda: scenarios.decode_kill(dep, ref, scale)),
-            ("prefill stall", lambda: scenarios.stall(dep, ref, scale, "prefill")),
-            ("decode stall", lambda: scenarios.stall(dep, ref, scale, "decode")),
-            ("disconnect", lambda: scenarios.client_disconnect(dep, ref, scale)),
-            ("cancel", lambda: scenarios.cancel_before_first_token(dep, ref, scale)),
-            ("abort", lambda: scenarios.abort_from_another_connection(dep, ref, scale)),
-            ("stale peer", lambda: scenarios.stale_peer(dep, ref, scale)),
-            ("overload", lambda: scenarios.overload(dep, ref, scale)),
-            ("prefill pool stall", lambda: scenarios.prefill_pool_stall(dep, ref, scale)),
-        ]
-        for name, make in steps:
-            _run(results, name, lambda make=make: asyncio.run(make()))
-        _run(results, "fuzz", lambda: fuzz(dep, examples=200))
+        for name, run in scenario_steps(dep, ref, scale, str(default_model_dir())):
+            _run(results, name, run)
         time.sleep(10)  # the last scenario's alerts have their `for:` to go
         empty = [f"{b} / {p}" for b, p, expr in dashboard_queries() if not prom.query(expr)]
         since = time.time()
@@ -124,6 +143,16 @@ def one_host(work: Path, ref: Reference, scale: scenarios.Scale) -> tuple[list[S
         server.stop()
 
 
+def _second_router_sigterm(cluster: Cluster, ref: Reference, scale: scenarios.Scale) -> ScenarioResult:
+    """SIGTERM the router on d, whose pod drains and goes; the router on a, which every other scenario used,
+    serves on with the same workers."""
+    second = cluster.routers[1]
+    result = asyncio.run(scenarios.router_sigterm(ClusterDeployment(cluster, second), ref, scale, second.terminate))
+    second.process.wait(60)
+    result.checks["the other router still serves"] = cluster.routers[0].serving()
+    return result
+
+
 def multihost(ref: Reference, scale: scenarios.Scale) -> list[ScenarioResult]:
     from services.bench.netns import unavailable
     from services.modelgen.default_model import default_model_dir
@@ -132,16 +161,18 @@ def multihost(ref: Reference, scale: scenarios.Scale) -> list[ScenarioResult]:
     if unavailable():
         print(f"(no netns test hosts: {unavailable()})")
         return []
-    cluster = start_cluster(default_model_dir(), ["--local-prefill-threshold", "0", "--transfer-timeout-s", "5"])
-    dep = ClusterDeployment(cluster, cluster.routers[0])
+    cluster = start_cluster(default_model_dir(), list(SIZING))
     results: list[ScenarioResult] = []
     try:
+        cluster.add_node("e", "decode")
+        cluster.add_node("f", "prefill")
+        cluster.wait_workers(prefill=2, decode=2)
+        dep = ClusterDeployment(cluster, cluster.routers[0])
         _run(results, "kv link down", lambda: asyncio.run(kv_channel_break(dep, ref, scale, "down", 5)))
         _run(results, "kv throttle", lambda: asyncio.run(kv_channel_break(dep, ref, scale, "throttle", 10)))
-        _run(results, "prefill kill", lambda: asyncio.run(scenarios.prefill_kill(dep, ref, scale)))
-        _run(results, "disconnect", lambda: asyncio.run(scenarios.client_disconnect(dep, ref, scale)))
-        _run(results, "prefill stall", lambda: asyncio.run(scenarios.stall(dep, ref, scale, "prefill")))
-        _run(results, "stale peer", lambda: asyncio.run(scenarios.stale_peer(dep, ref, scale)))
+        for name, run in scenario_steps(dep, ref, scale, str(cluster.shared / "model")):
+            _run(results, name, run)
+        _run(results, "sigterm", lambda: _second_router_sigterm(cluster, ref, scale))
     finally:
         stop_cluster(cluster)
     return results

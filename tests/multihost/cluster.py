@@ -4,6 +4,7 @@
     host b: a prefill worker pod (a Ray node advertising {"prefill": 1})
     host c: a decode worker pod (a Ray node advertising {"decode": 1})
     host d: a router pod: its Ray container (a node advertising {"router": 1}) and its router container
+and, added with Cluster.add_node, more worker pods (the chaos soak adds a decode pod on e and a prefill pod on f).
 Each host runs the argv and environment that tests/deploy/pod_commands.py reads from the rendered chart,
 so the harness and the chart cannot drift apart. What Kubernetes would fill in, the harness does: the head
 service's address becomes host a's, and each Secret's mount path (the Ray token, the KV token the routers pass
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.bench.netns import Host, TestNetwork, host_env, wait_for_port
+from services.proto_gen import generation_pb2 as pb
+from services.proto_gen import generation_pb2_grpc as pb_grpc
 from tests.deploy.pod_commands import ContainerCommand, pod_commands
 
 RAY_PORT = 6379
@@ -52,6 +56,16 @@ class Router:
             except grpc.RpcError:
                 return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def workers(self) -> list[pb.WorkerLoad]:
+        with grpc.insecure_channel(self.grpc_target) as channel:
+            return list(pb_grpc.GenerationStub(channel).GetLoad(pb.LoadRequest(), timeout=30).workers)
+
+    def terminate(self) -> None:
+        """SIGTERM to the router process, as Kubernetes stops its container. `process` is the nsenter that
+        started it inside its host, which does not pass signals on: the signal goes to nsenter's child."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        os.kill(int(children[0]), signal.SIGTERM)
 
 
 def chart_values(model: Path, serve_args: list[str]) -> dict[str, Any]:
@@ -122,6 +136,18 @@ class Cluster:
             while not router.serving():
                 if router.process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"router on {router.host.name} is not serving:\n{self.logs()}")
+                time.sleep(0.5)
+
+    def wait_workers(self, prefill: int, decode: int, timeout_s: float = 120) -> None:
+        """Until every router's pools hold `prefill` prefill and `decode` decode workers, all alive."""
+        deadline = time.monotonic() + timeout_s
+        for router in self.routers:
+            while True:
+                alive = [w.role for w in router.workers() if w.alive]
+                if (alive.count("prefill"), alive.count("decode")) == (prefill, decode):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"router on {router.host.name} has workers {alive}:\n{self.logs()}")
                 time.sleep(0.5)
 
     def logs(self) -> str:
