@@ -32,22 +32,12 @@ from services.proto_gen import generation_pb2 as pb
 from services.proto_gen import generation_pb2_grpc as pb_grpc
 from services.router.auth import MISSING_KEY, WRONG_KEY, ApiKeys, Security, SecurityConfigError
 from tests.deploy.pod_commands import render as chart_render
+from tests.pki import make_pki
 from tests.service.conftest import REPO, RunningServer, start_server
 
 KEYS = ("sk-flag-1", "sk-file-2", "sk-env-3", "sk-env-4")  # --api-key, --api-key-file, PDSERVE_API_KEYS x2
 GREEDY: dict[str, Any] = {"prompt": "The harbor was quiet", "max_tokens": 4, "temperature": 0.0,
                           "extra_body": {"ignore_eos": True}}
-CA_CONFIG = """[req]
-distinguished_name = dn
-x509_extensions = ca
-[dn]
-[ca]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign
-subjectKeyIdentifier = hash
-"""
-
-
 def _bearer(key: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {key}"),)
 
@@ -55,28 +45,9 @@ def _bearer(key: str) -> tuple[tuple[str, str]]:
 # ---- certificates --------------------------------------------------------------------------------------
 
 
-def _openssl(cwd: Path, *args: str) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA (ca.crt), the server's tls.crt/tls.key (no extended key usage, so it may act as a client too, as the
-    chart's probes use it) and a client's client.crt/client.key: the files of a kubernetes.io/tls Secret and more."""
-    root = tmp_path_factory.mktemp("pki")
-    (root / "ca.cnf").write_text(CA_CONFIG)
-    for key in ("ca", "tls", "client"):
-        _openssl(root, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", f"{key}.key")
-    _openssl(root, "req", "-x509", "-config", "ca.cnf", "-key", "ca.key", "-subj", "/CN=pdserve test CA", "-days",
-             "2", "-out", "ca.crt")
-    leaves = {"tls": "subjectAltName = IP:127.0.0.1, DNS:localhost", "client": "extendedKeyUsage = clientAuth"}
-    for serial, (name, extension) in enumerate(leaves.items(), start=2):
-        (root / f"{name}.ext").write_text(f"basicConstraints = CA:FALSE\nauthorityKeyIdentifier = keyid\n{extension}\n")
-        _openssl(root, "req", "-new", "-config", "ca.cnf", "-key", f"{name}.key", "-subj", f"/CN=pdserve {name}",
-                 "-out", f"{name}.csr")
-        _openssl(root, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial",
-                 str(serial), "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
-    return root
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _ssl_context(pki: Path, client_cert: bool = True) -> ssl.SSLContext:

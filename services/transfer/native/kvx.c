@@ -141,9 +141,9 @@ static ucs_status_t on_message(void *arg, const void *header, size_t header_leng
 
 static void on_peer_failed(void *arg, ucp_ep_h ep, ucs_status_t status)
 {
-    kvx_conn *conn = arg;
+    kvx_peer *peer = arg;
     (void)ep;
-    push_event(conn->node, KVX_EVENT_PEER_FAILED, status, conn->local_tag, NULL, 0);
+    push_event(peer->node, KVX_EVENT_PEER_FAILED, status, peer->local_tag, NULL, 0);
 }
 
 static void *progress_loop(void *arg)
@@ -263,6 +263,11 @@ void kvx_close(kvx_node *node)
         free(ev);
     }
     ucp_worker_destroy(node->worker);
+    while (node->peers != NULL) {
+        kvx_peer *next = node->peers->next;
+        free(node->peers);
+        node->peers = next;
+    }
     ucp_cleanup(node->context);
     close(node->event_fd);
     free(node);
@@ -330,10 +335,19 @@ kvx_conn *kvx_connect(kvx_node *node, const void *address, uint64_t tag, uint64_
     ucp_ep_params_t params = {0};
     ucs_status_t status;
     kvx_conn *conn = calloc(1, sizeof(*conn));
-    if (conn == NULL) {
+    kvx_peer *peer = calloc(1, sizeof(*peer));
+    if (conn == NULL || peer == NULL) {
+        free(conn);
+        free(peer);
         *status_out = UCS_ERR_NO_MEMORY;
         return NULL;
     }
+    peer->node = node;
+    peer->local_tag = local_tag;
+    pthread_mutex_lock(&node->events_lock);
+    peer->next = node->peers;
+    node->peers = peer;
+    pthread_mutex_unlock(&node->events_lock);
     conn->node = node;
     conn->tag = tag;
     conn->local_tag = local_tag;
@@ -343,7 +357,7 @@ kvx_conn *kvx_connect(kvx_node *node, const void *address, uint64_t tag, uint64_
     params.address = address;
     params.err_mode = UCP_ERR_HANDLING_MODE_NONE;
     params.err_handler.cb = on_peer_failed;
-    params.err_handler.arg = conn;
+    params.err_handler.arg = peer;
     status = ucp_ep_create(node->worker, &params, &conn->ep);
     if (status != UCS_OK) {
         free(conn);

@@ -25,6 +25,14 @@ typedef struct kvx_event {
 
 typedef struct kvx_source kvx_source;
 
+/* What a connection's failure is reported as: UCX may call the error handler after the connection is gone, so
+ * its argument is this record, which lives as long as the node (one per connection ever made). */
+typedef struct kvx_peer {
+    struct kvx_node *node;
+    uint64_t local_tag;
+    struct kvx_peer *next;
+} kvx_peer;
+
 typedef struct kvx_node {
     ucp_context_h context;
     ucp_worker_h worker;
@@ -39,6 +47,7 @@ typedef struct kvx_node {
     kvx_event *head, *tail;
     pthread_mutex_t route_lock; /* sinks' sources and routes; held while a routed header is placed */
     kvx_source *sources;
+    kvx_peer *peers;       /* under events_lock */
     double spin_s;         /* after placing part of a request, poll this long for the rest */
     volatile double spin_until;
 } kvx_node;
