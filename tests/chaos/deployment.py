@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -22,21 +24,36 @@ if TYPE_CHECKING:
 
 
 class Deployment(ABC):
-    """The addresses a scenario's clients use, and how it signals a worker."""
+    """The addresses a scenario's clients use, how it signals a worker, and how it runs a command where its
+    processes run."""
 
     grpc_target: str
     http_base: str
     topology: str
+    host_ip: str  # the address of the host `python` runs on, as a worker there advertises it
 
     @abstractmethod
     def signal(self, worker: pb.WorkerLoad, sig: signal.Signals) -> None:
         """Sends `sig` to the worker's process."""
+
+    @abstractmethod
+    def python(self, code: str, *args: str) -> str:
+        """Runs `python -c code args` on a host of the deployment; its standard output (RuntimeError if it fails)."""
 
 
 class LocalDeployment(Deployment):
     def __init__(self, server: RunningServer) -> None:
         self.server = server
         self.grpc_target, self.http_base, self.topology = server.grpc_target, server.http_base, "one host"
+        import ray
+
+        self.host_ip = str(ray.util.get_node_ip_address())  # what Ray, and so each worker, takes as this node's
+
+    def python(self, code: str, *args: str) -> str:
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"python -c failed: {done.stderr[-2000:]}")
+        return done.stdout
 
     def signal(self, worker: pb.WorkerLoad, sig: signal.Signals) -> None:
         session = self.server.process.pid
@@ -50,6 +67,13 @@ class ClusterDeployment(Deployment):
         self.cluster, self.router = cluster, router
         self.grpc_target, self.http_base = router.grpc_target, router.http_base
         self.topology = f"{len(cluster.net.hosts)} hosts (netns)"
+        self.host_ip = cluster.head.ip
+
+    def python(self, code: str, *args: str) -> str:
+        done = self.cluster.head.run([sys.executable, "-c", code, *args], self.cluster.env())
+        if done.returncode != 0:
+            raise RuntimeError(f"python -c on host {self.cluster.head.name} failed: {done.stderr[-2000:]}")
+        return done.stdout
 
     def signal(self, worker: pb.WorkerLoad, sig: signal.Signals) -> None:
         hosts = [h for h in self.cluster.net.hosts.values() if h.ip == worker.node_ip]

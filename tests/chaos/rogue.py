@@ -1,10 +1,11 @@
 """A rogue peer on a served decode worker's KV port (issue 17): garbage streams and handshakes, then real load.
 
 The rogue knows what any host on the cluster's network can: the decode worker's KV address (GetLoad) and the
-KV fingerprint (GetModelInfo's model plus config.json, public). It sends, on plain TCP connections, bytes that
-are not frames, frames that are not handshakes, and handshakes with a garbage protocol, token, worker address
-or shared region. Each must be refused, the worker must keep its pid (UCX never saw the garbage), and the
-requests that follow must all be exact, with no block held afterwards.
+KV fingerprint (GetModelInfo's model plus config.json, public), and, as an insider would, the cluster's KV token.
+It sends, on plain TCP connections, bytes that are not frames, frames that are not handshakes, and handshakes
+that break one field each: the protocol, the layout, the token, the worker address, the tag, a shared region.
+Each must be refused, the worker must keep its pid (UCX never saw the garbage), and the requests that follow
+must all be exact, with no block held afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+
+from google.protobuf.message import Message
 
 from services.engine.config import EngineConfig
 from services.engine.model_config import load_model_config
@@ -25,6 +28,9 @@ from tests.chaos.deployment import Deployment
 from tests.chaos.invariants import ScenarioResult, settle
 from tests.chaos.workload import Reference, Req, prompts
 
+# A UCX worker address made as a worker on that host makes its own (same devices, so of the same shape).
+WORKER_ADDRESS = ("import sys\nfrom services.transfer import TransferConfig, native\n"
+                  "TransferConfig(host=sys.argv[1]).apply_ucx_env()\nprint(native.Node().address.hex())")
 ROGUE_TIMEOUT_S = 40.0  # a silent rogue is let go after the worker's KV timeout (--transfer-timeout-s)
 
 
@@ -35,35 +41,46 @@ def fingerprint(model_dir: str) -> KVFingerprint:
                          num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
 
 
-def rogue_streams(fp: KVFingerprint) -> dict[str, bytes]:
-    """What the rogue sends on one connection each, by name."""
+def rogue_streams(fp: KVFingerprint, address: bytes, token: bytes) -> dict[str, tuple[bytes, str]]:
+    """What the rogue sends on one connection each, by name. Its handshakes carry a real worker address (`address`,
+    its own) and `token`, so that each is refused for the one field it breaks."""
     rng = random.Random(17)
 
     def hello(**fields: object) -> bytes:
-        msg = kv_pb2.HandshakeRequest(fingerprint=fp.to_proto(), worker_address=bytes([0x09]) + rng.randbytes(63),
-                                      tag=7, protocol=HANDSHAKE_PROTOCOL)
+        msg = kv_pb2.HandshakeRequest(fingerprint=fp.to_proto(), worker_address=address, tag=7,
+                                      protocol=HANDSHAKE_PROTOCOL, token=token)
         for name, value in fields.items():
-            if isinstance(value, kv_pb2.SharedRegion):
+            if isinstance(value, Message):
                 getattr(msg, name).CopyFrom(value)
             else:
                 setattr(msg, name, value)
         return encode_frame(msg)
 
-    return {
-        "random bytes": rng.randbytes(300),
-        "half a frame": bytes(FRAME_BYTES // 2),
-        "a random frame": rng.randbytes(FRAME_BYTES),
-        "a frame longer than it holds": FRAME_BYTES.to_bytes(4, "little") + bytes(FRAME_BYTES - 4),
-        "HTTP": b"GET / HTTP/1.1\r\nHost: kv\r\n\r\n",
-        "protocol 99": hello(protocol=99),
-        "a wrong token": hello(token=b"not-the-token"),
-        "worker address of 64 random bytes, version 9": hello(),
-        "empty worker address": hello(worker_address=b""),
-        "oversized worker address": hello(worker_address=bytes(3000)),
-        "tag 0": hello(tag=0),
-        "a ring key cut short": hello(staging=kv_pb2.SharedRegion(rkey=b"\x01" + bytes(8), address=1, bytes=8)),
-        "a cache of 0 bytes": hello(cache=kv_pb2.SharedRegion(rkey=b"\x01" + bytes(8) + b"\0", address=1, bytes=0)),
+    # What each is sent as, and what its refusal must name ("": closing the connection will do).
+    streams = {
+        "random bytes": (rng.randbytes(300), ""),
+        "half a frame": (bytes(FRAME_BYTES // 2), ""),
+        "a random frame": (rng.randbytes(FRAME_BYTES), ""),
+        "a frame longer than it holds": (FRAME_BYTES.to_bytes(4, "little") + bytes(FRAME_BYTES - 4), "frame"),
+        "HTTP": (b"GET / HTTP/1.1\r\nHost: kv\r\n\r\n", ""),
+        "protocol 99": (hello(protocol=99), "protocol 99"),
+        "another model's layout": (hello(fingerprint=KVFingerprint("other", "float32", 16, 2, 2, 8).to_proto()),
+                                   "KV layouts differ"),
+        "worker address of 64 random bytes, version 9": (hello(worker_address=bytes([0x09]) + rng.randbytes(63)),
+                                                         "version 9"),
+        "a truncated worker address": (hello(worker_address=address[:-1]), "worker address"),
+        "an empty worker address": (hello(worker_address=b""), "0 bytes"),
+        "an oversized worker address": (hello(worker_address=address + bytes(3000)), "worker address"),
+        "tag 0": (hello(tag=0), "tag 0"),
+        "a ring key cut short": (hello(staging=kv_pb2.SharedRegion(rkey=b"\x01" + bytes(8), address=1, bytes=8)),
+                                 "staging"),
+        "a cache of 0 bytes": (hello(cache=kv_pb2.SharedRegion(rkey=b"\x01" + bytes(8) + b"\0", address=1, bytes=0)),
+                               "cache"),
     }
+    if token:  # without one, the receiver takes any token (and this handshake would be a good one)
+        streams["no token"] = (hello(token=b""), "no KV token")
+        streams["a wrong token"] = (hello(token=token[:-1] + bytes([token[-1] ^ 1])), "wrong KV token")
+    return streams
 
 
 async def send_rogue(address: str, data: bytes) -> str:
@@ -84,19 +101,23 @@ async def send_rogue(address: str, data: bytes) -> str:
     return f"refused: {reply.error}" if not reply.ok else "ACCEPTED"
 
 
-async def rogue_kv_peer(dep: Deployment, ref: Reference, model_dir: str, deadline_s: float = 60.0) -> ScenarioResult:
+async def rogue_kv_peer(dep: Deployment, ref: Reference, model_dir: str, token: bytes = b"",
+                        deadline_s: float = 60.0) -> ScenarioResult:
+    """`token`: the cluster's KV token, which this rogue knows as an insider would (b"": the cluster has none)."""
     result = ScenarioResult("rogue peer on the KV port", dep.topology, recovery_expected=False)
     async with Client(dep.grpc_target, dep.http_base, ref) as client:
         before = [w for w in (await client.load(False)).workers if w.role == "decode"]
         result.checks["every decode worker names its KV address"] = bool(before) and all(w.kv_address for w in before)
         if not result.checks["every decode worker names its KV address"]:
             return result
-        streams = rogue_streams(fingerprint(model_dir))
+        address = bytes.fromhex(dep.python(WORKER_ADDRESS, dep.host_ip))
+        streams = rogue_streams(fingerprint(model_dir), address, token)
         started = time.monotonic()
         answers = await asyncio.gather(*(asyncio.gather(*(send_rogue(w.kv_address, data) for w in before))
-                                         for data in streams.values()))
-        for name, said in zip(streams, answers, strict=True):
-            refused = all(answer == "closed" or answer.startswith("refused: ") for answer in said)
+                                         for data, _ in streams.values()))
+        for (name, (_, names)), said in zip(streams.items(), answers, strict=True):
+            refused = all(a.startswith("refused: ") and names in a if names else a == "closed" or
+                          a.startswith("refused: ") for a in said)
             result.checks[f"{name}, to each of {len(before)} decode workers: {said[0][:90]}"] = refused
         result.measured["rogue connections answered, s"] = round(time.monotonic() - started, 2)
         after = {w.worker: w for w in (await client.load(False)).workers if w.role == "decode"}

@@ -76,10 +76,10 @@ async def kv_channel_break(dep: ClusterDeployment, ref: Reference, scale: scenar
         return await scenarios._finish(client, result, tasks, time.monotonic(), workers)
 
 
-def scenario_steps(dep: Deployment, ref: Reference, scale: scenarios.Scale,
-                   model_dir: str) -> list[tuple[str, Callable[[], ScenarioResult]]]:
+def scenario_steps(dep: Deployment, ref: Reference, scale: scenarios.Scale, model_dir: str,
+                   kv_token: bytes = b"") -> list[tuple[str, Callable[[], ScenarioResult]]]:
     """Every scenario but the router SIGTERM (which ends a router), in the order both topologies run them
-    (`model_dir`: the served model's directory, whose name is in the KV fingerprint)."""
+    (`model_dir`: the served model's directory, whose name is in the KV fingerprint; `kv_token`: the cluster's)."""
     steps = [
         ("prefill kill", lambda: scenarios.prefill_kill(dep, ref, scale)),
         ("decode kill", lambda: scenarios.decode_kill(dep, ref, scale)),
@@ -91,7 +91,7 @@ def scenario_steps(dep: Deployment, ref: Reference, scale: scenarios.Scale,
         ("stale peer", lambda: scenarios.stale_peer(dep, ref, scale)),
         ("overload", lambda: scenarios.overload(dep, ref, scale)),
         ("prefill pool stall", lambda: scenarios.prefill_pool_stall(dep, ref, scale)),
-        ("rogue kv peer", lambda: rogue_kv_peer(dep, ref, model_dir, scale.deadline_s)),
+        ("rogue kv peer", lambda: rogue_kv_peer(dep, ref, model_dir, kv_token, scale.deadline_s)),
     ]
     runs: list[tuple[str, Callable[[], ScenarioResult]]] = [
         (name, lambda make=make: asyncio.run(make())) for name, make in steps]
@@ -170,7 +170,8 @@ def multihost(ref: Reference, scale: scenarios.Scale) -> list[ScenarioResult]:
         dep = ClusterDeployment(cluster, cluster.routers[0])
         _run(results, "kv link down", lambda: asyncio.run(kv_channel_break(dep, ref, scale, "down", 5)))
         _run(results, "kv throttle", lambda: asyncio.run(kv_channel_break(dep, ref, scale, "throttle", 10)))
-        for name, run in scenario_steps(dep, ref, scale, str(cluster.shared / "model")):
+        token = cluster.kv_token.read_bytes().strip()
+        for name, run in scenario_steps(dep, ref, scale, str(cluster.shared / "model"), token):
             _run(results, name, run)
         _run(results, "sigterm", lambda: _second_router_sigterm(cluster, ref, scale))
     finally:

@@ -40,6 +40,7 @@ class Router:
     host: Host
     process: subprocess.Popen[bytes]
     log: Path
+    ca: Path | None = None  # the CA of its certificate, when it serves TLS
 
     @property
     def grpc_target(self) -> str:
@@ -47,10 +48,15 @@ class Router:
 
     @property
     def http_base(self) -> str:
-        return f"http://{self.host.ip}:{HTTP_PORT}"
+        return f"{'https' if self.ca else 'http'}://{self.host.ip}:{HTTP_PORT}"
+
+    def channel(self) -> grpc.Channel:
+        if self.ca is None:
+            return grpc.insecure_channel(self.grpc_target)
+        return grpc.secure_channel(self.grpc_target, grpc.ssl_channel_credentials(self.ca.read_bytes()))
 
     def serving(self) -> bool:
-        with grpc.insecure_channel(self.grpc_target) as channel:
+        with self.channel() as channel:
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             except grpc.RpcError:
@@ -58,7 +64,7 @@ class Router:
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def workers(self) -> list[pb.WorkerLoad]:
-        with grpc.insecure_channel(self.grpc_target) as channel:
+        with self.channel() as channel:
             return list(pb_grpc.GenerationStub(channel).GetLoad(pb.LoadRequest(), timeout=30).workers)
 
     def terminate(self) -> None:
@@ -82,8 +88,10 @@ def chart_values(model: Path, serve_args: list[str]) -> dict[str, Any]:
 class Cluster:
     net: TestNetwork
     shared: Path  # seen by every host at the same path (the model, the token, the logs)
+    values: dict[str, Any]  # the chart's values
     commands: dict[str, ContainerCommand]  # by role, as the chart renders them
     routers: list[Router] = field(default_factory=list)
+    secrets: dict[str, Path] = field(default_factory=dict)  # "NAME/KEY" of a user's Secret -> the file it holds
 
     @property
     def head(self) -> Host:
@@ -99,15 +107,18 @@ class Cluster:
 
     def secret_file(self, source: str) -> Path:
         """The shared file standing for a Secret's key ({secret:NAME/KEY}) mounted in a pod."""
+        named = self.secrets.get(source.removeprefix("{secret:").removesuffix("}"))
+        if named is not None:
+            return named
         return self.kv_token if "-kv-token/" in source else self.token
 
     def env(self) -> dict[str, str]:
         """What a shell on a test host needs for `ray` and `pdserve`, with the token of this cluster."""
         return host_env(self.token)
 
-    def run_container(self, host: Host, role: str) -> subprocess.Popen[bytes]:
-        """Starts the container of `role` on `host`, as its pod would."""
-        command = self.commands[role].fill({"head": self.head.ip})
+    def run_container(self, host: Host, role: str, command: ContainerCommand | None = None) -> subprocess.Popen[bytes]:
+        """Starts the container of `role` on `host`, as its pod would (`command`: another rendering's)."""
+        command = (command or self.commands[role]).fill({"head": self.head.ip})
         env, argv = dict(command.env), list(command.argv)
         for mount, source in command.files.items():  # each Secret's mount: its shared token file
             env = {k: v.replace(mount, str(self.secret_file(source))) for k, v in env.items()}
@@ -129,6 +140,19 @@ class Cluster:
         router = Router(host, self.run_container(host, "router"), log)
         self.routers.append(router)
         return router
+
+    def start_secured_router(self, host: Host, api_keys: list[str], pki: Path) -> Router:
+        """The router container of a router pod on `host` (added with add_node(name, "router-ray")), rendered with
+        the chart's API keys and TLS values: Secrets of the keys and of pki's tls.crt/tls.key, whose certificate
+        names the host (tests/pki.py). It is not one of `routers`."""
+        (self.shared / "api-keys").write_text("\n".join(api_keys) + "\n")
+        self.secrets.update({"api-keys/api-keys": self.shared / "api-keys", "router-tls/tls.crt": pki / "tls.crt",
+                             "router-tls/tls.key": pki / "tls.key"})
+        values = {**self.values, "auth": {"apiKeys": {"existingSecret": "api-keys"}},
+                  "tls": {"existingSecret": "router-tls"}}
+        command = pod_commands(values)["router"]
+        log = self.shared / f"router-{host.name}.log"
+        return Router(host, self.run_container(host, "router", command), log, ca=pki / "ca.crt")
 
     def wait_serving(self, timeout_s: float = 240) -> None:
         deadline = time.monotonic() + timeout_s
@@ -162,7 +186,8 @@ def start_cluster(model_source: Path, serve_args: list[str]) -> Cluster:
         shared.mkdir(parents=True)
         model = shared / "model"
         shutil.copytree(model_source, model)
-        cluster = Cluster(net, shared, pod_commands(chart_values(model, serve_args)))
+        values = chart_values(model, serve_args)
+        cluster = Cluster(net, shared, values, pod_commands(values))
         for token in (cluster.token, cluster.kv_token):
             token.write_text(os.urandom(24).hex())
             token.chmod(0o400)

@@ -1,6 +1,7 @@
 """pdserve across test hosts (netns.py, cluster.py): Ray head and router on a, prefill on b, decode on c, router on d.
 
-Every host runs the Helm chart's pod commands; token authentication is on everywhere. Every prefill goes
+Every host runs the Helm chart's pod commands; token authentication is on everywhere. Last, a third router pod on
+host g runs with the chart's API keys and TLS. Every prefill goes
 to the prefill worker on b, so every request's KV crosses the network from b to c. Answers are checked
 against transformers.
 """
@@ -8,6 +9,7 @@ against transformers.
 from __future__ import annotations
 
 import re
+import ssl
 import sys
 import threading
 import time
@@ -26,6 +28,7 @@ from services.engine.tokenizer import Tokenizer
 from services.proto_gen import generation_pb2 as pb
 from services.proto_gen import generation_pb2_grpc as pb_grpc
 from tests.multihost.cluster import Cluster, Router, start_cluster, stop_cluster
+from tests.pki import make_pki
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "test hosts can be made")
 
@@ -270,3 +273,44 @@ def test_a_draining_decode_node_finishes_its_requests_and_leaves(cluster: Cluste
         assert [w.worker for w in _decode_workers(router)] != [worker]
         for prompt, want in zip(PROMPTS, expected, strict=True):
             assert _grpc_tokens(router, prompt) == want
+
+
+def test_a_router_with_api_keys_and_tls_serves_across_hosts(
+    cluster: Cluster, expected: list[list[int]], make_test_model: Callable[..., Path]
+) -> None:
+    """A third router pod on host g, rendered with the chart's auth and tls values: the official openai client
+    with a key over HTTPS and gRPC with SSL channel credentials get transformers' answers; without a key, 401 and
+    UNAUTHENTICATED."""
+    host = cluster.add_node("g", "router-ray")
+    pki = cluster.shared / "pki"  # where every host sees it (each has a /tmp of its own)
+    pki.mkdir()
+    router = cluster.start_secured_router(host, ["sk-multihost"], make_pki(pki, host.ip))
+    try:
+        deadline = time.monotonic() + 120
+        while not router.serving():
+            assert router.process.poll() is None and time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.5)
+        assert router.ca is not None
+        verify = httpx.Client(verify=ssl.create_default_context(cafile=str(router.ca)), timeout=60)
+        client = openai.OpenAI(base_url=f"{router.http_base}/v1", api_key="sk-multihost", max_retries=0,
+                               http_client=verify)
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt=PROMPTS[1], temperature=0.0, max_tokens=NUM_OUT,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text == Tokenizer(str(make_test_model())).decode(expected[1])
+        stranger = openai.OpenAI(base_url=f"{router.http_base}/v1", api_key="sk-wrong", max_retries=0,
+                                 http_client=verify)
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=PROMPTS[2]),
+                                     sampling=pb.SamplingParams(temperature=0, max_tokens=NUM_OUT, ignore_eos=True))
+        with router.channel() as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            replies = list(stub.Generate(request, timeout=60, metadata=(("authorization", "Bearer sk-multihost"),)))
+            assert [t for r in replies if r.HasField("chunk") for t in r.chunk.token_ids] == expected[2]
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Generate(request, timeout=60))
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        router.process.terminate()
+        router.process.wait(30)
