@@ -109,7 +109,8 @@ class _Pair:
         decode: Any = ray.remote(DecodeSide).options(**_on("decode", placed, 1))
         decode = decode.remote(fp, config, self.num_blocks, on_node=placed)
         cache_blocks = self.num_blocks if args.source == "cache" else 0
-        prefill: Any = ray.remote(PrefillSide).options(**_on("prefill", placed, 1)).remote(fp, config, cache_blocks)
+        prefill: Any = ray.remote(PrefillSide).options(**_on("prefill", placed, 1))
+        prefill = prefill.remote(fp, config, cache_blocks, on_node=placed)
         self.decode, self.prefill = decode, prefill
         cpus = sorted(os.sched_getaffinity(0))
         if not args.no_pin and not placed and len(cpus) >= 2:

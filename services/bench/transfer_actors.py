@@ -112,10 +112,15 @@ class PrefillSide:
     With `cache_blocks`, the KV comes from a KV cache of that many blocks in shared memory
     (`KVSender.allocate_cache`), into which each request is first written at random blocks, as
     the prefill worker's layers write theirs; without, it goes as tensors on `device` (staged
-    when on the host, registered in place when on CUDA).
+    when on the host, registered in place when on CUDA). `on_node`: listen on the node's address in the Ray
+    cluster alone, as a prefill worker does.
     """
 
-    def __init__(self, fp: KVFingerprint, config: TransferConfig, cache_blocks: int = 0, device: str = "cpu") -> None:
+    def __init__(
+        self, fp: KVFingerprint, config: TransferConfig, cache_blocks: int = 0, device: str = "cpu", on_node: bool = False
+    ) -> None:
+        if on_node:
+            config = config.on_node()
         self.fp = fp
         self.device = device
         self.sender = KVSender(fp, config)
