@@ -117,7 +117,12 @@ class PrefillSide:
     """
 
     def __init__(
-        self, fp: KVFingerprint, config: TransferConfig, cache_blocks: int = 0, device: str = "cpu", on_node: bool = False
+        self,
+        fp: KVFingerprint,
+        config: TransferConfig,
+        cache_blocks: int = 0,
+        device: str = "cpu",
+        on_node: bool = False,
     ) -> None:
         if on_node:
             config = config.on_node()
