@@ -153,16 +153,19 @@ def _second_router_sigterm(cluster: Cluster, ref: Reference, scale: scenarios.Sc
     return result
 
 
-def multihost(ref: Reference, scale: scenarios.Scale) -> list[ScenarioResult]:
+def multihost(work: Path, ref: Reference, scale: scenarios.Scale) -> tuple[list[ScenarioResult], dict[str, Any]]:
+    """Every scenario on the netns hosts, while a real Prometheus scrapes both routers with the scaled rules."""
     from services.bench.netns import unavailable
     from services.modelgen.default_model import default_model_dir
     from tests.multihost.cluster import start_cluster, stop_cluster
 
     if unavailable():
         print(f"(no netns test hosts: {unavailable()})")
-        return []
+        return [], {}
     cluster = start_cluster(default_model_dir(), list(SIZING))
     results: list[ScenarioResult] = []
+    prom = Prometheus(work / "prometheus-hosts", [r.http_base.removeprefix("http://") for r in cluster.routers],
+                      scaled_rules(RULE_SPEEDUP))
     try:
         cluster.add_node("e", "decode")
         cluster.add_node("f", "prefill")
@@ -173,10 +176,26 @@ def multihost(ref: Reference, scale: scenarios.Scale) -> list[ScenarioResult]:
         token = cluster.kv_token.read_bytes().strip()
         for name, run in scenario_steps(dep, ref, scale, str(cluster.shared / "model"), token):
             _run(results, name, run)
+        time.sleep(10)  # the last scenario's alerts have their `for:` to go
+        empty = [f"{b} / {p}" for b, p, expr in dashboard_queries() if not prom.query(expr)]
+        since = time.time()
         _run(results, "sigterm", lambda: _second_router_sigterm(cluster, ref, scale))
+        prom.wait_fired("PdserveRouterDown", 20, since)
+        return results, {"alerts_fired": {alert: prom.fired(alert) for alert in ALERTS_EXPECTED},
+                         "dashboards": {"queries": len(dashboard_queries()), "without_data": empty}}
     finally:
+        prom.stop()
         stop_cluster(cluster)
-    return results
+
+
+def _hosts_line(hosts: dict[str, Any]) -> str:
+    """What the Prometheus that scraped the netns hosts' routers saw, for the report's header."""
+    if not hosts:
+        return ""
+    return (" On the netns hosts (both routers scraped, scaled rules): "
+            + ", ".join(f"{a} {'yes' if ok else 'NO'}" for a, ok in hosts["alerts_fired"].items())
+            + f"; dashboard queries without data: {len(hosts['dashboards']['without_data'])} of "
+            f"{hosts['dashboards']['queries']}.")
 
 
 def main() -> None:
@@ -191,8 +210,9 @@ def main() -> None:
     scale = scenarios.SOAK
     with tempfile.TemporaryDirectory(prefix="pdserve-chaos-") as tmp:
         results, extra = one_host(Path(tmp), ref, scale)
-    if not args.skip_multihost:
-        results += multihost(ref, scale)
+        if not args.skip_multihost:
+            more, extra["netns_hosts"] = multihost(Path(tmp), ref, scale)
+            results += more
     all_rows = rows(results)
     header = (f"# pdserve chaos soak\n\n{time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}: "
               f"{platform.processor() or platform.machine()}, {len(results)} scenarios in "
@@ -202,7 +222,7 @@ def main() -> None:
               + ". With the file's own durations (a second Prometheus, 5 s scrapes): "
               + ", ".join(f"{a} {'yes' if ok else 'no'}" for a, ok in extra["unscaled_rules"].items())
               + f". Dashboard queries without data: {len(extra['dashboards']['without_data'])} of "
-              f"{extra['dashboards']['queries']}.")
+              f"{extra['dashboards']['queries']}." + _hosts_line(extra.get("netns_hosts") or {}))
     write(args.out, all_rows, header, {**extra, "scale": scale.__dict__})
     print("\n" + table(all_rows))
     print(f"\nwritten to {args.out}/chaos.md and chaos.json")
