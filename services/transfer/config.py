@@ -122,12 +122,7 @@ class TransferConfig:
     def on_node(self) -> TransferConfig:
         """This config with its host, if it names none, set to the worker's address in the Ray cluster, which other
         hosts reach it at (127.0.0.1 outside Ray): where its KV listeners bind and what a decode worker advertises."""
-        if self.host:
-            return self
-        import ray
-
-        host = str(ray.util.get_node_ip_address()) if ray.is_initialized() else "127.0.0.1"
-        return dataclasses.replace(self, host=host)
+        return self if self.host else dataclasses.replace(self, host=ray_node_ip() or "127.0.0.1")
 
     def transports(self) -> str:
         """The UCX_TLS in effect: `ucx_tls`, else the environment's UCX_TLS, else the defaults for this host."""
@@ -154,11 +149,21 @@ class TransferConfig:
             "UCX_WARN_UNUSED_ENV_VARS": "n",
         }
 
-    def apply_ucx_env(self) -> None:
-        """Write `ucx_env()`, and UCX_DEFAULTS not set already, into os.environ (before the data path comes up)."""
+    def apply_ucx_env(self) -> dict[str, str]:
+        """Write `ucx_env()`, and UCX_DEFAULTS not set already, into os.environ (before the data path comes up);
+        returns what `ucx_env()` gave."""
         for name, value in UCX_DEFAULTS.items():
             os.environ.setdefault(name, value)
-        os.environ.update(self.ucx_env())
+        env = self.ucx_env()
+        os.environ.update(env)
+        return env
+
+
+def ray_node_ip() -> str:
+    """This process's node address in the Ray cluster, which other hosts reach it at ("" outside Ray)."""
+    import ray
+
+    return str(ray.util.get_node_ip_address()) if ray.is_initialized() else ""
 
 
 def _check_tls(tls: str, what: str) -> str:

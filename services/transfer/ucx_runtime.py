@@ -53,10 +53,9 @@ def acquire(config: TransferConfig) -> native.Node:
                 "of a process must live on the same event loop"
             )
         if _env is None:
-            config.apply_ucx_env()
-            _env = config.ucx_env()
-        elif _env != config.ucx_env():
-            log.warning("UCX already configured with %s; ignoring %s", _env, config.ucx_env())
+            _env = config.apply_ucx_env()
+        elif _env != (wanted := config.ucx_env()):
+            log.warning("UCX already configured with %s; ignoring %s", _env, wanted)
         if _node is None:
             _node = native.Node()
         if _loop is not loop:

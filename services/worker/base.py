@@ -12,6 +12,7 @@ from services.engine.config import EngineConfig
 from services.engine.engine import LLMEngine
 from services.engine.request import RequestStatus
 from services.engine.scheduler import RequestOutput
+from services.transfer.config import ray_node_ip
 from services.worker.messages import LoadInfo
 
 
@@ -24,7 +25,7 @@ class EngineWorker:
         self.engine = LLMEngine(config)
         self.async_engine = AsyncEngine(self.engine)
         self._started = False
-        self.node_ip = node_ip()
+        self.node_ip = ray_node_ip()
 
     def _ensure_started(self) -> None:
         if not self._started:
@@ -71,10 +72,3 @@ class EngineWorker:
         # Wake whoever streams this request: it ends with "abort".
         self.async_engine.dispatch([RequestOutput(request_id, [], True, "abort", 0, 0, 0)])
         return found
-
-
-def node_ip() -> str:
-    """The address of this process's Ray node ("" outside Ray): with its pid, it names the process across hosts."""
-    import ray
-
-    return str(ray.util.get_node_ip_address()) if ray.is_initialized() else ""
