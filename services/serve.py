@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.config_flags import ConfigFlags
 from services.engine.config import DEVICES, CacheConfig, EngineConfig, SchedulerConfig
@@ -20,6 +21,9 @@ from services.env import ENV
 from services.router.auth import API_KEYS_ENV, Security, SecurityConfigError
 from services.router.config import RouterConfig
 from services.transfer.config import TransferConfig
+
+if TYPE_CHECKING:
+    from services.router.pool import PoolSpec
 
 log = logging.getLogger("pdserve.serve")
 
@@ -59,6 +63,10 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     parser.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
     parser.add_argument("--cpus-per-worker", type=float, default=None, help="default: the cores shared out evenly")
+    parser.add_argument("--cpu-bind", choices=("auto", "none"), default="auto",
+                        help="on CPU with a local Ray: bind each worker to cores of its own, and the router with "
+                             "Ray to the prefill workers' (auto, the default, unless --cpus-per-worker is given "
+                             "or there are more workers than cores); none: every process may run on every core")
     parser.add_argument("--worker-group-resources", action="store_true",
                         help="place prefill/decode actors on Ray nodes that advertise a 'prefill'/'decode' resource "
                         "(KubeRay worker groups)")
@@ -140,19 +148,37 @@ class Service:
         colocated = a.mode == "colocated"
         num_workers = a.decode_workers + (0 if colocated else a.prefill_workers)
         cores = os.cpu_count() or 1
+        cpus = a.cpus_per_worker or max(cores / num_workers, 1.0) if engine.device == "cpu" else 1.0
+        bind = a.cpu_bind == "auto" and engine.device == "cpu" and not a.ray_address and not a.cpus_per_worker
+        spec = PoolSpec(a.prefill_workers, a.decode_workers, colocated, cpus_per_worker=cpus,
+                        gpus_per_worker=1.0 if engine.device == "cuda" else 0.0,
+                        worker_groups=a.worker_group_resources, shared=bool(a.ray_address),
+                        cpu_cores=tuple(sorted(os.sched_getaffinity(0))) if bind else None)
+        self._bind_router(spec)
         self.started_ray = False
         if a.ray_address:
             ray.init(address=a.ray_address, namespace="pdserve", log_to_driver=True)
         else:
             ray.init(address="local", num_cpus=max(cores, num_workers), include_dashboard=False, log_to_driver=True)
             self.started_ray = True
-        cpus = a.cpus_per_worker or max(cores / num_workers, 1.0) if engine.device == "cpu" else 1.0
-        spec = PoolSpec(a.prefill_workers, a.decode_workers, colocated, cpus_per_worker=cpus,
-                        gpus_per_worker=1.0 if engine.device == "cuda" else 0.0,
-                        worker_groups=a.worker_group_resources, shared=bool(a.ray_address))
         self.pools = WorkerPools(engine, transfer_config(a), spec, self.metrics)
         self.pools.start()
         return num_workers
+
+    @staticmethod
+    def _bind_router(spec: PoolSpec) -> None:
+        """With --cpu-bind auto, runs this process, and the Ray daemons it starts, on the prefill workers' cores
+        (services/worker/cores.py); the workers bind themselves as they start."""
+        from services.router.pool import plan_workers
+        from services.worker.cores import bind_process, router_cores
+
+        slots = plan_workers(spec, [])
+        if not slots or slots[0].cores is None:
+            return
+        cores = router_cores([slot.cores or () for slot in slots], [slot.role for slot in slots])
+        bind_process(cores)
+        log.info("cores: the router and Ray on %s; %s", list(cores),
+                 "; ".join(f"{slot.name} on {list(slot.cores or ())}" for slot in slots))
 
     async def _set_health(self, serving: bool) -> None:
         from grpc_health.v1 import health_pb2

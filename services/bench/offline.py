@@ -171,13 +171,19 @@ def _synchronize(device: str) -> None:
 
 
 def decode_weight_bytes(model: torch.nn.Module, tied: bool) -> int:
-    """Bytes of weights one decode step reads: every parameter once, but only a row of an untied embedding."""
+    """Bytes of weights one decode step reads: every parameter and packed projection (kernels/cpu_linear.py)
+    once, but only a row of an untied embedding."""
+    from kernels.cpu_linear import PackedLinear
+
     seen: dict[int, int] = {}
     for name, p in model.named_parameters():
         if name.startswith("embed_tokens") and not tied:
             continue
         seen[p.data_ptr()] = p.numel() * p.element_size()
-    return sum(seen.values())
+    packed = sum(m.weight_bytes for m in model.modules() if isinstance(m, PackedLinear))
+    if tied and packed:  # the lm_head reads its packed copy, not the embedding
+        packed -= sum(p.numel() * p.element_size() for p in model.get_submodule("embed_tokens").parameters())
+    return sum(seen.values()) + packed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

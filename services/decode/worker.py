@@ -28,8 +28,10 @@ from services.transfer.config import TransferConfig
 from services.transfer.errors import TransferError
 from services.transfer.receiver import KVReceiver
 from services.worker.base import EngineWorker
+from services.worker.cores import Cores
 from services.worker.fingerprint import kv_fingerprint
 from services.worker.messages import Reservation, TokenBatch, WorkerInfo
+from services.worker.token_stream import TokenServer
 
 
 class Handoff(NamedTuple):
@@ -42,8 +44,9 @@ class Handoff(NamedTuple):
 class DecodeWorker(EngineWorker):
     role = "decode"
 
-    def __init__(self, config: EngineConfig, transfer: TransferConfig, name: str, role: str = "decode") -> None:
-        super().__init__(config, name)
+    def __init__(self, config: EngineConfig, transfer: TransferConfig, name: str, role: str = "decode",
+                 cores: Cores | None = None) -> None:
+        super().__init__(config, name, cores)
         self.role = role
         log_info_of("services.transfer")
         transfer = transfer.on_node()
@@ -51,6 +54,7 @@ class DecodeWorker(EngineWorker):
         self.receiver = KVReceiver(self.engine.kv_cache, kv_fingerprint(self), transfer)
         self.address: str | None = None
         self.remote: dict[str, RemoteRequest] = {}  # reserved or claimed, not yet in the batch
+        self.tokens = TokenServer(self.generate)
         self.expired_leases = 0
 
     async def ready(self) -> WorkerInfo:
@@ -59,8 +63,10 @@ class DecodeWorker(EngineWorker):
         # setenv crashed a worker at start-up once).
         if self.address is None and self.role == "decode":
             self.address = await self.receiver.start()
+        token_address = await self.tokens.start(self.transfer_config.host or "127.0.0.1")
         self._ensure_started()
-        return WorkerInfo(self.name, self.role, self.address, self.engine.block_size, self.engine.num_blocks)
+        return WorkerInfo(self.name, self.role, self.address, self.engine.block_size, self.engine.num_blocks,
+                          token_address, self.tokens.secret)
 
     def num_reservations(self) -> int:
         return len(self.remote)

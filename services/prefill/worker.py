@@ -41,6 +41,7 @@ from services.transfer.errors import TransferError
 from services.transfer.kv import KVBlocks, KVTensors, LayerKV
 from services.transfer.sender import MAX_SOURCE_BLOCKS, KVSender
 from services.worker.base import EngineWorker
+from services.worker.cores import Cores
 from services.worker.fingerprint import kv_fingerprint
 from services.worker.messages import PrefillResult, WorkerInfo
 
@@ -73,9 +74,9 @@ def _result(
 class PrefillWorker(EngineWorker):
     role = "prefill"
 
-    def __init__(self, config: EngineConfig, transfer: TransferConfig, name: str) -> None:
+    def __init__(self, config: EngineConfig, transfer: TransferConfig, name: str, cores: Cores | None = None) -> None:
         # Every step streams KV from the per-layer hook, which CUDA graphs cannot call: capture none.
-        super().__init__(dataclasses.replace(config, enforce_eager=True), name)
+        super().__init__(dataclasses.replace(config, enforce_eager=True), name, cores)
         self.transfer_config = transfer = transfer.on_node()
         self.sender = KVSender(kv_fingerprint(self), transfer)
         self.plans: dict[str, SendPlan] = {}

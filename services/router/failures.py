@@ -14,6 +14,7 @@ from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayErr
 from services.engine.errors import InvalidRequest, ResourceExhausted
 from services.router.errors import Unavailable
 from services.transfer.errors import FAILURE_REASONS, TransferError
+from services.worker.token_stream import TokenStreamLost
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def unwrap(e: BaseException) -> BaseException:
 def is_worker_death(e: BaseException) -> bool:
     """Whether `e` says the worker process (or its node) is gone, rather than that the request was refused or
     failed in the worker's own code: what moves a request to another decode worker (migration.py)."""
-    return isinstance(unwrap(e), (RayActorError, ObjectLostError, NodeDiedError))
+    return isinstance(unwrap(e), (RayActorError, ObjectLostError, NodeDiedError, TokenStreamLost))
 
 
 def is_worker_fault(e: BaseException) -> bool:
@@ -65,7 +66,7 @@ def client_error(e: BaseException, rid: str) -> BaseException:
         return type(cause)(str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
     if isinstance(cause, TransferError):
         return TransferFailed(f"KV hand-off failed: {cause}")
-    if isinstance(cause, RayError):
+    if isinstance(cause, (RayError, TokenStreamLost)):
         return WorkerFailed(f"a worker failed: {type(cause).__name__}")
     log.error("request %s failed", rid, exc_info=cause)
     return InternalFailure(f"internal error: {type(cause).__name__}: {cause}")

@@ -34,7 +34,9 @@ from services.engine.config import EngineConfig
 from services.prefill.worker import PrefillWorker
 from services.router.metrics import Metrics
 from services.transfer.config import TransferConfig
+from services.worker.cores import Cores, share_cores
 from services.worker.messages import LoadInfo, WorkerInfo
+from services.worker.token_stream import TokenStream, TokenStreamLost
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,21 @@ class WorkerHandle:
     def kv_address(self) -> str | None:
         return self.info.kv_address if self.info else None
 
+    async def open_tokens(self, arguments: tuple[Any, ...]) -> TokenStream:
+        """Starts generate(*arguments) on this decode worker over its token stream (services/worker/token_stream.py).
+        A worker not reached where it said it listens is asked again once: Ray may have restarted it since the
+        last health poll (a dead one raises Ray's actor error here, as a call would)."""
+        for attempt in range(2):
+            if self.info is None or attempt:
+                self.info = await self.actor.ready.remote()
+            assert self.info.token_address is not None and self.info.token_secret is not None
+            try:
+                return await TokenStream.open(self.info.token_address, self.info.token_secret, arguments)
+            except TokenStreamLost:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
 
 @dataclass(frozen=True)
 class PoolSpec:
@@ -102,6 +119,7 @@ class PoolSpec:
     gpus_per_worker: float = 0.0
     worker_groups: bool = False  # follow the nodes that advertise a "prefill" / "decode" resource
     shared: bool = False  # on a cluster other routers use: detached workers that a stopping router leaves
+    cpu_cores: Cores | None = None  # shared out among the workers, each bound to its own (services/worker/cores.py)
 
 
 @dataclass(frozen=True)
@@ -125,6 +143,7 @@ class WorkerSlot:
     node_id: str | None = None  # pinned to this node (worker groups)
     resource: str | None = None  # the group's resource, one unit per worker (worker groups)
     draining: bool = False  # on a draining node: keep it for the requests it has, send it no new ones
+    cores: Cores | None = None  # bound to these cores (PoolSpec.cpu_cores)
 
 
 def plan_workers(spec: PoolSpec, nodes: list[Node]) -> list[WorkerSlot]:
@@ -144,7 +163,10 @@ def plan_workers(spec: PoolSpec, nodes: list[Node]) -> list[WorkerSlot]:
                 gpus = node.resources.get("GPU", 0.0) / units
                 slots.append(WorkerSlot(f"{role}-{node.node_id[:12]}-{i}", role, cpus, gpus,
                                         node.node_id, resource, node.draining))
-    return slots
+    shares = share_cores(spec.cpu_cores, [s.role for s in slots]) if spec.cpu_cores else None
+    if shares is None or spec.worker_groups:
+        return slots
+    return [dataclasses.replace(slot, cores=cores) for slot, cores in zip(slots, shares, strict=True)]
 
 
 def cluster_nodes() -> list[Node]:
@@ -211,14 +233,15 @@ class WorkerPools:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(slot.node_id, soft=False)
         if slot.resource is not None:
             options["resources"] = {slot.resource: 1.0}
-        threads = max(1, int(slot.num_cpus)) if slot.num_gpus == 0 else 1
+        threads = len(slot.cores) if slot.cores else max(1, int(slot.num_cpus)) if slot.num_gpus == 0 else 1
         config = dataclasses.replace(self.engine_config, num_threads=threads)
         actor: Any
         if slot.role == "prefill":
-            actor = ray.remote(PrefillWorker).options(**options).remote(config, self.transfer_config, slot.name)
+            actor = ray.remote(PrefillWorker).options(**options).remote(
+                config, self.transfer_config, slot.name, cores=slot.cores)
         else:
             actor = ray.remote(DecodeWorker).options(**options).remote(
-                config, self.transfer_config, slot.name, slot.role)
+                config, self.transfer_config, slot.name, slot.role, cores=slot.cores)
         return WorkerHandle(slot.name, slot.role, actor)
 
     async def wait_ready(self, timeout_s: float = 300.0) -> None:

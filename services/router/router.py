@@ -47,7 +47,7 @@ from services.router.pool import WorkerHandle, WorkerPools
 from services.router.reprefill import PrefillDied, Reprefills, reserve_again
 from services.router.request_state import RequestState, worker_ids
 from services.transfer.errors import TransferError
-from services.worker.messages import PrefillResult, TokenBatch
+from services.worker.messages import PrefillResult
 from services.worker.validation import validate_prompt
 
 log = logging.getLogger(__name__)
@@ -263,35 +263,33 @@ class Router:
         prompt, params = (st.ids, st.params) if local else (None, None)
         # Local after a migration: the tokens the client has are replayed as generated ones.
         generated = list(st.output_ids) if local else None
-        stream = decode.actor.generate.options(num_returns="streaming").remote(
-            st.rid, prompt, params, first.first_token if first else None, local, priority, generated
-        )
+        arguments = (st.rid, prompt, params, first.first_token if first else None, local, priority, generated)
         st.decoding = True
-        async for ref in stream:
-            batch: TokenBatch = await ref
-            if batch.kv_failure is not None:  # the KV never arrived: the decode worker recomputed the prompt
-                st.transfer = None
-                self._count_transfer_failure(st, batch.kv_failure)
-            self._observe_transfer(st, batch.kv_transport)
-            if batch.decode_start is not None and st.times.decode_start is None:  # a migration's is not
-                st.times.decode_start = time.monotonic()
-                if st.times.prefill_done is None:  # prefilled on the decode worker: its first batch ends that
-                    st.times.prefill_done = st.times.decode_start
-            if not first and st.cached_tokens == 0:  # after a migration the cache may cover generated tokens too
-                st.cached_tokens = min(batch.num_cached_tokens, len(st.ids))
-            if batch.token_ids:
-                emit_batch(self.metrics, st, batch, queue)
-            if st.detok.stopped:
-                await self._release(st)
-                finish(self.metrics, st, "stop", queue)
-                return
-            if batch.finished:
-                st.decoding = False
-                if batch.finish_reason == "error":
-                    raise WorkerFailed("the decode worker failed while running the request")
-                decode.record_success()
-                finish(self.metrics, st, batch.finish_reason or "stop", queue)
-                return
+        async with await decode.open_tokens(arguments) as stream:
+            async for batch in stream:
+                if batch.kv_failure is not None:  # the KV never arrived: the decode worker recomputed the prompt
+                    st.transfer = None
+                    self._count_transfer_failure(st, batch.kv_failure)
+                self._observe_transfer(st, batch.kv_transport)
+                if batch.decode_start is not None and st.times.decode_start is None:  # a migration's is not
+                    st.times.decode_start = time.monotonic()
+                    if st.times.prefill_done is None:  # prefilled on the decode worker: its first batch ends that
+                        st.times.prefill_done = st.times.decode_start
+                if not first and st.cached_tokens == 0:  # after a migration the cache may cover generated ones too
+                    st.cached_tokens = min(batch.num_cached_tokens, len(st.ids))
+                if batch.token_ids:
+                    emit_batch(self.metrics, st, batch, queue)
+                if st.detok.stopped:
+                    await self._release(st)
+                    finish(self.metrics, st, "stop", queue)
+                    return
+                if batch.finished:
+                    st.decoding = False
+                    if batch.finish_reason == "error":
+                        raise WorkerFailed("the decode worker failed while running the request")
+                    decode.record_success()
+                    finish(self.metrics, st, batch.finish_reason or "stop", queue)
+                    return
 
     async def _prefill(self, st: RequestState, routing: RoutingRequest) -> PrefillResult | None:
         """Runs the remote prefill. None means it failed and the decode worker recomputes. A prefill worker that

@@ -13,15 +13,19 @@ from services.engine.engine import LLMEngine
 from services.engine.request import RequestStatus
 from services.engine.scheduler import RequestOutput
 from services.transfer.config import ray_node_ip
+from services.worker.cores import Cores, bind_process
 from services.worker.messages import LoadInfo
 
 
 class EngineWorker:
     role = "colocated"
 
-    def __init__(self, config: EngineConfig, name: str) -> None:
+    def __init__(self, config: EngineConfig, name: str, cores: Cores | None = None) -> None:
+        if cores:  # before the engine starts torch's threads, so that they run there too
+            bind_process(cores)
         self.name = name
         self.config = config
+        self.cores = cores
         self.engine = LLMEngine(config)
         self.async_engine = AsyncEngine(self.engine)
         self._started = False

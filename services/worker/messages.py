@@ -5,7 +5,7 @@ They carry token ids and small metadata only; KV never travels in them (it goes 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.engine.logprobs import PromptLogprobs, TokenLogprob
 from services.engine.stats import WorkerStats
@@ -18,6 +18,10 @@ class WorkerInfo:
     kv_address: str | None  # decode side: where its KV receiver listens
     block_size: int
     num_blocks: int
+    # decode and colocated: where its token streams are served, and the secret a router shows there
+    # (services/worker/token_stream.py)
+    token_address: str | None = None
+    token_secret: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

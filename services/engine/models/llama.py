@@ -14,6 +14,7 @@ from torch import nn
 
 import kernels.cpu_attention as cpu_attention
 from kernels.attention import paged_attention
+from kernels.cpu_linear import pack_linears
 from kernels.kv_store import store_kv
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary, build_cos_sin_cache
@@ -134,15 +135,14 @@ class LlamaForCausalLM(nn.Module):
 
     def prepare_cpu(self) -> None:
         """Readies the model for CPU steps: builds the in-place decode attention kernel now (about a second,
-        once per source) rather than in the first step, and stores each projection's [out, in] weight as the
-        transpose of a contiguous [in, out] tensor.
-
-        F.linear then hands MKL a plain x @ W product, whose matrix-vector form streams the weights about
-        1.7x faster on CPU at batch 1 and 2 than the x @ W.T of the checkpoint's layout (2-9% slower at batch
-        4 to 16, the same from 32; services/bench/README.md). A tied lm_head keeps the embedding's layout,
-        which lookups need.
+        once per source) rather than in the first step, and prepacks each float32 projection for oneDNN
+        (kernels/cpu_linear.py). A projection left unpacked stores its [out, in] weight as the transpose of a
+        contiguous [in, out] tensor, so that F.linear hands MKL a plain x @ W product, whose matrix-vector form
+        streams the weights about 1.7x faster at batch 1 and 2. A tied lm_head gets a packed copy; the
+        embedding keeps its layout, which lookups need.
         """
         cpu_attention.library()
+        pack_linears(self)
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.weight is not self.embed_tokens.weight:
                 module.weight.data = module.weight.data.t().contiguous().t()

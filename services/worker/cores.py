@@ -1,0 +1,47 @@
+"""Which cores each process of a one-machine CPU deployment runs on (`pdserve serve --cpu-bind auto`).
+
+On a few cores, the router, Ray's own processes and every worker otherwise share all of them, and a decode
+step is descheduled whenever a prompt is prefilled, a token is streamed or Ray reports. Bound, each worker
+holds cores of its own, and the router with Ray's daemons (which it starts, so they inherit its cores) runs
+on the prefill workers' cores, whose work is throughput, not latency:
+
+    2 cores, disagg 1+1:  prefill-0 [0] + router, Ray    decode-0 [1]
+    2 cores, colocated 1: colocated-0 [0, 1] + router, Ray
+
+Workers get the cores in plan order, the same number each (the leftover ones go to the last); with more
+workers than cores nothing is bound.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+Cores = tuple[int, ...]
+
+
+def share_cores(cores: Sequence[int], roles: Sequence[str]) -> list[Cores] | None:
+    """The cores of each worker (`roles` in plan order), or None where there are fewer cores than workers."""
+    if not roles or len(cores) < len(roles):
+        return None
+    each = len(cores) // len(roles)
+    shares = [tuple(cores[i * each:(i + 1) * each]) for i in range(len(roles))]
+    shares[-1] += tuple(cores[len(roles) * each:])
+    return shares
+
+
+def router_cores(shares: Sequence[Cores], roles: Sequence[str]) -> Cores:
+    """The router's (and Ray's daemons') cores: the prefill workers', or every one where none prefills."""
+    prefill = [c for share, role in zip(shares, roles, strict=True) if role == "prefill" for c in share]
+    return tuple(sorted(prefill or {c for share in shares for c in share}))
+
+
+def bind_process(cores: Cores) -> None:
+    """Runs every thread of this process, and each it starts later, on `cores` alone."""
+    allowed = set(cores)
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), allowed)
+        except (ProcessLookupError, PermissionError):  # a thread that ended meanwhile
+            continue
+    os.sched_setaffinity(0, allowed)
