@@ -58,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "peers"), help="where the results go")
     p.add_argument("--servers", default=",".join(x.name for x in PEERS), help="comma list of servers to run")
     p.add_argument("--num-requests", type=int, default=32, help="requests per rate of the sweep")
-    p.add_argument("--request-rate", default="1,2,4", help="Poisson rates of the sweep, req/s")
+    p.add_argument("--request-rate", default="1,2,4,6,8",
+                   help="Poisson rates of the sweep, req/s (past 4, where a server saturates shows)")
     p.add_argument("--input-len", default="256:1024")
     p.add_argument("--output-len", default="32:128")
     p.add_argument("--single-requests", type=int, default=8, help="one-at-a-time requests (input 256, output 128)")
@@ -191,8 +192,33 @@ def run_offline_engine(args: argparse.Namespace, workload: Workload) -> tuple[Pe
     check = [llm.generate([p], greedy, use_tqdm=False)[0].token_ids for p in check_prompts(args)]
     result = PeerResult("pdserve offline engine", "LLM(model).generate(prompts)",
                         offline_tokens_per_s=timed.tokens_per_s(workload), offline_seconds=timed.seconds,
-                        server=False)
+                        server=False, decode_step_ms=decode_step_ms(args.model))
     return result, GreedyTokens(check, timed.tokens)
+
+
+def decode_step_ms(model: str, context: int = 256, steps: int = 60) -> float:
+    """The engine's decode step at batch 1 on one thread, as the disagg decode worker runs it: the median of
+    `steps` steps of one request of `context` prompt tokens (last in the run: it sets torch's threads to 1)."""
+    import statistics
+
+    import torch
+
+    from services.engine.config import CacheConfig, EngineConfig
+    from services.engine.engine import LLMEngine
+    from services.engine.sampling_params import SamplingParams
+
+    torch.set_num_threads(1)
+    engine = LLMEngine(EngineConfig(model=model, num_threads=1, cache=CacheConfig(kv_cache_bytes=2**28)))
+    engine.add_request("step", list(range(10, 10 + context)),
+                       SamplingParams(temperature=0, max_tokens=steps + 10, ignore_eos=True))
+    for _ in range(5):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def _prefix(a: list[int], b: list[int]) -> int:

@@ -32,6 +32,7 @@ class PeerResult:
     offline_seconds: float | None = None
     errors: list[str] = field(default_factory=list)
     server: bool = True  # False for pdserve's offline engine, which has only the offline row
+    decode_step_ms: float | None = None  # the offline engine: its decode step at batch 1 on one thread
 
 
 def goodputs(runs: Runs, slo: Slo) -> list[float]:
@@ -99,6 +100,64 @@ def offline_table(results: list[PeerResult]) -> list[str]:
     return lines
 
 
+STAGES = ("engine_step", "worker_to_router", "router", "router_to_client")
+
+
+def stages_table(results: list[PeerResult]) -> list[str]:
+    """Each pdserve mode's per-token path at each rate: the medians of pdserve_token_stage_seconds, in ms."""
+    lines = ["| server | req/s | engine step | worker to router | router | router to client | all but the step |",
+             "|---|---|---|---|---|---|---|"]
+    for r in (r for r in results if r.server):
+        for run, _ in r.sweep:
+            stages = run.token_stages
+            if not stages:
+                continue
+            ms = {k: None if stages.get(k) is None else stages[k] * 1e3 for k in STAGES}  # type: ignore[operator]
+            others = [v for k, v in ms.items() if k != "engine_step" and v is not None]
+            cells = " | ".join(_ms(ms[k], 2) for k in STAGES)
+            lines.append(f"| {r.name} | {rate_label(run.config.request_rate)} | {cells} | "
+                         f"{_ms(sum(others), 2) if others else 'n/a'} |")
+    return lines
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value is not None and base else "n/a"
+
+
+def targets(results: list[PeerResult], rates: list[float]) -> list[str]:
+    """The issue's targets, each figure beside its peer figure from this run."""
+    by_name = {r.name: r for r in results}
+    llama = by_name.get("llama-server")
+    modes = [r for r in results if r.server and r.name.startswith("pdserve") and r.sweep]
+    lines = []
+    for slo, label in ((SLO_A, "A"), (SLO_B, "B")):
+        if not modes:
+            break
+        best = max(modes, key=lambda r: best_goodput(r.sweep, slo) or 0.0)
+        ours, theirs = best_goodput(best.sweep, slo), best_goodput(llama.sweep, slo) if llama else None
+        lines.append(f"- goodput under {label} ({slo_text(slo)}): {best.name} {_rate(ours)}, llama-server "
+                     f"{_rate(theirs)}: {_ratio(ours, theirs)} (target 1.5x)")
+    disagg, colocated = by_name.get("pdserve disagg 1+1"), by_name.get("pdserve colocated")
+    if disagg and colocated:
+        d, c = best_goodput(disagg.sweep, SLO_B), best_goodput(colocated.sweep, SLO_B)
+        lines.append(f"- disagg over colocated under B: {_rate(d)} against {_rate(c)}: {_ratio(d, c)} (target 1.3x)")
+    engine = by_name.get("pdserve offline engine")
+    low = min(rates) if rates else math.nan
+    for r in modes:
+        tpot = tpot_p50_at(r.sweep, low)
+        run = next((run for run, _ in r.sweep if run.config.request_rate == low), None)
+        seconds = run.token_stages.get("engine_step") if run else None
+        served = None if seconds is None else seconds * 1e3
+        step = engine.decode_step_ms if engine else None
+        lines.append(f"- {r.name}, TPOT p50 at {rate_label(low)} req/s: {_ms(tpot)}; against its engine step as "
+                     f"served in that run, {_ms(served)}: {_ratio(tpot, served)}; against the offline batch-1 step "
+                     f"on one thread, {_ms(step, 2)}: {_ratio(tpot, step)} (target 1.3x)")
+    if engine and llama:
+        lines.append(f"- offline: {_ratio(engine.offline_tokens_per_s, llama.offline_tokens_per_s)} of llama-server "
+                     "(target 1.5x)")
+    return lines
+
+
 def markdown(results: list[PeerResult], config: dict[str, Any], notes: list[str]) -> str:
     """The whole report: the load, the three tables, the greedy check and any errors."""
     rates = [float(x) for x in config["rates"]]
@@ -122,6 +181,14 @@ def markdown(results: list[PeerResult], config: dict[str, Any], notes: list[str]
         "",
         *offline_table(results),
         "",
+        "The per-token path under the sweep (medians of pdserve_token_stage_seconds over each run's tokens):",
+        "",
+        *stages_table(results),
+        "",
+        "Against the serving targets, every figure from this run:",
+        "",
+        *targets(results, rates),
+        "",
         *notes,
         "",
         "Servers:",
@@ -144,6 +211,7 @@ def results_json(results: list[PeerResult], config: dict[str, Any], checks: dict
             "single": result_json({}, r.single)["runs"],
             "offline_tokens_per_s": r.offline_tokens_per_s,
             "offline_seconds": r.offline_seconds,
+            "decode_step_ms": r.decode_step_ms,
             "errors": r.errors,
         }
     return {"config": config, "slo_a": slo_text(SLO_A), "slo_b": slo_text(SLO_B), "greedy_check": checks,

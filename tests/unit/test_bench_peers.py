@@ -23,6 +23,8 @@ from services.bench.peers_report import (
     results_json,
     serving_table,
     single_table,
+    stages_table,
+    targets,
     tpot_p50_at,
 )
 
@@ -96,6 +98,30 @@ def test_markdown_and_json_carry_every_part() -> None:
     assert payload["peers"]["llama-server"]["single"][0]["request_rate"] == "inf"
 
 
+def test_the_targets_and_the_per_token_path_come_from_the_same_run() -> None:
+    import dataclasses
+
+    stages = {"engine_step": 0.008, "worker_to_router": 0.0008, "router": 0.0001, "router_to_client": 0.0003}
+    disagg_run, summary = _run(1.0, [_record(i, 0.1, 0.010) for i in range(4)])
+    disagg = PeerResult("pdserve disagg 1+1", "d", sweep=[(dataclasses.replace(disagg_run, token_stages=stages),
+                                                          summary)])
+    colocated = PeerResult("pdserve colocated", "c", sweep=[_run(1.0, [
+        _record(0, 0.1, 0.020), _record(1, 0.1, 0.020), _record(2, 0.1, 0.060), _record(3, 0.1, 0.060)])])
+    llama, _, engine = _results()
+    engine.decode_step_ms = 8.0
+    lines = targets([llama, colocated, disagg, engine], [1.0, 2.0])
+    assert lines[0] == ("- goodput under A (TTFT <= 3000 ms, TPOT <= 150 ms): pdserve colocated 0.40 req/s, "
+                        "llama-server 1.00 req/s: 0.40x (target 1.5x)")
+    assert "pdserve disagg 1+1 0.40 req/s, llama-server 0.40 req/s: 1.00x" in lines[1]
+    assert lines[2] == "- disagg over colocated under B: 0.40 req/s against 0.20 req/s: 2.00x (target 1.3x)"
+    disagg_line = next(line for line in lines if line.startswith("- pdserve disagg 1+1, TPOT"))
+    assert "10.0 ms; against its engine step as served in that run, 8.0 ms: 1.25x" in disagg_line
+    assert "offline batch-1 step on one thread, 8.00 ms: 1.25x" in disagg_line
+    assert lines[-1] == "- offline: 1.50x of llama-server (target 1.5x)"
+    table = stages_table([llama, disagg])
+    assert table[2:] == ["| pdserve disagg 1+1 | 1 | 8.00 ms | 0.80 ms | 0.10 ms | 0.30 ms | 1.20 ms |"]
+
+
 def test_greedy_comparison_counts_identical_requests_and_the_first_divergence() -> None:
     ours = peers.GreedyTokens(check=[[1, 2, 3], [4, 5, 6]], offline=[[1, 2], [3, 4, 5, 6]])
     theirs = peers.GreedyTokens(check=[[1, 2, 3], [4, 9, 6]], offline=[[1, 2], [3, 4, 0, 6]])
@@ -113,7 +139,7 @@ def test_serve_arguments_for_the_sweep_and_the_one_at_a_time_run(tmp_path: Path)
     args = parser.parse_args(["--model", str(tmp_path)])
     sweep = peers._serve_args(args, "http://127.0.0.1:1", single=False)
     assert (sweep.input_len, sweep.output_len, sweep.num_requests, sweep.request_rate) == ("256:1024", "32:128",
-                                                                                             32, "1,2,4")
+                                                                                             32, "1,2,4,6,8")
     assert sweep.goodput == ["ttft:3000", "tpot:150"] and sweep.max_concurrency is None
     single = peers._serve_args(args, "http://127.0.0.1:1", single=True)
     assert (single.input_len, single.output_len, single.request_rate, single.max_concurrency) == ("256", "128",
