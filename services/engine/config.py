@@ -46,7 +46,7 @@ class SchedulerConfig:
         metadata=flag("prefill long prompts in chunks that fit a step's token budget", name="--no-chunked-prefill"),
     )
     prefill_tokens_with_decodes: int = field(
-        default=128,
+        default=256,
         metadata=flag("most prompt tokens a step prefills while requests are decoding, so that a long prompt "
                       "arriving does not stall their tokens (chunked prefill; 0: the whole token budget)"),
     )

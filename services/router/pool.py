@@ -99,7 +99,7 @@ class WorkerHandle:
         A worker not reached where it said it listens is asked again once: Ray may have restarted it since the
         last health poll (a dead one raises Ray's actor error here, as a call would)."""
         for attempt in range(2):
-            if self.info is None or attempt:
+            if attempt or self.info is None or self.info.token_address is None:
                 self.info = await self.actor.ready.remote()
             assert self.info.token_address is not None and self.info.token_secret is not None
             try:

@@ -41,6 +41,7 @@ from services.router.pool import WorkerHandle
 from services.router.router import Router
 from services.transfer.config import TransferConfig
 from services.worker.messages import PrefillResult, Reservation, TokenBatch, WorkerInfo
+from tests.token_worker import serving_ready
 
 LIMITS = AdmissionLimits(max_queued_requests=2, kv_overcommit=1.0)
 
@@ -233,24 +234,18 @@ class Method:
 
 
 class Stream:
-    """A streaming actor method whose batches wait for `go` after the first; `started` counts the streams."""
+    """A decode worker's generate, served over a real TokenServer (tests/token_worker.py), whose batches wait for
+    `go` after the first; `started` counts the streams."""
 
     def __init__(self) -> None:
         self.go = asyncio.Event()
         self.started = 0
 
-    def options(self, **_: Any) -> Stream:
-        return self
-
-    async def remote(self, *_: Any) -> AsyncIterator[asyncio.Future[TokenBatch]]:
+    async def __call__(self, *_: Any) -> AsyncIterator[TokenBatch]:
         self.started += 1
-        for batch, wait in ((TokenBatch([8], False, None, 0, decode_start=time.time()), False),
-                            (TokenBatch([9], True, "length", 0), True)):
-            if wait:
-                await self.go.wait()
-            done: asyncio.Future[TokenBatch] = asyncio.get_running_loop().create_future()
-            done.set_result(batch)
-            yield done
+        yield TokenBatch([8], False, None, 0, decode_start=time.time())
+        await self.go.wait()
+        yield TokenBatch([9], True, "length", 0)
 
 
 async def _true(*_: Any) -> bool:
@@ -271,6 +266,7 @@ def _router(tokenizer: Tokenizer, num_blocks: int, **config: Any) -> tuple[Route
     workers = [WorkerHandle(f"{role}-0", role, actor, alive=True,
                             info=WorkerInfo(f"{role}-0", role, "127.0.0.1:1", 16, num_blocks))
                for role, actor in (("prefill", prefill), ("decode", decode))]
+    decode.ready = Method(serving_ready(decode, workers[1].info))  # type: ignore[arg-type]
     pools = SimpleNamespace(prefill=workers[:1], decode=workers[1:], transfer_config=TransferConfig())
     router = Router(RouterConfig(local_prefill_threshold=0, **config), pools, tokenizer,  # type: ignore[arg-type]
                     Metrics(model_name="m"), tokenizer.vocab_size, 512, 16)

@@ -1,9 +1,10 @@
 """Migration by token replay (services/router/migration.py) and the per-worker circuit breaker (WorkerHandle).
 
 The router runs for real over stand-in worker actors (tests/unit/test_router_faults.py's, which answer `.remote()`
-the way Ray actor handles do); a worker "dies" by raising the error Ray raises for a dead actor. The breaker is
-tested on real WorkerHandles, and through WorkerPools' own health poll. The served twin, with a real worker
-process killed mid-stream, is tests/service/test_migration_served.py.
+the way Ray actor handles do, and serve their token streams over a real TokenServer); a worker "dies" by raising
+the error Ray raises for a dead actor from a call, or by its token stream ending before the finished batch. The
+breaker is tested on real WorkerHandles, and through WorkerPools' own health poll. The served twin, with a real
+worker process killed mid-stream, is tests/service/test_migration_served.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.exceptions import ActorUnavailableError
 
 from services.engine.errors import InvalidRequest
 from services.engine.sampling_params import SamplingParams
@@ -66,12 +67,13 @@ def _tokens(events: list[Any]) -> list[int]:
 
 
 def _dies_after(*batches: list[int], error: BaseException | None = None) -> StreamMethod:
-    """A decode worker that streams `batches` (after the prefill side's first token 7) and then dies."""
+    """A decode worker that streams `batches` (after the prefill side's first token 7) and then dies: its token
+    stream ends there (or it raises `error`, which reaches the router as the worker's own error)."""
 
     async def stream(*_: Any) -> AsyncIterator[TokenBatch]:
         for i, tokens in enumerate(batches):
             yield TokenBatch(tokens, False, None, 0, decode_start=time.time() if i == 0 else None)
-        raise error or ActorDiedError()
+        raise error or ConnectionResetError("the worker died")  # the server drops the connection on it
 
     return StreamMethod(stream)
 
@@ -152,7 +154,7 @@ async def test_past_the_limit_the_client_gets_the_error(tokenizer: Tokenizer) ->
     for limit, workers in ((0, 2), (1, 3)):
         decode = [_decode(f"decode-{i}", _dies_after([8])) for i in range(workers)]
         router = _router(tokenizer, decode, migration_limit=limit)
-        with pytest.raises(Unavailable, match="a worker failed: ActorDiedError"):
+        with pytest.raises(Unavailable, match="a worker failed: TokenStreamLost"):
             await _drain(router, _input())
         assert _value(router, "pdserve_request_migrations_total") == limit
         assert _value(router, "pdserve_request_failures_total", reason="worker_failed") == 1

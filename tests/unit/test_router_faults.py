@@ -30,6 +30,7 @@ from services.router.router import MAX_STOP_STRINGS, Router
 from services.transfer.config import TransferConfig
 from services.transfer.errors import TransferError
 from services.worker.messages import PrefillResult, Reservation, TokenBatch, WorkerInfo
+from tests.token_worker import serving_ready
 
 MODEL = "m"
 
@@ -47,22 +48,17 @@ class Method:
 
 
 class StreamMethod:
-    """A `num_returns="streaming"` actor method: `.options(...).remote(*args)` iterates over awaitables.
+    """A decode worker's generate, which the stand-in actor serves over a real TokenServer (tests/token_worker.py).
     `sent` counts the batches handed out."""
 
     def __init__(self, batches: Callable[..., AsyncIterator[TokenBatch]]) -> None:
         self.batches = batches
         self.sent = 0
 
-    def options(self, **_: Any) -> StreamMethod:
-        return self
-
-    async def remote(self, *args: Any) -> AsyncIterator[asyncio.Future[TokenBatch]]:
+    async def __call__(self, *args: Any) -> AsyncIterator[TokenBatch]:
         async for batch in self.batches(*args):
-            done: asyncio.Future[TokenBatch] = asyncio.get_running_loop().create_future()
-            done.set_result(batch)
             self.sent += 1
-            yield done
+            yield batch
 
 
 async def _nothing(*_: Any) -> bool:
@@ -88,6 +84,7 @@ def _worker(role: str, **methods: Any) -> WorkerHandle:
     for name, method in methods.items():
         setattr(actor, name, method)
     info = WorkerInfo(f"{role}-0", role, "127.0.0.1:1" if role == "decode" else None, 16, 100)
+    actor.ready = Method(serving_ready(actor, info))
     return WorkerHandle(f"{role}-0", role, actor, info=info, alive=True)
 
 
