@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import NamedTuple
 
 from services.decode.remote import RemoteRequest
@@ -108,7 +108,7 @@ class DecodeWorker(EngineWorker):
         local: bool = False,
         priority: int = 0,
         generated: list[int] | None = None,
-    ) -> AsyncIterator[TokenBatch]:
+    ) -> AsyncGenerator[TokenBatch, None]:
         """Streams the request's tokens after `first_token` (remote) or from the start (local).
 
         A local request brings its prompt and params; a remote one was sent them with reserve().

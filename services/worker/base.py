@@ -25,7 +25,6 @@ class EngineWorker:
             bind_process(cores)
         self.name = name
         self.config = config
-        self.cores = cores
         self.engine = LLMEngine(config)
         self.async_engine = AsyncEngine(self.engine)
         self._started = False

@@ -27,7 +27,7 @@ import logging
 import pickle
 import secrets
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
@@ -42,7 +42,7 @@ MAX_FRAME_BYTES = 1 << 28  # a batch may carry a long prompt's logprobs
 HELLO_TIMEOUT_S = 10.0
 
 log = logging.getLogger(__name__)
-Generate = Callable[..., AsyncIterator[TokenBatch]]
+Generate = Callable[..., AsyncGenerator[TokenBatch, None]]
 
 
 class TokenStreamLost(ConnectionError):
@@ -122,7 +122,7 @@ class TokenServer:
                 raise ValueError(f"generate's arguments must be a tuple, not {type(arguments).__name__}")
             keep_alive(writer)
             await self._stream(arguments, reader, writer)
-        except (asyncio.IncompleteReadError, TimeoutError, ValueError, ConnectionError) as exc:
+        except (asyncio.IncompleteReadError, TimeoutError, ValueError, TypeError, ConnectionError) as exc:
             log.warning("token stream from %s refused: %s", peer, exc or type(exc).__name__)
         finally:
             writer.close()
@@ -141,7 +141,7 @@ class TokenServer:
             await asyncio.gather(pump, gone, return_exceptions=True)
 
     @staticmethod
-    async def _pump(batches: AsyncIterator[TokenBatch], writer: asyncio.StreamWriter) -> None:
+    async def _pump(batches: AsyncGenerator[TokenBatch, None], writer: asyncio.StreamWriter) -> None:
         try:
             async for batch in batches:
                 writer.write(frame(("batch", batch)))
@@ -151,6 +151,8 @@ class TokenServer:
         except Exception as exc:  # noqa: BLE001 - the router raises it again
             writer.write(frame(_error(exc)))
             await writer.drain()
+        finally:
+            await batches.aclose()  # a router gone mid-batch: the call ends now (the engine aborts it)
 
 
 class TokenStream:
