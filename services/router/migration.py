@@ -13,13 +13,15 @@ dead worker. Unseeded sampling carries on with fresh randomness, another sample 
 and Dynamo migrate the same way). Prompt logprobs already went with the first token and are not sent again.
 
 What moves: an output whose call to its decode worker failed because the worker is gone (a Ray actor error:
-the process was killed, or its node lost), whether it was streaming, waiting for KV or still reserving. An
+the process was killed, or its node lost; or its token stream ended before the finished batch), whether it was
+streaming, waiting for KV or still reserving. An
 output refused (InvalidRequest, ResourceExhausted), failed by the engine, or failed by a KV hand-off under the
 "fail" policy does not. It moves at most --migration-limit times; past that, or with no other decode worker
 taking requests, the client gets the error as before (UNAVAILABLE, "a worker failed: ...").
 
-The dead worker is not told: a restarted actor starts empty, and one only cut off from the router finishes the
-request for nobody and frees its blocks as any finished request does. Aborting it by id later could instead
+The dead worker is not told: a restarted actor starts empty, and one only cut off from the router ends the
+request when its token stream's connection ends (at once, or when TCP keepalive gives up on a silent router),
+freeing its blocks as any aborted request does. Aborting it by id later could instead
 hit a new request that reuses the id there.
 """
 
