@@ -10,7 +10,7 @@ of it is in place (decode actor; `KVReceiver.wait` reports when that was), both 
 monotonic clock. The decode actor starts waiting when the request is announced, so no Ray call
 reaches it mid-transfer; the first request of each size is checked bit for bit there, and the
 others are not read back. On one host each actor is pinned to a core of its own (see
-`transfer_actors.pin_process`; `--no-pin` leaves them be); ucx_perftest runs as shipped.
+`services.worker.cores.bind_process`; `--no-pin` leaves them be); ucx_perftest runs as shipped.
 
 The reference and the hand-off take turns: each round of a size runs ucx_perftest once per
 transport, then `--repeats` requests, and the ratio is taken within the round. On a shared host

@@ -203,6 +203,7 @@ def decode_step_ms(model: str, context: int = 256, steps: int = 60) -> float:
 
     import torch
 
+    from services.bench.step import Timings, time_steps
     from services.engine.config import CacheConfig, EngineConfig
     from services.engine.engine import LLMEngine
     from services.engine.sampling_params import SamplingParams
@@ -213,12 +214,9 @@ def decode_step_ms(model: str, context: int = 256, steps: int = 60) -> float:
                        SamplingParams(temperature=0, max_tokens=steps + 10, ignore_eos=True))
     for _ in range(5):
         engine.step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    timings = Timings()
+    time_steps(engine, steps, timings)
+    return statistics.median(timings.wall_s) * 1e3
 
 
 def _prefix(a: list[int], b: list[int]) -> int:

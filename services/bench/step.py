@@ -128,7 +128,7 @@ def _batch_lines(engine: LLMEngine, args: argparse.Namespace, batch: int, rng: r
                 engine.step()
                 engine.step()
                 contexts.append(sum(r.num_tokens for r in engine.scheduler.running))
-                _time_steps(engine, args.steps, timings[name])
+                time_steps(engine, args.steps, timings[name])
     finally:
         cpu_attention.use_native = True
     kv_bytes = statistics.mean(contexts) * _kv_token_bytes(engine)
@@ -143,7 +143,7 @@ def _batch_lines(engine: LLMEngine, args: argparse.Namespace, batch: int, rng: r
     return lines
 
 
-def _time_steps(engine: LLMEngine, steps: int, into: Timings) -> None:
+def time_steps(engine: LLMEngine, steps: int, into: Timings) -> None:
     for _ in range(steps):
         wall, cpu = time.perf_counter(), time.process_time()
         engine.step()

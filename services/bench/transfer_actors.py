@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import random
 import time
 
@@ -21,21 +20,7 @@ from services.transfer.fingerprint import KVFingerprint
 from services.transfer.kv import KVBlocks, KVTensors
 from services.transfer.receiver import KVReceiver
 from services.transfer.sender import KVSender
-
-
-def pin_process(cpus: set[int]) -> None:
-    """Run every thread of this process, and those it starts later, on `cpus` only.
-
-    The bench gives each actor a core of its own, as a deployment that gives each worker its
-    share of the cores would. Unpinned on 2 cores, Linux often queues the decode actor's progress
-    thread, woken by the first header, behind the prefill thread that is still submitting the
-    other layers (on the same core), and the whole request waits for it.
-    """
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except OSError:  # a thread that has just ended
-            pass
+from services.worker.cores import bind_process
 
 
 def make_kv(fp: KVFingerprint, num_tokens: int, seed: int) -> torch.Tensor:
@@ -69,7 +54,7 @@ class DecodeSide:
         return await self.receiver.start()
 
     async def pin(self, cpus: set[int]) -> None:
-        pin_process(cpus)
+        bind_process(cpus)  # a core of its own, as a deployment gives each worker (services/worker/cores.py)
 
     async def expect(self, request_id: str, block_ids: list[int], token_start: int, token_end: int) -> None:
         """Announce the request and start waiting for it here, so that no call reaches this actor mid-transfer."""
@@ -144,7 +129,7 @@ class PrefillSide:
         return self.cache is not None
 
     async def pin(self, cpus: set[int]) -> None:
-        pin_process(cpus)
+        bind_process(cpus)  # a core of its own, as a deployment gives each worker (services/worker/cores.py)
 
     async def prepare(self, num_tokens: int, seed: int) -> None:
         self.kv(num_tokens, seed)

@@ -98,16 +98,16 @@ class WorkerHandle:
         """Starts generate(*arguments) on this decode worker over its token stream (services/worker/token_stream.py).
         A worker not reached where it said it listens is asked again once: Ray may have restarted it since the
         last health poll (a dead one raises Ray's actor error here, as a call would)."""
-        for attempt in range(2):
-            if attempt or self.info is None or self.info.token_address is None:
+        async def open_at_latest(refresh: bool) -> TokenStream:
+            if refresh or self.info is None or self.info.token_address is None:
                 self.info = await self.actor.ready.remote()
             assert self.info.token_address is not None and self.info.token_secret is not None
-            try:
-                return await TokenStream.open(self.info.token_address, self.info.token_secret, arguments)
-            except TokenStreamLost:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+            return await TokenStream.open(self.info.token_address, self.info.token_secret, arguments)
+
+        try:
+            return await open_at_latest(refresh=False)
+        except TokenStreamLost:
+            return await open_at_latest(refresh=True)
 
 
 @dataclass(frozen=True)

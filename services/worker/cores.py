@@ -15,7 +15,7 @@ workers than cores nothing is bound.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 Cores = tuple[int, ...]
 
@@ -36,7 +36,7 @@ def router_cores(shares: Sequence[Cores], roles: Sequence[str]) -> Cores:
     return tuple(sorted(prefill or {c for share in shares for c in share}))
 
 
-def bind_process(cores: Cores) -> None:
+def bind_process(cores: Iterable[int]) -> None:
     """Runs every thread of this process, and each it starts later, on `cores` alone."""
     allowed = set(cores)
     for tid in os.listdir("/proc/self/task"):
