@@ -119,7 +119,7 @@ class Service:
         self.tokenizer = Tokenizer(a.model, chat_template=a.chat_template)
         defaults = model.generation_defaults if engine.generation_config == "auto" else {}
         self.router = Router(router, self.pools, self.tokenizer, self.metrics, model.vocab_size,
-                             model.context_len(engine.max_model_len), engine.cache.block_size, defaults)
+                             model.context_len(engine.max_model_len), engine.block_size, defaults)
         eos = model.eos_token_ids[0] if model.eos_token_ids else 0
         servicer = GenerationServicer(self.router, names[0], engine.torch_dtype_name, eos)
         grpc_server = build_server(servicer, a.host, a.grpc_port, security)

@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a prompt of this many tokens arrives after the decode rounds (0: none)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5)
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per KV block (default: the engine's, 64 on CPU and 16 on CUDA)")
     parser.add_argument("--compare-reference", action="store_true",
                         help="also time the torch reference attention (gathers K/V) in every round")
     parser.add_argument("--seed", type=int, default=0)
@@ -94,7 +96,7 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.model = resolve_model(args.model)
-    cache = CacheConfig(kv_cache_bytes=int(args.kv_cache_gib * 2**30))
+    cache = CacheConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * 2**30))
     scheduler = SchedulerConfig(**SCHEDULER_FLAGS.values(args))
     return LLMEngine(EngineConfig(model=args.model, cache=cache, scheduler=scheduler, **ENGINE_FLAGS.values(args)))
 

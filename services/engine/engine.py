@@ -35,7 +35,7 @@ class LLMEngine:
         self.max_model_len = model_config.context_len(config.max_model_len)
         self.model_config: ModelConfig = model_config
         num_blocks = num_kv_blocks(config, model_config)
-        block_size = config.cache.block_size
+        block_size = config.block_size
         if num_blocks * block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks * block_size} tokens, fewer than max_model_len "

@@ -131,7 +131,7 @@ class LLM:
         group's other prompts (their output 0) and its own outputs 1..n-1, and each output 0 in
         turn starts its prompt's other outputs.
         """
-        groups = prefix_groups([results[i].prompt_token_ids for i in valid], self.engine.config.cache.block_size)
+        groups = prefix_groups([results[i].prompt_token_ids for i in valid], self.engine.config.block_size)
         on_first: dict[str, list[tuple[int, int]]] = {}  # request id -> (prompt, output) to start on its first token
         owner: dict[str, tuple[int, int]] = {}
         detoks: dict[str, IncrementalDetokenizer] = {}

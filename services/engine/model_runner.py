@@ -20,7 +20,7 @@ def num_kv_blocks(config: EngineConfig, model: ModelConfig) -> int:
     if config.cache.num_blocks is not None:
         return config.cache.num_blocks
     itemsize = TORCH_DTYPES[config.torch_dtype_name].itemsize
-    per_block = 2 * model.num_layers * model.num_kv_heads * model.head_dim * config.cache.block_size * itemsize
+    per_block = 2 * model.num_layers * model.num_kv_heads * model.head_dim * config.block_size * itemsize
     return max(config.cache.kv_cache_bytes // per_block, 1)
 
 
@@ -30,7 +30,7 @@ class ModelRunner:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
         self.dtype = TORCH_DTYPES[config.torch_dtype_name]
-        self.block_size = config.cache.block_size
+        self.block_size = config.block_size
         self.model = load_model(model_config, config.device, config.torch_dtype_name)
         if self.device.type == "cpu":
             self.model.prepare_cpu()

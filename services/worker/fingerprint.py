@@ -11,7 +11,7 @@ def kv_fingerprint(worker: EngineWorker) -> KVFingerprint:
     return KVFingerprint(
         model=cfg.name,
         dtype=worker.config.torch_dtype_name,
-        block_size=worker.config.cache.block_size,
+        block_size=worker.config.block_size,
         num_layers=cfg.num_layers,
         num_kv_heads=cfg.num_kv_heads,
         head_dim=cfg.head_dim,

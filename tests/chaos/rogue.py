@@ -37,7 +37,7 @@ ROGUE_TIMEOUT_S = 40.0  # a silent rogue is let go after the worker's KV timeout
 def fingerprint(model_dir: str) -> KVFingerprint:
     """The served model's KV layout, from its config.json and the engine's defaults."""
     cfg, engine = load_model_config(model_dir), EngineConfig(model=model_dir)
-    return KVFingerprint(model=cfg.name, dtype=engine.torch_dtype_name, block_size=engine.cache.block_size,
+    return KVFingerprint(model=cfg.name, dtype=engine.torch_dtype_name, block_size=engine.block_size,
                          num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim)
 
 

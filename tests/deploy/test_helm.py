@@ -386,9 +386,8 @@ def test_router_args(scenario: str) -> None:
     assert int(_arg(args, "--slo-tpot-ms")) == serving["slo"]["tpotMs"]
     assert float(_arg(args, "--transfer-timeout-s")) == serving["transfer"]["timeoutS"]
     assert _arg(args, "--transfer-failure-policy") == serving["transfer"]["failurePolicy"]
-    assert int(_arg(args, "--block-size")) == serving["blockSize"]
     assert int(_arg(args, "--kv-cache-mb")) == serving["kvCacheMiB"]
-    for key, flag in (("maxModelLen", "--max-model-len"), ("dtype", "--dtype")):
+    for key, flag in (("blockSize", "--block-size"), ("maxModelLen", "--max-model-len"), ("dtype", "--dtype")):
         if serving.get(key) is None:
             assert flag not in args, f"{flag} is left to pdserve when serving.{key} is null"
         else:

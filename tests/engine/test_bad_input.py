@@ -23,7 +23,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm(small_model: Path) -> LLM:
-    return LLM(str(small_model), num_blocks=64, max_model_len=MAX_LEN)
+    return LLM(str(small_model), num_blocks=64, block_size=16, max_model_len=MAX_LEN)  # GOOD spans a 16-token block
 
 
 @pytest.fixture(scope="module")

@@ -132,7 +132,7 @@ def test_chunked_prefill_with_a_budget_smaller_than_the_prompts(gqa: Case) -> No
 
 
 def test_shared_prefixes_hit_the_prefix_cache(gqa: Case) -> None:
-    llm, first = run_llm(gqa, max_num_batched_tokens=256)
+    llm, first = run_llm(gqa, max_num_batched_tokens=256, block_size=16)
     followers = [r for r in first[8:] if len(r.prompt_token_ids) >= 64]
     assert sum(r.usage.cached_tokens for r in first) > 0
     assert any(r.usage.cached_tokens >= 16 for r in followers)
@@ -153,8 +153,9 @@ def test_preemption_with_chunking_and_prefix_cache(gqa: Case) -> None:
     assert llm.engine.scheduler.num_preemptions > 0
 
 
-def test_block_size_other_than_16(gqa: Case) -> None:
+def test_block_sizes_other_than_the_default(gqa: Case) -> None:
     run_llm(gqa, block_size=8, max_num_batched_tokens=100)
+    run_llm(gqa, block_size=16, max_num_batched_tokens=100)
 
 
 def test_decode_attention_in_many_small_groups(gqa: Case, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -245,7 +245,7 @@ def test_the_two_extreme_seeds_differ(make_llm: Callable[..., LLM]) -> None:
 
 
 def test_n_outputs_are_seeded_reproducible_and_share_the_prompt_kv(make_llm: Callable[..., LLM]) -> None:
-    llm = make_llm()
+    llm = make_llm(block_size=16)
     prompt = tokens(40, seed=11)
     params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True, logprobs=0)
     llm.engine.block_manager.take_stats()

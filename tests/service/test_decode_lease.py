@@ -24,7 +24,7 @@ from services.worker.fingerprint import kv_fingerprint
 
 @pytest.fixture
 def worker(small_model: Path) -> DecodeWorker:
-    config = EngineConfig(model=str(small_model), cache=CacheConfig(num_blocks=256))
+    config = EngineConfig(model=str(small_model), cache=CacheConfig(block_size=16, num_blocks=256))
     return DecodeWorker(config, TransferConfig(timeout_s=5), "decode-test")
 
 
@@ -81,7 +81,7 @@ async def test_local_prefill_of_a_reserved_prompt_drops_the_reservation(worker: 
 
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
 async def test_failed_hand_off_follows_the_policy(small_model: Path, policy: str) -> None:
-    config = EngineConfig(model=str(small_model), cache=CacheConfig(num_blocks=256))
+    config = EngineConfig(model=str(small_model), cache=CacheConfig(block_size=16, num_blocks=256))
     worker = DecodeWorker(config, TransferConfig(timeout_s=5, failure_policy=policy), "decode-test")
     params = SamplingParams(temperature=0, max_tokens=4)
     prompt = list(range(10, 60))

@@ -23,7 +23,10 @@ from services.transfer.config import TransferConfig
 from tests.service.conftest import RunningServer
 
 PROMPT = ("The quick brown fox jumps over the lazy dog. Once upon a time, in a small village by the sea, there "
-          "lived an old fisherman who told stories")  # a few KV blocks long, so a repeat hits the prefix cache
+          "lived an old fisherman who told stories of the storms he had seen, of the ships that never came home, "
+          "and of the lighthouse keeper who kept the lamp burning through the longest night of the winter, while "
+          "the whole village waited on the harbour wall for the boats to return")
+# Longer than a KV block (64 tokens on CPU), so that a repeat hits the prefix cache.
 GREEDY: dict[str, Any] = {"temperature": 0.0, "max_tokens": 8, "extra_body": {"ignore_eos": True}}
 MESSAGES: list[dict[str, Any]] = [{"role": "system", "content": "You are terse."},
                                   {"role": "user", "content": "Name three colours."}]

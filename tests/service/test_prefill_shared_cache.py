@@ -42,7 +42,7 @@ async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> 
     # two of them starting mid-block.
     config = EngineConfig(
         model=str(small_model),
-        cache=CacheConfig(num_blocks=160),
+        cache=CacheConfig(block_size=16, num_blocks=160),
         scheduler=SchedulerConfig(max_num_batched_tokens=40),
     )
     async with worker_pair(config, TransferConfig(timeout_s=10)) as (prefill, decode, peer):
@@ -73,7 +73,7 @@ async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> 
 
 async def test_blocks_of_a_failed_send_are_held_another_timeout_then_released(small_model: Path) -> None:
     """A decode side that never acknowledges: the prefill fails, and its blocks stay out of reuse a while."""
-    config = EngineConfig(model=str(small_model), cache=CacheConfig(num_blocks=160))
+    config = EngineConfig(model=str(small_model), cache=CacheConfig(block_size=16, num_blocks=160))
     async with worker_pair(config, TransferConfig(timeout_s=0.5)) as (prefill, decode, peer):
         decode.receiver._on_events = lambda conn, events: False  # type: ignore[method-assign]
         params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)

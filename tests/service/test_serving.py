@@ -218,7 +218,7 @@ def test_model_info_health_reflection(disagg_server: RunningServer) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     info = disagg_server.stub().GetModelInfo(pb.ModelInfoRequest(), timeout=10)
-    assert info.vocab_size == 8192 and info.mode == "disagg" and info.block_size == 16
+    assert info.vocab_size == 8192 and info.mode == "disagg" and info.block_size == 64  # the CPU default
     channel = grpc.insecure_channel(disagg_server.grpc_target)
     status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"))
     assert status.status == health_pb2.HealthCheckResponse.SERVING

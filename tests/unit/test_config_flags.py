@@ -57,7 +57,10 @@ def test_serve_flags_cover_every_field_but_those_serve_sets_itself() -> None:
 
 def test_the_flag_names_and_defaults_serve_has_always_had() -> None:
     a = _parse()
-    assert (a.kv_cache_mb, a.block_size, a.num_blocks, a.no_chunked_prefill) == (512, 16, None, False)
+    assert (a.kv_cache_mb, a.block_size, a.num_blocks, a.no_chunked_prefill) == (512, None, None, False)
+    assert EngineConfig(model="m").block_size == 64  # a block of its own per decode read on CPU
+    assert EngineConfig(model="m", device="cuda").block_size == 16
+    assert EngineConfig(model="m", cache=CacheConfig(block_size=32)).block_size == 32
     assert (a.max_num_seqs, a.max_num_batched_tokens, a.max_model_len, a.dtype) == (128, 2048, None, None)
     assert (a.mode, a.prefill_policy, a.decode_policy, a.local_prefill_threshold) == (
         "disagg", "prefix_affinity", "least_loaded", 32)

@@ -126,8 +126,10 @@ exec:
 - {{ int .Values.serving.transfer.stagingMiB | quote }}
 - --transfer-spin-us
 - {{ int .Values.serving.transfer.spinUs | quote }}
+{{- with .Values.serving.blockSize }}
 - --block-size
-- {{ int .Values.serving.blockSize | quote }}
+- {{ int . | quote }}
+{{- end }}
 - --kv-cache-mb
 - {{ int .Values.serving.kvCacheMiB | quote }}
 {{- with .Values.serving.maxModelLen }}
