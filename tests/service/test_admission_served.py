@@ -32,8 +32,8 @@ MODEL = "tiny"  # the served name: the model directory's
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, serve_model_dir: str) -> Iterator[RunningServer]:
     server = start_server(tmp_path_factory.mktemp("admission"), serve_model_dir, "--mode", "disagg",
-                          "--local-prefill-threshold", "0", "--max-model-len", "512", "--num-blocks", "40", "--block-size", "16",
-                          "--max-queued-requests", "2")
+                          "--local-prefill-threshold", "0", "--max-model-len", "512", "--num-blocks", "40",
+                          "--block-size", "16", "--max-queued-requests", "2")
     yield server.wait_http_ready()
     server.stop()
 
