@@ -167,7 +167,7 @@ class Service:
 
     @staticmethod
     def _bind_router(spec: PoolSpec) -> None:
-        """With --cpu-bind auto, runs this process, and the Ray daemons it starts, on the prefill workers' cores
+        """With --cpu-bind auto, runs this process, and the Ray daemons it starts, on the decode workers' cores
         (services/worker/cores.py); the workers bind themselves as they start."""
         from services.router.pool import plan_workers
         from services.worker.cores import bind_process, router_cores

@@ -16,8 +16,9 @@ def test_each_worker_gets_cores_of_its_own() -> None:
     assert share_cores([0, 1], ["prefill", "decode", "decode"]) is None  # more workers than cores: none bound
 
 
-def test_the_router_runs_on_the_prefill_workers_cores() -> None:
-    assert router_cores([(0,), (1,)], ["prefill", "decode"]) == (0,)
+def test_the_router_runs_on_the_decode_workers_cores() -> None:
+    assert router_cores([(0,), (1,)], ["prefill", "decode"]) == (1,)
+    assert router_cores([(0,), (1,), (2, 3)], ["prefill", "decode", "decode"]) == (1, 2, 3)
     assert router_cores([(0, 1), (2, 3)], ["colocated", "colocated"]) == (0, 1, 2, 3)
 
 
