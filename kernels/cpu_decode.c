@@ -73,6 +73,18 @@ static void *run(void *arg) {
     return NULL;
 }
 
+/* The first sequence of worker w of `threads`: the sequences are cut where the running sum of their
+ * decode contexts passes w / threads of the total, so that each worker reads about as much KV. */
+static long first_sequence(const int64_t *lens, const int64_t *starts, long batch, long total, int w, int threads) {
+    const long goal = total * w / threads;
+    long b = 0;
+    for (long sum = 0; b < batch; b++) {
+        if (sum >= goal) break;
+        if (starts[b + 1] - starts[b] == 1) sum += lens[b];
+    }
+    return b;
+}
+
 /* `threads` > 1 splits the sequences between that many threads, this one included; `scratch` holds
  * `threads` slices of `scratch_per_thread` (>= num_heads * max(context_lens)) floats. */
 void pd_decode_attention(const float *q, long q_row, long q_head, const float *kv, long num_blocks,
@@ -87,10 +99,15 @@ void pd_decode_attention(const float *q, long q_row, long q_head, const float *k
     job_t jobs[64];
     pthread_t ids[64];
     if (threads > 64) threads = 64;
+    long total = 0;
+    for (long b = 0; b < batch; b++)
+        if (starts[b + 1] - starts[b] == 1) total += lens[b];
     for (int w = 0; w < threads; w++) {
         jobs[w] = (job_t){q, k, v, tables, lens, starts, out, q_row, q_head, out_row, out_head, table_row,
                           block_size, num_heads, num_kv_heads, head_dim, batch, scale,
-                          seqs * w / threads, seqs * (w + 1) / threads, scratch + w * scratch_per_thread};
+                          first_sequence(lens, starts, batch, total, w, threads),
+                          w + 1 < threads ? first_sequence(lens, starts, batch, total, w + 1, threads) : batch,
+                          scratch + w * scratch_per_thread};
     }
     int started = 0;
     for (int w = 1; w < threads; w++, started++)

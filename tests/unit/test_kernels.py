@@ -84,6 +84,8 @@ ATTENTION_CASES = {
     "odd_group_page5": ([3, 1, 12], [10, 11, 12], 6, 2, 64, 5),
     "page32": ([17, 1], [40, 33], 4, 4, 64, 32),
     "single_sequence": ([20], [45], 4, 2, 64, 16),
+    # decodes of very different lengths, which the CPU kernel's threads split by KV read, not by count
+    "uneven_decodes": ([1] * 9, [300, 2, 3, 90, 1, 64, 65, 7, 200], 4, 2, 64, 64),
 }
 
 
