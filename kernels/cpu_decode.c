@@ -73,16 +73,19 @@ static void *run(void *arg) {
     return NULL;
 }
 
-/* The first sequence of worker w of `threads`: the sequences are cut where the running sum of their
+/* bounds[w] .. bounds[w + 1]: the sequences of worker w of `threads`, cut where the running sum of their
  * decode contexts passes w / threads of the total, so that each worker reads about as much KV. */
-static long first_sequence(const int64_t *lens, const int64_t *starts, long batch, long total, int w, int threads) {
-    const long goal = total * w / threads;
-    long b = 0;
-    for (long sum = 0; b < batch; b++) {
-        if (sum >= goal) break;
-        if (starts[b + 1] - starts[b] == 1) sum += lens[b];
+static void split_by_kv(const int64_t *lens, const int64_t *starts, long batch, int threads, long *bounds) {
+    long total = 0;
+    for (long b = 0; b < batch; b++)
+        if (starts[b + 1] - starts[b] == 1) total += lens[b];
+    long b = 0, sum = 0;
+    for (int w = 0; w < threads; w++) {
+        for (; b < batch && sum < total * w / threads; b++)
+            if (starts[b + 1] - starts[b] == 1) sum += lens[b];
+        bounds[w] = b;
     }
-    return b;
+    bounds[threads] = batch;
 }
 
 /* `threads` > 1 splits the sequences between that many threads, this one included; `scratch` holds
@@ -99,14 +102,11 @@ void pd_decode_attention(const float *q, long q_row, long q_head, const float *k
     job_t jobs[64];
     pthread_t ids[64];
     if (threads > 64) threads = 64;
-    long total = 0;
-    for (long b = 0; b < batch; b++)
-        if (starts[b + 1] - starts[b] == 1) total += lens[b];
+    long bounds[65];
+    split_by_kv(lens, starts, batch, threads, bounds);
     for (int w = 0; w < threads; w++) {
         jobs[w] = (job_t){q, k, v, tables, lens, starts, out, q_row, q_head, out_row, out_head, table_row,
-                          block_size, num_heads, num_kv_heads, head_dim, batch, scale,
-                          first_sequence(lens, starts, batch, total, w, threads),
-                          w + 1 < threads ? first_sequence(lens, starts, batch, total, w + 1, threads) : batch,
+                          block_size, num_heads, num_kv_heads, head_dim, batch, scale, bounds[w], bounds[w + 1],
                           scratch + w * scratch_per_thread};
     }
     int started = 0;
