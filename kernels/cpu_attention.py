@@ -28,7 +28,10 @@ SOURCE = HERE / "cpu_decode.c"
 BUILD_DIR = HERE / "_build"
 # -ffast-math lets the compiler vectorise the dot products' sums and expf (libmvec); slots past a context
 # are never read, so no NaN or infinity reaches the arithmetic but the -inf a running maximum starts from.
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-shared", "-fPIC", "-pthread", "-Wall")
+# It is a compile flag only: a library linked with it carries GCC's crtfastmath, which on load sets the
+# loading process's floating-point mode to flush subnormals to zero, in torch's arithmetic too.
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-pthread", "-Wall")
+LDFLAGS = ("-shared", "-pthread")
 # Decodes whose K and V together take less than this run on the calling thread alone: starting a thread
 # costs tens of microseconds, about what reading this much takes.
 THREAD_MIN_BYTES = 2**20
@@ -41,19 +44,22 @@ use_native = True  # False: every CPU call runs the torch reference (benchmarks 
 
 def build() -> Path:
     """Compiles cpu_decode.c unless this source and these flags are built already; returns the library."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_flags()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS + LDFLAGS).encode() + _cpu_flags()).hexdigest()[:16]
     target = BUILD_DIR / f"cpu_decode-{key}.so"
     if target.exists():
         return target
     BUILD_DIR.mkdir(exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
     os.close(fd)
+    cc = os.environ.get("CC", "cc")
     try:
-        subprocess.run([os.environ.get("CC", "cc"), *CFLAGS, "-o", tmp, str(SOURCE), "-lm"],
-                       check=True, capture_output=True, text=True)
+        subprocess.run([cc, *CFLAGS, "-c", "-o", tmp + ".o", str(SOURCE)], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *LDFLAGS, "-o", tmp, tmp + ".o", "-lm"], check=True, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         os.unlink(tmp)
         raise RuntimeError(f"building {SOURCE.name} failed: {getattr(exc, 'stderr', '') or exc}") from None
+    finally:
+        Path(tmp + ".o").unlink(missing_ok=True)
     os.replace(tmp, target)
     return target
 
