@@ -58,6 +58,7 @@ def _decode_group(
     # All of a sequence's query heads sit at the same position, so the heads sharing a KV head act as
     # that head's queries: no GQA expansion and no causal mask, only the padding mask.
     qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a cache of another dtype (--kv-cache-dtype) is widened here
     out = F.scaled_dot_product_attention(qg, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.reshape(batch, num_heads, head_dim)
 
@@ -92,6 +93,7 @@ def _prefill_one(
     """q: [q_len, Hq, D] for the last q_len positions of a context_len-token sequence."""
     q_len = q.shape[0]
     k, v = _gather(kv_layer, block_table, context_len)  # [L, Hk, D]
+    k, v = k.to(q.dtype), v.to(q.dtype)
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if q_len == context_len:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)

@@ -7,7 +7,8 @@ small tensor ops per layer at batch 1. The kernel walks the block table instead:
 one pass over V, with no copy and no mask (slots past a context are never read).
 
 The kernel is compiled with the system C compiler on first use into `_build/`, keyed by a hash of the
-source and the compiler flags. Without a compiler, or for other dtypes, the reference runs instead.
+source and the compiler flags. It reads a float32, float16 or bfloat16 cache (`--kv-cache-dtype`) and computes in
+float32. Without a compiler, or for queries other than float32, the reference runs instead.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ BUILD_DIR = HERE / "_build"
 # loading process's floating-point mode to flush subnormals to zero, in torch's arithmetic too.
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-pthread", "-Wall")
 LDFLAGS = ("-shared", "-pthread")
+# The kernel's entry point for each dtype of the KV cache it reads; queries and outputs are float32.
+ENTRY_POINTS = {torch.float32: "pd_decode_attention", torch.float16: "pd_decode_attention_f16",
+                torch.bfloat16: "pd_decode_attention_bf16"}
 # Decodes whose K and V together take less than this run on the calling thread alone: starting a thread
 # costs tens of microseconds, about what reading this much takes.
 THREAD_MIN_BYTES = 2**20
@@ -85,11 +89,12 @@ def library() -> ctypes.CDLL | None:
                 log.warning("CPU decode attention kernel unavailable, using the torch reference: %s", exc)
                 _state["lib"] = None
             else:
-                fn = so.pd_decode_attention
                 p, lng = ctypes.c_void_p, ctypes.c_long
-                fn.argtypes = [p, lng, lng, p, lng, p, lng, p, p, lng, lng, lng, lng, lng, ctypes.c_float,
-                               p, lng, lng, p, lng, ctypes.c_int]
-                fn.restype = None
+                for name in ENTRY_POINTS.values():
+                    fn = getattr(so, name)
+                    fn.argtypes = [p, lng, lng, p, lng, p, lng, p, p, lng, lng, lng, lng, lng, ctypes.c_float,
+                                   p, lng, lng, p, lng, ctypes.c_int]
+                    fn.restype = None
                 _state["lib"] = so
     return _state["lib"]
 
@@ -108,7 +113,7 @@ def decode_in_place(
     cannot take these tensors. decode_lens: the context lengths of those sequences. The kernel trusts the
     block table's entries below each context to name blocks of kv_layer, as the Triton kernel does."""
     so = library() if use_native else None
-    if so is None or q.dtype != torch.float32 or kv_layer.dtype != torch.float32 or q.stride(-1) != 1:
+    if so is None or q.dtype != torch.float32 or kv_layer.dtype not in ENTRY_POINTS or q.stride(-1) != 1:
         return False
     if not decode_lens:
         return True
@@ -117,11 +122,11 @@ def decode_in_place(
     _, num_blocks, block_size, num_kv_heads, head_dim = kv.shape
     if max(decode_lens) > tables.shape[1] * block_size:
         raise ValueError(f"paged_attention: a context of {max(decode_lens)} tokens overruns its block table")
-    token_bytes = 2 * num_kv_heads * head_dim * 4
+    token_bytes = 2 * num_kv_heads * head_dim * kv.element_size()
     threads = torch.get_num_threads() if sum(decode_lens) * token_bytes >= THREAD_MIN_BYTES else 1
-    per_thread = q.shape[1] * max(decode_lens)
+    per_thread = q.shape[1] * max(decode_lens) + num_kv_heads * head_dim  # scores, then one token row widened
     scratch = torch.empty(threads * per_thread, dtype=torch.float32)
-    so.pd_decode_attention(
+    getattr(so, ENTRY_POINTS[kv.dtype])(
         q.data_ptr(), q.stride(0), q.stride(1), kv.data_ptr(), num_blocks, tables.data_ptr(), tables.stride(0),
         lens.data_ptr(), starts.data_ptr(), lens.shape[0], block_size, q.shape[1], num_kv_heads, head_dim,
         scale, out.data_ptr(), out.stride(0), out.stride(1), scratch.data_ptr(), per_thread, threads,

@@ -1,4 +1,4 @@
-/* Decode attention over the paged KV cache on the CPU, reading K and V in place (float32).
+/* Decode attention over the paged KV cache on the CPU, reading K and V in place.
  *
  * For every sequence b whose query is a single row (query_start_loc[b + 1] - query_start_loc[b] == 1),
  * the query heads of each KV head attend to keys 0 .. context_lens[b] - 1 of the blocks named by
@@ -6,17 +6,22 @@
  * is copied out of the cache and slots past a context are never read (they may hold stale values or NaN).
  * Rows of other sequences (prefill chunks, idle ones) are left as they are.
  *
- *   kv_layer:  [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous
- *   q, out:    [T, num_heads, head_dim], head_dim contiguous, strides in elements
+ *   kv_layer:  [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous, float32, float16 or
+ *              bfloat16 (one entry point each: pd_decode_attention, _f16, _bf16); arithmetic is float32
+ *   q, out:    [T, num_heads, head_dim] float32, head_dim contiguous, strides in elements
  *   scratch:   num_heads * max(context_lens) floats per worker
  */
 
+#include <immintrin.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef struct {
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v;
+    int kv_type; /* KV_F32, KV_F16 or KV_BF16 */
     const int64_t *tables, *lens, *starts;
     float *out;
     long q_row, q_head, out_row, out_head, table_row;
@@ -25,6 +30,41 @@ typedef struct {
     long first, last; /* the sequences this worker takes: [first, last) */
     float *scratch;
 } job_t;
+
+enum { KV_F32, KV_F16, KV_BF16 };
+
+static inline float from_bf16(uint16_t x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* float16 to float32, 16 or 8 at a time where the CPU converts vectors (GCC leaves a plain loop over
+ * _Float16 to one element per instruction). */
+static inline void widen_f16(const _Float16 *h, float *out, long n) {
+    long d = 0;
+#if defined(__AVX512F__)
+    for (; d + 16 <= n; d += 16) _mm512_storeu_ps(out + d, _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(h + d))));
+#endif
+#if defined(__F16C__)
+    for (; d + 8 <= n; d += 8) _mm256_storeu_ps(out + d, _mm256_cvtph_ps(_mm_loadu_si128((const void *)(h + d))));
+#endif
+    for (; d < n; d++) out[d] = (float)h[d];
+}
+
+/* One token row's K or V, widened to float32 for the arithmetic; `widened` holds it when the cache is not
+ * float32. */
+static inline const float *token_row(const job_t *j, const void *plane, long offset, long n, float *widened) {
+    if (j->kv_type == KV_F32) return (const float *)plane + offset;
+    if (j->kv_type == KV_F16) {
+        widen_f16((const _Float16 *)plane + offset, widened, n);
+    } else {
+        const uint16_t *h = (const uint16_t *)plane + offset;
+        for (long d = 0; d < n; d++) widened[d] = from_bf16(h[d]);
+    }
+    return widened;
+}
 
 static float dot(const float *restrict a, const float *restrict b, long n) {
     float s = 0;
@@ -40,9 +80,10 @@ static void one_sequence(const job_t *j, long b) {
     const int64_t *table = j->tables + b * j->table_row;
     const float *qb = j->q + j->starts[b] * j->q_row;
     float *ob = j->out + j->starts[b] * j->out_row;
-    float *scores = j->scratch; /* [heads][len] */
+    float *scores = j->scratch, *widened = j->scratch + heads * len; /* [heads][len], then one token row */
     for (long t = 0; t < len; t++) {
-        const float *key = j->k + table[t / j->block_size] * block_stride + (t % j->block_size) * row;
+        const long at = table[t / j->block_size] * block_stride + (t % j->block_size) * row;
+        const float *key = token_row(j, j->k, at, row, widened);
         for (long h = 0; h < heads; h++)
             scores[h * len + t] = dot(qb + h * j->q_head, key + h / group * dim, dim) * j->scale;
     }
@@ -57,7 +98,8 @@ static void one_sequence(const job_t *j, long b) {
         for (long d = 0; d < dim; d++) o[d] = 0;
     }
     for (long t = 0; t < len; t++) {
-        const float *value = j->v + table[t / j->block_size] * block_stride + (t % j->block_size) * row;
+        const long at = table[t / j->block_size] * block_stride + (t % j->block_size) * row;
+        const float *value = token_row(j, j->v, at, row, widened);
         for (long h = 0; h < heads; h++) {
             const float p = scores[h * len + t], *restrict vh = value + h / group * dim;
             float *restrict o = ob + h * j->out_head;
@@ -89,13 +131,15 @@ static void split_by_kv(const int64_t *lens, const int64_t *starts, long batch, 
 }
 
 /* `threads` > 1 splits the sequences between that many threads, this one included; `scratch` holds
- * `threads` slices of `scratch_per_thread` (>= num_heads * max(context_lens)) floats. */
-void pd_decode_attention(const float *q, long q_row, long q_head, const float *kv, long num_blocks,
-                        const int64_t *tables, long table_row, const int64_t *lens, const int64_t *starts,
-                        long batch, long block_size, long num_heads, long num_kv_heads, long head_dim, float scale,
-                        float *out, long out_row, long out_head, float *scratch, long scratch_per_thread,
-                        int threads) {
-    const float *k = kv, *v = kv + num_blocks * block_size * num_kv_heads * head_dim;
+ * `threads` slices of `scratch_per_thread` (>= num_heads * max(context_lens) + num_kv_heads * head_dim)
+ * floats. `kv` holds elements of `kv_type`. */
+static void decode_attention(const float *q, long q_row, long q_head, const void *kv, int kv_type, long num_blocks,
+                             const int64_t *tables, long table_row, const int64_t *lens, const int64_t *starts,
+                             long batch, long block_size, long num_heads, long num_kv_heads, long head_dim,
+                             float scale, float *out, long out_row, long out_head, float *scratch,
+                             long scratch_per_thread, int threads) {
+    const size_t plane = (size_t)num_blocks * block_size * num_kv_heads * head_dim;
+    const void *k = kv, *v = (const char *)kv + plane * (kv_type == KV_F32 ? 4 : 2);
     const long seqs = batch;
     if (threads < 1) threads = 1;
     if (threads > seqs) threads = seqs > 0 ? (int)seqs : 1;
@@ -105,7 +149,7 @@ void pd_decode_attention(const float *q, long q_row, long q_head, const float *k
     long bounds[65];
     split_by_kv(lens, starts, batch, threads, bounds);
     for (int w = 0; w < threads; w++) {
-        jobs[w] = (job_t){q, k, v, tables, lens, starts, out, q_row, q_head, out_row, out_head, table_row,
+        jobs[w] = (job_t){q, k, v, kv_type, tables, lens, starts, out, q_row, q_head, out_row, out_head, table_row,
                           block_size, num_heads, num_kv_heads, head_dim, batch, scale, bounds[w], bounds[w + 1],
                           scratch + w * scratch_per_thread};
     }
@@ -116,3 +160,17 @@ void pd_decode_attention(const float *q, long q_row, long q_head, const float *k
     for (int w = 1; w <= started; w++) pthread_join(ids[w], NULL);
     for (int w = started + 1; w < threads; w++) run(&jobs[w]); /* threads that could not start */
 }
+
+#define ENTRY(name, type)                                                                                         \
+    void name(const float *q, long q_row, long q_head, const void *kv, long num_blocks, const int64_t *tables,   \
+              long table_row, const int64_t *lens, const int64_t *starts, long batch, long block_size,            \
+              long num_heads, long num_kv_heads, long head_dim, float scale, float *out, long out_row,            \
+              long out_head, float *scratch, long scratch_per_thread, int threads) {                              \
+        decode_attention(q, q_row, q_head, kv, type, num_blocks, tables, table_row, lens, starts, batch,          \
+                         block_size, num_heads, num_kv_heads, head_dim, scale, out, out_row, out_head, scratch,   \
+                         scratch_per_thread, threads);                                                            \
+    }
+
+ENTRY(pd_decode_attention, KV_F32)
+ENTRY(pd_decode_attention_f16, KV_F16)
+ENTRY(pd_decode_attention_bf16, KV_BF16)

@@ -16,8 +16,8 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    flat[0].index_copy_(0, slot_mapping, k)
-    flat[1].index_copy_(0, slot_mapping, v)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_layer.dtype))  # a cache of another dtype: --kv-cache-dtype
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_layer.dtype))
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> None:

@@ -214,9 +214,13 @@ def _available_device() -> str:
 
 
 def engine_config(a: argparse.Namespace, device: str) -> EngineConfig:
-    """The workers' engine config from the parsed flags (`a.model` already resolved)."""
-    return ENGINE_FLAGS.build(a, model=a.model, device=device, cache=CACHE_FLAGS.build(a),
-                              scheduler=SCHEDULER_FLAGS.build(a))
+    """The workers' engine config from the parsed flags (`a.model` already resolved); flags that do not go
+    together exit with the reason (no traceback, nothing started)."""
+    try:
+        return ENGINE_FLAGS.build(a, model=a.model, device=device, cache=CACHE_FLAGS.build(a),
+                                  scheduler=SCHEDULER_FLAGS.build(a))
+    except ValueError as e:
+        raise SystemExit(f"pdserve serve: error: {e}") from None
 
 
 def transfer_config(a: argparse.Namespace) -> TransferConfig:

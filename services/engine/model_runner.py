@@ -21,7 +21,7 @@ PROMPT_LOGPROBS_ROWS = 512  # prompt rows turned into logits at once: bounds the
 def num_kv_blocks(config: EngineConfig, model: ModelConfig) -> int:
     if config.cache.num_blocks is not None:
         return config.cache.num_blocks
-    itemsize = TORCH_DTYPES[config.torch_dtype_name].itemsize
+    itemsize = TORCH_DTYPES[config.kv_cache_dtype_name].itemsize
     per_block = 2 * model.num_layers * model.num_kv_heads * model.head_dim * config.block_size * itemsize
     return max(config.cache.kv_cache_bytes // per_block, 1)
 
@@ -51,17 +51,17 @@ class ModelRunner:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.device = torch.device(config.device)
-        self.dtype = TORCH_DTYPES[config.torch_dtype_name]
         self.block_size = config.block_size
         self.model = load_model(model_config, config.device, config.torch_dtype_name)
         if self.device.type == "cpu":
             self.model.prepare_cpu()
         shape = (model_config.num_layers, 2, num_blocks, self.block_size, model_config.num_kv_heads,
                  model_config.head_dim)
+        kv_dtype = TORCH_DTYPES[config.kv_cache_dtype_name]
         if self.device.type == "cpu":
-            self.kv_cache = zeros_on_huge_pages(shape, self.dtype)
+            self.kv_cache = zeros_on_huge_pages(shape, kv_dtype)
         else:
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.kv_cache = torch.zeros(shape, dtype=kv_dtype, device=self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             max_blocks_per_seq = -(-max_model_len // self.block_size)

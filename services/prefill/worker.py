@@ -183,8 +183,8 @@ class PrefillWorker(EngineWorker):
             blocks = KVBlocks(send.num_tokens, source.block_table)
             return lambda layer, k, v: blocks
         if isinstance(source, BatchRows):
-            rows = slice(source.start, source.stop)
-            return lambda layer, k, v: KVTensors(k[rows], v[rows])
+            rows, dtype = slice(source.start, source.stop), self.engine.kv_cache.dtype  # --kv-cache-dtype
+            return lambda layer, k, v: KVTensors(k[rows].to(dtype), v[rows].to(dtype))
         slots = torch.tensor(source.slots)
         kv_cache = self.engine.kv_cache
 

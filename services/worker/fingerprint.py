@@ -10,7 +10,7 @@ def kv_fingerprint(worker: EngineWorker) -> KVFingerprint:
     cfg = worker.engine.model_config
     return KVFingerprint(
         model=cfg.name,
-        dtype=worker.config.torch_dtype_name,
+        dtype=worker.config.kv_cache_dtype_name,
         block_size=worker.config.block_size,
         num_layers=cfg.num_layers,
         num_kv_heads=cfg.num_kv_heads,

@@ -387,7 +387,8 @@ def test_router_args(scenario: str) -> None:
     assert float(_arg(args, "--transfer-timeout-s")) == serving["transfer"]["timeoutS"]
     assert _arg(args, "--transfer-failure-policy") == serving["transfer"]["failurePolicy"]
     assert int(_arg(args, "--kv-cache-mb")) == serving["kvCacheMiB"]
-    for key, flag in (("blockSize", "--block-size"), ("maxModelLen", "--max-model-len"), ("dtype", "--dtype")):
+    for key, flag in (("blockSize", "--block-size"), ("maxModelLen", "--max-model-len"), ("dtype", "--dtype"),
+                      ("kvCacheDtype", "--kv-cache-dtype")):
         if serving.get(key) is None:
             assert flag not in args, f"{flag} is left to pdserve when serving.{key} is null"
         else:

@@ -158,6 +158,28 @@ def test_block_sizes_other_than_the_default(gqa: Case) -> None:
     run_llm(gqa, block_size=16, max_num_batched_tokens=100)
 
 
+@pytest.mark.parametrize(("kv_dtype", "tolerance"), [("float16", 0.01), ("bfloat16", 0.05)])
+def test_a_half_precision_kv_cache(gqa: Case, kv_dtype: str, tolerance: float) -> None:
+    """kv_cache_dtype float16/bfloat16 under float32 weights: twice the blocks in the same bytes, and each
+    token's logprob within `tolerance` of the float32 cache's until their greedy tokens part (a near tie)."""
+    params = SamplingParams(temperature=0, max_tokens=NUM_OUT, ignore_eos=True, logprobs=0)
+    full = LLM(str(gqa.model), kv_cache_bytes=2**24)
+    half = LLM(str(gqa.model), kv_cache_bytes=2**24, kv_cache_dtype=kv_dtype)
+    assert half.engine.num_blocks == 2 * full.engine.num_blocks
+    assert half.engine.kv_cache.dtype == getattr(torch, kv_dtype)
+    agreed = 0
+    for a, b in zip(full.generate(gqa.prompts, params, use_tqdm=False),
+                    half.generate(gqa.prompts, params, use_tqdm=False), strict=True):
+        logprobs = zip(a.outputs[0].logprobs or [], b.outputs[0].logprobs or [], strict=True)
+        for x, y, (lx, ly) in zip(a.token_ids, b.token_ids, logprobs, strict=True):
+            assert abs(lx.logprob - ly.logprob) < tolerance
+            if x != y:
+                break
+            agreed += 1
+    assert agreed >= 0.8 * NUM_OUT * len(gqa.prompts)
+    assert_clean(half.engine)
+
+
 def test_decode_attention_in_many_small_groups(gqa: Case, monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU decode path splits the batch into groups by K/V bytes; force one or two sequences per group."""
     import kernels.attention

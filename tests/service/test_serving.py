@@ -102,6 +102,24 @@ def test_other_shapes_match_offline(tmp_path, serve_model_dir: str, expected: li
         assert server.stop() == 0, server.log()[-3000:]
 
 
+def test_a_float16_kv_cache_is_handed_off_and_matches_offline(tmp_path, serve_model_dir: str) -> None:
+    """--kv-cache-dtype float16 under float32 weights: the prompt KV crosses from the prefill worker's float16
+    cache to the decode worker's, and the tokens are those of the offline engine with the same cache."""
+    from services.engine import LLM, SamplingParams
+
+    llm = LLM(serve_model_dir, kv_cache_dtype="float16")
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    want = [r.token_ids for r in llm.generate(_prompts(), params, use_tqdm=False)]
+    server = start_server(tmp_path, serve_model_dir, "--mode", "disagg", "--local-prefill-threshold", "0",
+                          "--kv-cache-dtype", "float16")
+    try:
+        assert _run_concurrently(server, [_greedy(p) for p in _prompts()]) == want
+        assert _transfer_counts(server) == {"ok": NUM_REQUESTS, "failed": 0}
+        _assert_kv_whole(server)
+    finally:
+        assert server.stop() == 0, server.log()[-3000:]
+
+
 def test_streaming_delivers_several_chunks(disagg_server: RunningServer) -> None:
     tokens, responses = asyncio.run(_collect(disagg_server, _greedy(list(range(100, 400)), max_tokens=64)))
     chunks = [r for r in responses if r.HasField("chunk") and r.chunk.token_ids]

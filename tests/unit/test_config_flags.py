@@ -72,6 +72,25 @@ def test_the_flag_names_and_defaults_serve_has_always_had() -> None:
         _parse("--transfer-failure-policy", "retry")
 
 
+def test_the_kv_cache_dtype_flag() -> None:
+    a = _parse("--model", "m", "--kv-cache-dtype", "float16")
+    engine = serve.engine_config(a, "cpu")
+    assert engine.cache.kv_cache_dtype == "float16" and engine.kv_cache_dtype_name == "float16"
+    assert EngineConfig(model="m").kv_cache_dtype_name == "float32"  # auto: the model's dtype
+    assert EngineConfig(model="m", device="cuda").kv_cache_dtype_name == "bfloat16"
+    with pytest.raises(SystemExit, match="--kv-cache-dtype auto"):  # the Triton kernels take one dtype
+        serve.engine_config(a, "cuda")
+    with pytest.raises(SystemExit):
+        _parse("--kv-cache-dtype", "int8")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        CacheConfig(kv_cache_dtype="fp8")
+
+
+def test_a_bad_engine_flag_exits_with_its_reason() -> None:
+    with pytest.raises(SystemExit, match="pdserve serve: error: block_size must be a power of two, got 3"):
+        serve.engine_config(_parse("--model", "m", "--block-size", "3"), "cpu")
+
+
 def test_defaults_build_the_default_configs() -> None:
     a = _parse("--model", "m")
     assert serve.engine_config(a, "cpu") == EngineConfig(model="m")

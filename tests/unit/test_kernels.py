@@ -384,6 +384,41 @@ def test_cpu_attention_in_place_matches_reference(name: str, threads: int, monke
 
 
 @pytest.mark.usefixtures("native_kernel")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["mixed_gqa", "decode_long_context", "uneven_decodes"])
+def test_cpu_attention_over_a_half_precision_cache(name: str, kv_dtype: torch.dtype, threads: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """--kv-cache-dtype: the kernel widens each K and V row of a float16 or bfloat16 cache to float32, so it
+    matches the reference over the same values in a float32 cache."""
+    monkeypatch.setattr(cpu_attention, "THREAD_MIN_BYTES", 0 if threads > 1 else 1 << 62)
+    case = attention_case(*ATTENTION_CASES[name], seed=5)
+    half = case._replace(kv_layer=case.kv_layer.to(kv_dtype))
+    widened = case._replace(kv_layer=half.kv_layer.float())
+    starts = case.query_start_loc.tolist()
+    decode_lens = [n for b, n in enumerate(case.context_lens.tolist()) if starts[b + 1] - starts[b] == 1]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert cpu_attention.decode_in_place(*half, torch.zeros_like(case.q), decode_lens)  # not the fallback
+        out = paged_attention_cpu(*half)
+    finally:
+        torch.set_num_threads(before)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, paged_attention_ref(*widened), **FP32_TOL)
+    torch.testing.assert_close(paged_attention_ref(*half), paged_attention_ref(*widened), **FP32_TOL)
+
+
+def test_store_kv_rounds_into_a_half_precision_cache() -> None:
+    kv = torch.zeros(2, 4, 16, 2, 64, dtype=torch.bfloat16)
+    k, v = torch.randn(5, 2, 64), torch.randn(5, 2, 64)
+    slots = torch.tensor([3, 17, 18, 40, 63])
+    store_kv(k, v, kv, slots)
+    flat = kv.view(2, 64, 2, 64)
+    assert torch.equal(flat[0][slots], k.to(torch.bfloat16)) and torch.equal(flat[1][slots], v.to(torch.bfloat16))
+
+
+@pytest.mark.usefixtures("native_kernel")
 def test_cpu_attention_reads_only_the_context_of_shared_blocks() -> None:
     """Decodes after a prefix-cache hit: four sequences share their first two blocks (3 and 7); every slot
     past a context holds a huge stale value or NaN, and sequence 2, which ends on a block boundary, has a NaN

@@ -130,6 +130,10 @@ exec:
 - --block-size
 - {{ int . | quote }}
 {{- end }}
+{{- with .Values.serving.kvCacheDtype }}
+- --kv-cache-dtype
+- {{ . | quote }}
+{{- end }}
 - --kv-cache-mb
 - {{ int .Values.serving.kvCacheMiB | quote }}
 {{- with .Values.serving.maxModelLen }}
