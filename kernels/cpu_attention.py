@@ -31,13 +31,17 @@ BUILD_DIR = HERE / "_build"
 # are never read, so no NaN or infinity reaches the arithmetic but the -inf a running maximum starts from.
 # It is a compile flag only: a library linked with it carries GCC's crtfastmath, which on load sets the
 # loading process's floating-point mode to flush subnormals to zero, in torch's arithmetic too.
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-pthread", "-Wall")
-LDFLAGS = ("-shared", "-pthread")
+# -fopenmp: the kernel splits its decodes over the OpenMP team of torch, whose libgomp (soname libgomp.so.1) is
+# loaded before the library and so is the one it binds to. Its own pthreads had to share the cores with that
+# team's threads, which spin between torch's operators: on the peers' offline batch the kernel took 1.0 s on
+# two pthreads, 0.78 s on one thread, 0.49 s on torch's two (services/bench/README.md).
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-fopenmp", "-Wall")
+LDFLAGS = ("-shared", "-fopenmp")
 # The kernel's entry point for each dtype of the KV cache it reads; queries and outputs are float32.
 ENTRY_POINTS = {torch.float32: "pd_decode_attention", torch.float16: "pd_decode_attention_f16",
                 torch.bfloat16: "pd_decode_attention_bf16"}
-# Decodes whose K and V together take less than this run on the calling thread alone: starting a thread
-# costs tens of microseconds, about what reading this much takes.
+# Decodes whose K and V together take less than this run on the calling thread alone: waking the team's
+# other threads costs up to tens of microseconds, about what reading this much takes.
 THREAD_MIN_BYTES = 2**20
 
 log = logging.getLogger(__name__)

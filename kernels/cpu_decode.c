@@ -14,7 +14,7 @@
 
 #include <immintrin.h>
 #include <math.h>
-#include <pthread.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -66,46 +66,63 @@ static inline const float *token_row(const job_t *j, const void *plane, long off
     return widened;
 }
 
-static float dot(const float *restrict a, const float *restrict b, long n) {
+static inline __attribute__((always_inline)) float dot(const float *restrict a, const float *restrict b, long n) {
     float s = 0;
     for (long d = 0; d < n; d++) s += a[d] * b[d];
     return s;
 }
 
 /* One sequence, all heads: K and V are read token row by token row (every KV head of a token is one
- * contiguous row), in the order the blocks lie in the cache. */
-static void one_sequence(const job_t *j, long b) {
-    const long heads = j->num_heads, group = heads / j->num_kv_heads, dim = j->head_dim, len = j->lens[b];
-    const long row = j->num_kv_heads * dim, block_stride = j->block_size * row;
+ * contiguous row), block by block in the order of the block table. `dim` is a constant in the callers
+ * below, so that each head's dot product and update compile to a fixed run of vector instructions. */
+static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j, long b, const long dim) {
+    const long heads = j->num_heads, kv_heads = j->num_kv_heads, group = heads / kv_heads, len = j->lens[b];
+    const long bs = j->block_size, row = kv_heads * dim, block_stride = bs * row;
     const int64_t *table = j->tables + b * j->table_row;
     const float *qb = j->q + j->starts[b] * j->q_row;
     float *ob = j->out + j->starts[b] * j->out_row;
     float *scores = j->scratch, *widened = j->scratch + heads * len; /* [heads][len], then one token row */
-    for (long t = 0; t < len; t++) {
-        const long at = table[t / j->block_size] * block_stride + (t % j->block_size) * row;
-        const float *key = token_row(j, j->k, at, row, widened);
-        for (long h = 0; h < heads; h++)
-            scores[h * len + t] = dot(qb + h * j->q_head, key + h / group * dim, dim) * j->scale;
+    for (long t0 = 0; t0 < len; t0 += bs) {
+        const long base = table[t0 / bs] * block_stride, n = len - t0 < bs ? len - t0 : bs;
+        for (long i = 0; i < n; i++) {
+            const float *key = token_row(j, j->k, base + i * row, row, widened);
+            for (long g = 0, h = 0; g < kv_heads; g++)
+                for (long m = 0; m < group; m++, h++)
+                    scores[h * len + t0 + i] = dot(qb + h * j->q_head, key + g * dim, dim) * j->scale;
+        }
     }
     for (long h = 0; h < heads; h++) {
-        float *s = scores + h * len, top = -INFINITY, total = 0;
-        for (long t = 0; t < len; t++) top = s[t] > top ? s[t] : top;
-        for (long t = 0; t < len; t++) s[t] = expf(s[t] - top);
-        for (long t = 0; t < len; t++) total += s[t];
+        float *sh = scores + h * len, top = -INFINITY, total = 0;
+        for (long t = 0; t < len; t++) top = sh[t] > top ? sh[t] : top;
+        for (long t = 0; t < len; t++) sh[t] = expf(sh[t] - top);
+        for (long t = 0; t < len; t++) total += sh[t];
         const float inv = 1.0f / total;
-        for (long t = 0; t < len; t++) s[t] *= inv;
+        for (long t = 0; t < len; t++) sh[t] *= inv;
         float *o = ob + h * j->out_head;
         for (long d = 0; d < dim; d++) o[d] = 0;
     }
-    for (long t = 0; t < len; t++) {
-        const long at = table[t / j->block_size] * block_stride + (t % j->block_size) * row;
-        const float *value = token_row(j, j->v, at, row, widened);
-        for (long h = 0; h < heads; h++) {
-            const float p = scores[h * len + t], *restrict vh = value + h / group * dim;
-            float *restrict o = ob + h * j->out_head;
-            for (long d = 0; d < dim; d++) o[d] += p * vh[d];
+    for (long t0 = 0; t0 < len; t0 += bs) {
+        const long base = table[t0 / bs] * block_stride, n = len - t0 < bs ? len - t0 : bs;
+        for (long i = 0; i < n; i++) {
+            const float *value = token_row(j, j->v, base + i * row, row, widened);
+            for (long g = 0, h = 0; g < kv_heads; g++)
+                for (long m = 0; m < group; m++, h++) {
+                    const float p = scores[h * len + t0 + i], *restrict vg = value + g * dim;
+                    float *restrict o = ob + h * j->out_head;
+                    for (long d = 0; d < dim; d++) o[d] += p * vg[d];
+                }
         }
     }
+}
+
+static void sequence_64(const job_t *j, long b) { sequence_of_dim(j, b, 64); }
+static void sequence_128(const job_t *j, long b) { sequence_of_dim(j, b, 128); }
+static void sequence_any(const job_t *j, long b) { sequence_of_dim(j, b, j->head_dim); }
+
+static void one_sequence(const job_t *j, long b) {
+    if (j->head_dim == 64) sequence_64(j, b);
+    else if (j->head_dim == 128) sequence_128(j, b);
+    else sequence_any(j, b);
 }
 
 static void *run(void *arg) {
@@ -144,7 +161,6 @@ static void decode_attention(const float *q, long q_row, long q_head, const void
     if (threads < 1) threads = 1;
     if (threads > seqs) threads = seqs > 0 ? (int)seqs : 1;
     job_t jobs[64];
-    pthread_t ids[64];
     if (threads > 64) threads = 64;
     long bounds[65];
     split_by_kv(lens, starts, batch, threads, bounds);
@@ -153,12 +169,14 @@ static void decode_attention(const float *q, long q_row, long q_head, const void
                           block_size, num_heads, num_kv_heads, head_dim, batch, scale, bounds[w], bounds[w + 1],
                           scratch + w * scratch_per_thread};
     }
-    int started = 0;
-    for (int w = 1; w < threads; w++, started++)
-        if (pthread_create(&ids[w], NULL, run, &jobs[w]) != 0) break;
-    run(&jobs[0]);
-    for (int w = 1; w <= started; w++) pthread_join(ids[w], NULL);
-    for (int w = started + 1; w < threads; w++) run(&jobs[w]); /* threads that could not start */
+    /* The threads are the process's OpenMP team, torch's own (the library links the libgomp torch has
+     * loaded): they are the ones spinning on the cores between torch's operators, so they start at once and
+     * no thread of ours competes with them for a core. */
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int team = omp_get_num_threads();
+        for (int w = omp_get_thread_num(); w < threads; w += team) run(&jobs[w]);
+    }
 }
 
 #define ENTRY(name, type)                                                                                         \
