@@ -58,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "peers"), help="where the results go")
     p.add_argument("--servers", default=",".join(x.name for x in PEERS), help="comma list of servers to run")
     p.add_argument("--num-requests", type=int, default=32, help="requests per rate of the sweep")
-    p.add_argument("--request-rate", default="1,2,4,6,8",
-                   help="Poisson rates of the sweep, req/s (past 4, where a server saturates shows)")
+    p.add_argument("--request-rate", default="1,2,4,8,12,16",
+                   help="Poisson rates of the sweep, req/s (on to where every server saturates on 2 cores: 4-6 "
+                        "req/s on a Zen 4 host, past 8 on a Zen 5 one)")
     p.add_argument("--input-len", default="256:1024")
     p.add_argument("--output-len", default="32:128")
     p.add_argument("--single-requests", type=int, default=8, help="one-at-a-time requests (input 256, output 128)")

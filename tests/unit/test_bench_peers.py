@@ -139,7 +139,7 @@ def test_serve_arguments_for_the_sweep_and_the_one_at_a_time_run(tmp_path: Path)
     args = parser.parse_args(["--model", str(tmp_path)])
     sweep = peers._serve_args(args, "http://127.0.0.1:1", single=False)
     assert (sweep.input_len, sweep.output_len, sweep.num_requests, sweep.request_rate) == ("256:1024", "32:128",
-                                                                                             32, "1,2,4,6,8")
+                                                                                             32, "1,2,4,8,12,16")
     assert sweep.goodput == ["ttft:3000", "tpot:150"] and sweep.max_concurrency is None
     single = peers._serve_args(args, "http://127.0.0.1:1", single=True)
     assert (single.input_len, single.output_len, single.request_rate, single.max_concurrency) == ("256", "128",
