@@ -57,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (default: pdserve's built-in tiny model)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "peers"), help="where the results go")
     p.add_argument("--servers", default=",".join(x.name for x in PEERS), help="comma list of servers to run")
-    p.add_argument("--num-requests", type=int, default=32, help="requests per rate of the sweep")
+    p.add_argument("--num-requests", type=int, default=32, help="requests per rate of the sweep (at least)")
+    p.add_argument("--min-duration-s", type=float, default=8.0,
+                   help="each rate sends at least rate x this many requests (bench serve --min-duration-s): with "
+                        "32 requests at 16 req/s the arrivals end before a server's queue shows")
     p.add_argument("--request-rate", default="1,2,4,8,12,16",
                    help="Poisson rates of the sweep, req/s (on to where every server saturates on 2 cores: 4-6 "
                         "req/s on a Zen 4 host, past 8 on a Zen 5 one)")
@@ -74,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "model": args.model, "num_requests": args.num_requests,
+        "model": args.model, "num_requests": args.num_requests, "min_duration_s": args.min_duration_s,
         "rates": [float(r) for r in args.request_rate.split(",")],
         "input_len": args.input_len, "output_len": args.output_len,
         "single_requests": args.single_requests, "single_input": 256, "single_output": 128,
@@ -90,7 +93,8 @@ def _serve_args(args: argparse.Namespace, url: str, single: bool) -> argparse.Na
     shape = (["--input-len", "256", "--output-len", "128", "--num-requests", str(args.single_requests),
               "--request-rate", "inf", "--max-concurrency", "1"] if single else
              ["--input-len", args.input_len, "--output-len", args.output_len,
-              "--num-requests", str(args.num_requests), "--request-rate", args.request_rate])
+              "--num-requests", str(args.num_requests), "--min-duration-s", str(args.min_duration_s),
+              "--request-rate", args.request_rate])
     slo = [f"ttft:{SLO_A.ttft_ms:g}", f"tpot:{SLO_A.tpot_ms:g}"]
     return parser.parse_args(["--target", url, "--tokenizer", args.model, "--dataset", "random", *shape,
                               "--goodput", *slo, "--seed", str(args.seed), "--disable-tqdm"])

@@ -158,6 +158,13 @@ def targets(results: list[PeerResult], rates: list[float]) -> list[str]:
     return lines
 
 
+def _requests_per_rate(config: dict[str, Any]) -> str:
+    seconds = float(config.get("min_duration_s") or 0)
+    if not seconds:
+        return f"{config['num_requests']} requests"
+    return f"max({config['num_requests']}, rate x {seconds:g} s) requests"
+
+
 def markdown(results: list[PeerResult], config: dict[str, Any], notes: list[str]) -> str:
     """The whole report: the load, the three tables, the greedy check and any errors."""
     rates = [float(x) for x in config["rates"]]
@@ -165,7 +172,7 @@ def markdown(results: list[PeerResult], config: dict[str, Any], notes: list[str]
         "# pdserve against llama-server",
         "",
         f"Serving load: `pdserve bench serve` over HTTP /v1/completions, token-id prompts of {config['input_len']} "
-        f"tokens, outputs of {config['output_len']}, {config['num_requests']} requests per rate, Poisson "
+        f"tokens, outputs of {config['output_len']}, {_requests_per_rate(config)} per rate, Poisson "
         f"{', '.join(map(rate_label, rates))} req/s. Goodput is the best over the rates.",
         "",
         *serving_table(results, rates),

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS, default="random")
     p.add_argument("--dataset-path", default=None, help="ShareGPT JSON file (--dataset sharegpt)")
     p.add_argument("--num-requests", type=int, default=100, help="random and sharegpt: requests to send")
+    p.add_argument("--min-duration-s", type=float, default=0.0,
+                   help="random: a rate's run sends at least rate x this many requests, so that its arrivals span "
+                        "this long; a server's saturation shows only when its queue outlasts the arrivals")
     p.add_argument("--input-len", default="128", help="prompt tokens, N or A:B (random; multi-turn user turns)")
     p.add_argument("--output-len", default="32", help="output tokens, N or A:B (random, shared-prefix, multi-turn)")
     p.add_argument("--sharegpt-output-len", type=int, default=None, help="override ShareGPT reply lengths")
@@ -155,6 +159,8 @@ def _validate(args: argparse.Namespace) -> tuple[list[float], Slo | None]:
         raise ValueError("--num-requests must be at least 1")
     if args.timeout_s <= 0:
         raise ValueError("--timeout-s must be positive")
+    if args.min_duration_s < 0:
+        raise ValueError("--min-duration-s must be >= 0")
     LengthRange.parse(args.output_len)
     LengthRange.parse(args.input_len)
     return rates, slo
@@ -182,7 +188,7 @@ async def bench(args: argparse.Namespace) -> list[tuple[RunResult, Summary]]:
         runs: list[tuple[RunResult, Summary]] = []
         metrics_url = _metrics_url(args)
         for i, rate in enumerate(rates):
-            conversations = build_dataset(args, text_codec, space, max_len, args.seed + i)
+            conversations = build_dataset(requests_for_rate(args, rate), text_codec, space, max_len, args.seed + i)
             config = LoadConfig(rate, args.max_concurrency, args.seed + i, args.temperature)
             before = await token_stages.scrape(metrics_url) if metrics_url else {}
             run = await run_load(target, conversations, config, not args.disable_tqdm,
@@ -199,6 +205,14 @@ async def bench(args: argparse.Namespace) -> list[tuple[RunResult, Summary]]:
         print_sweep(sys.stdout, runs)
     sys.stdout.flush()
     return runs
+
+
+def requests_for_rate(args: argparse.Namespace, rate: float) -> argparse.Namespace:
+    """The arguments of one rate's run: --num-requests, or more where --min-duration-s asks (random dataset)."""
+    if args.dataset != "random" or not math.isfinite(rate):
+        return args
+    return argparse.Namespace(**{**vars(args), "num_requests": max(args.num_requests,
+                                                                    math.ceil(rate * args.min_duration_s))})
 
 
 def _metrics_url(args: argparse.Namespace) -> str | None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from services.bench import llama_server, peers
+from services.bench import serve as bench_serve
 from services.bench.load import LoadConfig, RunResult
 from services.bench.metrics import RequestRecord, summarize
 from services.bench.peers_report import (
@@ -141,6 +142,8 @@ def test_serve_arguments_for_the_sweep_and_the_one_at_a_time_run(tmp_path: Path)
     assert (sweep.input_len, sweep.output_len, sweep.num_requests, sweep.request_rate) == ("256:1024", "32:128",
                                                                                              32, "1,2,4,8,12,16")
     assert sweep.goodput == ["ttft:3000", "tpot:150"] and sweep.max_concurrency is None
+    assert sweep.min_duration_s == 8.0
+    assert [bench_serve.requests_for_rate(sweep, r).num_requests for r in (1, 4, 8, 16)] == [32, 32, 64, 128]
     single = peers._serve_args(args, "http://127.0.0.1:1", single=True)
     assert (single.input_len, single.output_len, single.request_rate, single.max_concurrency) == ("256", "128",
                                                                                                   "inf", 1)
