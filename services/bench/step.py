@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from services.bench.offline import ENGINE_FLAGS, SCHEDULER_FLAGS, decode_weight_bytes, memory_bandwidth
+from services.engine.config import DTYPES
 
 if TYPE_CHECKING:
     from services.engine.engine import LLMEngine
@@ -55,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-gib", type=float, default=0.5)
     parser.add_argument("--block-size", type=int, default=None,
                         help="tokens per KV block (default: the engine's, 64 on CPU and 16 on CUDA)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", *DTYPES),
+                        help="what the KV cache stores (default: the model's dtype)")
     parser.add_argument("--compare-reference", action="store_true",
                         help="also time the torch reference attention (gathers K/V) in every round")
     parser.add_argument("--seed", type=int, default=0)
@@ -96,7 +99,8 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.model = resolve_model(args.model)
-    cache = CacheConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * 2**30))
+    cache = CacheConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
+                        kv_cache_dtype=args.kv_cache_dtype)
     scheduler = SchedulerConfig(**SCHEDULER_FLAGS.values(args))
     return LLMEngine(EngineConfig(model=args.model, cache=cache, scheduler=scheduler, **ENGINE_FLAGS.values(args)))
 
