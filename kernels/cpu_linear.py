@@ -6,15 +6,19 @@ at 4 rows against 3.8 ms packed, 20.7 against 12.2 at 32 rows, 202 against 160 a
 18.9 against 8.1 ms at 32 rows, 124 against 91 at 512 (services/bench/README.md). oneDNN's packed layout is what
 torch's own CPU compiler (inductor) uses for the same reason.
 
-A single row (a decode step at batch 1) is the exception: MKL's matrix-vector product over a row-major [in, out]
-copy streams the weights on one thread in 3.9 ms against 5.2 ms packed, and a packed product on two threads,
-2.6 ms alone, waits at its OpenMP barrier whenever the router or Ray takes the other core: served one request at
-a time, colocated on 2 cores, TPOT p50 was 7.5-8.4 ms packed against 5.9-6.1 ms with the copy. So each layer
-also keeps that copy, which doubles the projections' memory. Where torch has no oneDNN, or the dtype is not
-float32, the layer stays a plain nn.Linear.
+A single row (a decode step at batch 1) depends on the CPU. On the Zen 4 host of the earlier measurements MKL's
+matrix-vector product over a row-major [in, out] copy streamed the weights on one thread in 3.9 ms against 5.2 ms
+packed; on a Zen 5 host the packed product is the faster: a whole batch-1 step took 2.9-3.1 ms against 3.5-3.7
+on one thread and 2.3-2.5 against 3.9-4.0 on two (`pdserve bench step --batch-sizes 1`). So `choose_one_row_path`
+times both on the model's own layers when the model is readied, at the worker's thread count, and drops the
+row-major copy (which doubles the projections' memory) where the packed product is at least 10% faster. Where
+torch has no oneDNN, or the dtype is not float32, the layer stays a plain nn.Linear.
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -31,12 +35,13 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach().contiguous()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
-        # x @ W over a contiguous [in, out] tensor: MKL's matrix-vector form streams it fastest at one row.
-        self.row_major = weight.t().contiguous()
+        # x @ W over a contiguous [in, out] tensor, for single rows where MKL's matrix-vector form streams it
+        # faster than the packed product (choose_one_row_path; None: single rows take the packed product too).
+        self.row_major: torch.Tensor | None = weight.t().contiguous()
         self.weight_bytes = weight.numel() * weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
+        if x.shape[0] == 1 and self.row_major is not None:
             out = x @ self.row_major
             return out if self.bias is None else out + self.bias
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
@@ -54,3 +59,38 @@ def pack_linears(model: nn.Module) -> int:
     for parent, name, child in swaps:
         setattr(parent, name, PackedLinear(child))
     return len(swaps)
+
+
+ONE_ROW_ROUNDS = 9  # rounds of each path, interleaved; the medians are compared
+ONE_ROW_MARGIN = 0.9  # the packed product must take at most this share of the row-major time to be chosen
+
+
+@torch.inference_mode()
+def choose_one_row_path(model: nn.Module) -> tuple[str, float, float]:
+    """Times a single row through every PackedLinear of `model` both ways, at torch's current thread count, and
+    drops the row-major copies where the packed product is clearly faster. Returns the path chosen ("packed" or
+    "row-major") and the two medians in seconds (packed, row-major); about 50 ms for the tiny preset."""
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.row_major is not None]
+    if not layers:
+        return "packed", 0.0, 0.0
+    inputs = {m.in_features: torch.randn(1, m.in_features) for m in layers}
+    copies = [m.row_major for m in layers]
+
+    def one_pass(row_major: bool) -> float:
+        for m, copy in zip(layers, copies, strict=True):
+            m.row_major = copy if row_major else None
+        start = time.perf_counter()
+        for m in layers:
+            m(inputs[m.in_features])
+        return time.perf_counter() - start
+
+    one_pass(False), one_pass(True)  # first calls create the primitives
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(ONE_ROW_ROUNDS):
+        for row_major in (False, True):
+            times[row_major].append(one_pass(row_major))
+    packed, row_major = statistics.median(times[False]), statistics.median(times[True])
+    keep = packed > ONE_ROW_MARGIN * row_major
+    for m, copy in zip(layers, copies, strict=True):
+        m.row_major = copy if keep else None
+    return ("row-major" if keep else "packed"), packed, row_major

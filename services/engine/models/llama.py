@@ -6,6 +6,7 @@ belong to which sequence. q/k/v and gate/up projections are fused into single ma
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,11 +15,13 @@ from torch import nn
 
 import kernels.cpu_attention as cpu_attention
 from kernels.attention import paged_attention
-from kernels.cpu_linear import pack_linears
+from kernels.cpu_linear import choose_one_row_path, pack_linears
 from kernels.kv_store import store_kv
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary, build_cos_sin_cache
 from services.engine.model_config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 # Called after each layer's K/V for the batch is written: (layer, k [T, Hk, D], v [T, Hk, D]).
 LayerKVHook = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -135,14 +138,17 @@ class LlamaForCausalLM(nn.Module):
 
     def prepare_cpu(self) -> None:
         """Readies the model for CPU steps: builds the in-place decode attention kernel now (about a second,
-        once per source) rather than in the first step, and prepacks each float32 projection for oneDNN
-        (kernels/cpu_linear.py). A projection left unpacked stores its [out, in] weight as the transpose of a
-        contiguous [in, out] tensor, so that F.linear hands MKL a plain x @ W product, whose matrix-vector form
-        streams the weights about 1.7x faster at batch 1 and 2. A tied lm_head gets a packed copy; the
-        embedding keeps its layout, which lookups need.
+        once per source) rather than in the first step, prepacks each float32 projection for oneDNN, and picks
+        the faster product for single rows on this CPU (kernels/cpu_linear.py). A projection left unpacked
+        stores its [out, in] weight as the transpose of a contiguous [in, out] tensor, so that F.linear hands
+        MKL a plain x @ W product, whose matrix-vector form streams the weights about 1.7x faster at batch 1
+        and 2. A tied lm_head gets a packed copy; the embedding keeps its layout, which lookups need.
         """
         cpu_attention.library()
         pack_linears(self)
+        path, packed, row_major = choose_one_row_path(self)
+        log.info("single-row products: %s (all projections once: packed %.2f ms, row-major %.2f ms, %d threads)",
+                 path, packed * 1e3, row_major * 1e3, torch.get_num_threads())
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.weight is not self.embed_tokens.weight:
                 module.weight.data = module.weight.data.t().contiguous().t()
