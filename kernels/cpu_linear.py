@@ -76,9 +76,9 @@ def choose_one_row_path(model: nn.Module) -> tuple[str, float, float]:
     inputs = {m.in_features: torch.randn(1, m.in_features) for m in layers}
     copies = [m.row_major for m in layers]
 
-    def one_pass(row_major: bool) -> float:
+    def one_pass(use_copy: bool) -> float:
         for m, copy in zip(layers, copies, strict=True):
-            m.row_major = copy if row_major else None
+            m.row_major = copy if use_copy else None
         start = time.perf_counter()
         for m in layers:
             m(inputs[m.in_features])
@@ -87,10 +87,10 @@ def choose_one_row_path(model: nn.Module) -> tuple[str, float, float]:
     one_pass(False), one_pass(True)  # first calls create the primitives
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(ONE_ROW_ROUNDS):
-        for row_major in (False, True):
-            times[row_major].append(one_pass(row_major))
-    packed, row_major = statistics.median(times[False]), statistics.median(times[True])
-    keep = packed > ONE_ROW_MARGIN * row_major
+        for use_copy in (False, True):
+            times[use_copy].append(one_pass(use_copy))
+    packed_s, row_major_s = statistics.median(times[False]), statistics.median(times[True])
+    keep = packed_s > ONE_ROW_MARGIN * row_major_s
     for m, copy in zip(layers, copies, strict=True):
         m.row_major = copy if keep else None
-    return ("row-major" if keep else "packed"), packed, row_major
+    return ("row-major" if keep else "packed"), packed_s, row_major_s
