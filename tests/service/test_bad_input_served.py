@@ -204,9 +204,12 @@ def test_undecodable_messages_are_invalid_argument(server: RunningServer, method
 
 
 async def _generate(stub: pb_grpc.GenerationStub, request: pb.GenerateRequest) -> int | grpc.StatusCode:
-    """How many replies the call got, or its error code."""
+    """How many tokens the call streamed before its complete reply, or its error code. (Replies are not
+    counted: a reply carries every token that was ready, one or several.)"""
     try:
-        return len([r async for r in stub.Generate(request, timeout=60)])
+        replies = [r async for r in stub.Generate(request, timeout=60)]
+        assert replies[-1].HasField("complete"), replies[-1]
+        return sum(len(r.chunk.token_ids) for r in replies if r.HasField("chunk"))
     except grpc.aio.AioRpcError as e:
         return e.code()
 
@@ -217,9 +220,9 @@ def test_duplicate_request_ids(server: RunningServer) -> None:
             stub = pb_grpc.GenerationStub(channel)
             same = _greedy(list(range(10, 100)), 20, request_id="dup")
             results = await asyncio.gather(*(_generate(stub, same) for _ in range(4)))
-            assert sorted(r for r in results if isinstance(r, int)) == [21], results
+            assert sorted(r for r in results if isinstance(r, int)) == [20], results
             assert results.count(grpc.StatusCode.INVALID_ARGUMENT) == 3, results
-            assert await _generate(stub, same) == 21  # the id is free again once its request is over
+            assert await _generate(stub, same) == 20  # the id is free again once its request is over
             # With n=2 the outputs run as "fam-0" and "fam-1" on the workers: a request named "fam-1" must
             # not collide with them.
             family = stub.Generate(_greedy(list(range(10, 100)), 500, request_id="fam", n=2), timeout=60)
