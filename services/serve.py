@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pdserve.serve")
 
 # The flags of each config dataclass (defaults and help on its fields); the fields left out are set here.
-ENGINE_FLAGS = ConfigFlags(EngineConfig, exclude=("model", "device", "cache", "scheduler", "num_threads"))
+ENGINE_FLAGS = ConfigFlags(EngineConfig, exclude=("model", "device", "cache", "scheduler", "num_threads",
+                                                  "single_row_threads"))
 CACHE_FLAGS = ConfigFlags(CacheConfig, exclude=("enable_prefix_caching",))
 SCHEDULER_FLAGS = ConfigFlags(SchedulerConfig)
 ROUTER_FLAGS = ConfigFlags(RouterConfig, exclude=("max_request_bytes",))

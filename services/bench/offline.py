@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from services.engine.llm import LLM
 
 # pdserve's engine options (defaults and help on the config fields); the KV cache size is --kv-cache-gib.
-ENGINE_FLAGS = ConfigFlags(EngineConfig, exclude=("model", "cache", "scheduler", "num_threads", "max_model_len",
-                                                  "generation_config"))
+ENGINE_FLAGS = ConfigFlags(EngineConfig, exclude=("model", "cache", "scheduler", "num_threads", "single_row_threads",
+                                                  "max_model_len", "generation_config"))
 SCHEDULER_FLAGS = ConfigFlags(SchedulerConfig, exclude=("enable_chunked_prefill",))
 
 

@@ -83,6 +83,11 @@ class EngineConfig:
     num_threads: int | None = field(
         default=None, metadata=flag("torch intra-op threads (default: torch's own)")
     )
+    single_row_threads: int | None = field(
+        default=None,
+        metadata=flag("torch threads of a CPU step of one row, a decode at batch 1 (default: num_threads); the "
+                      "server's decode workers take 1, as the router and Ray run on their cores"),
+    )
     max_model_len: int | None = field(
         default=None, metadata=flag("context limit, tokens (default: the model's own context length)")
     )
@@ -98,6 +103,8 @@ class EngineConfig:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.dtype not in (None, *DTYPES):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.single_row_threads is not None and self.single_row_threads < 1:
+            raise ValueError(f"single_row_threads must be positive, got {self.single_row_threads}")
         if self.generation_config not in GENERATION_CONFIGS:
             raise ValueError(f"generation_config must be 'auto' or 'vllm', got {self.generation_config!r}")
         if self.device == "cuda" and self.kv_cache_dtype_name != self.torch_dtype_name:

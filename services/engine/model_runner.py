@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -46,6 +48,20 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
     return tensor.zero_()
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block (None: left as they are)."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig, num_blocks: int, max_model_len: int) -> None:
         if config.num_threads:
@@ -53,8 +69,11 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.model = load_model(model_config, config.device, config.torch_dtype_name)
+        # A step of one row runs on config.single_row_threads; the model picks its products for single rows there.
+        self.single_row_threads = config.single_row_threads if self.device.type == "cpu" else None
         if self.device.type == "cpu":
-            self.model.prepare_cpu()
+            with torch_threads(self.single_row_threads):
+                self.model.prepare_cpu()
         shape = (model_config.num_layers, 2, num_blocks, self.block_size, model_config.num_kv_heads,
                  model_config.head_dim)
         kv_dtype = TORCH_DTYPES[config.kv_cache_dtype_name]
@@ -101,6 +120,11 @@ class ModelRunner:
         if not sched.scheduled:
             return RunnerOutput()
         input_ids, batch = self._prepare(sched)
+        with torch_threads(self.single_row_threads if input_ids.shape[0] == 1 else None):
+            return self._execute(sched, input_ids, batch, on_layer_kv)
+
+    def _execute(self, sched: SchedulerOutput, input_ids: torch.Tensor, batch: AttentionBatch,
+                 on_layer_kv: LayerKVHook | None) -> RunnerOutput:
         sampling = [s for s in sched.scheduled if s.sample]
         all_decode = len(sampling) == len(sched.scheduled) == input_ids.shape[0]
         out = RunnerOutput()

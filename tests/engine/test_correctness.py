@@ -239,3 +239,31 @@ def test_seeded_sampling_is_independent_of_the_batch(gqa: Case) -> None:
 
 def _fields(params: SamplingParams) -> dict[str, Any]:
     return {k: getattr(params, k) for k in params.__dataclass_fields__}
+
+
+def test_single_row_steps_run_on_their_own_thread_count(gqa: Case, monkeypatch: pytest.MonkeyPatch) -> None:
+    """single_row_threads (a served decode worker's 1): a step of one row runs on that many torch threads, any
+    other step on num_threads, and the count is restored after each step."""
+    from services.engine.models.llama import LlamaForCausalLM
+
+    seen: list[tuple[int, int]] = []
+    forward = LlamaForCausalLM.forward
+
+    def recording(self: LlamaForCausalLM, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        seen.append((input_ids.shape[0], torch.get_num_threads()))
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", recording)
+    before = torch.get_num_threads()
+    try:
+        llm = LLM(str(gqa.model), num_threads=2, single_row_threads=1, num_blocks=64)
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        llm.generate([gqa.prompts[9]], params, use_tqdm=False)  # a prompt, then decodes of one row
+        llm.generate([gqa.prompts[5], gqa.prompts[10]], params, use_tqdm=False)  # decodes of two rows
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert {threads for rows, threads in seen if rows == 1} == {1}
+    assert {threads for rows, threads in seen if rows > 1} == {2}
+    with pytest.raises(ValueError, match="single_row_threads must be positive"):
+        EngineConfig(model="m", single_row_threads=0)

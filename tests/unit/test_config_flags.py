@@ -50,6 +50,7 @@ def test_serve_flags_cover_every_field_but_those_serve_sets_itself() -> None:
     assert everything - flagged == {
         ("EngineConfig", "model"), ("EngineConfig", "device"), ("EngineConfig", "cache"),  # own flags / nested
         ("EngineConfig", "scheduler"), ("EngineConfig", "num_threads"),  # set per worker by the pools
+        ("EngineConfig", "single_row_threads"),
         ("CacheConfig", "enable_prefix_caching"), ("RouterConfig", "max_request_bytes"),
         ("TransferConfig", "port"), ("TransferConfig", "ucx_tls"),
     }
