@@ -9,7 +9,7 @@
  *   kv_layer:  [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous, float32, float16 or
  *              bfloat16 (one entry point each: pd_decode_attention, _f16, _bf16); arithmetic is float32
  *   q, out:    [T, num_heads, head_dim] float32, head_dim contiguous, strides in elements
- *   scratch:   num_heads * max(context_lens) floats per worker
+ *   scratch:   num_heads * max(context_lens) + num_kv_heads * head_dim floats per worker
  */
 
 #include <immintrin.h>
@@ -147,7 +147,7 @@ static void split_by_kv(const int64_t *lens, const int64_t *starts, long batch, 
     bounds[threads] = batch;
 }
 
-/* `threads` > 1 splits the sequences between that many threads, this one included; `scratch` holds
+/* `threads` > 1 splits the sequences between that many threads of the OpenMP team; `scratch` holds
  * `threads` slices of `scratch_per_thread` (>= num_heads * max(context_lens) + num_kv_heads * head_dim)
  * floats. `kv` holds elements of `kv_type`. */
 static void decode_attention(const float *q, long q_row, long q_head, const void *kv, int kv_type, long num_blocks,
