@@ -234,8 +234,9 @@ class WorkerPools:
         if slot.resource is not None:
             options["resources"] = {slot.resource: 1.0}
         threads = len(slot.cores) if slot.cores else max(1, int(slot.num_cpus)) if slot.num_gpus == 0 else 1
-        # A decode worker's cores run the router and Ray too (cores.router_cores): a single row's products split
-        # over two threads would wait at their barrier whenever one of those takes a core.
+        # A decode worker shares its cores: with the router and Ray's daemons on the router's host
+        # (cores.router_cores), with Ray's daemons elsewhere. A single row's products split over two threads wait
+        # at their barrier whenever one of those takes a core, so such a step runs on one.
         single_row = 1 if slot.role != "prefill" and slot.num_gpus == 0 else None
         config = dataclasses.replace(self.engine_config, num_threads=threads, single_row_threads=single_row)
         actor: Any
