@@ -27,7 +27,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from services.bench.offline import ENGINE_FLAGS, SCHEDULER_FLAGS, decode_weight_bytes, memory_bandwidth
-from services.engine.config import DTYPES
+from services.config_flags import ConfigFlags
+from services.engine.config import CacheConfig
+
+# --block-size and --kv-cache-dtype, as the engine defines them; the cache's size is --kv-cache-gib.
+CACHE_FLAGS = ConfigFlags(CacheConfig, exclude=("num_blocks", "kv_cache_bytes", "enable_prefix_caching"))
 
 if TYPE_CHECKING:
     from services.engine.engine import LLMEngine
@@ -54,14 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a prompt of this many tokens arrives after the decode rounds (0: none)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5)
-    parser.add_argument("--block-size", type=int, default=None,
-                        help="tokens per KV block (default: the engine's, 64 on CPU and 16 on CUDA)")
-    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", *DTYPES),
-                        help="what the KV cache stores (default: the model's dtype)")
     parser.add_argument("--compare-reference", action="store_true",
                         help="also time the torch reference attention (gathers K/V) in every round")
     parser.add_argument("--seed", type=int, default=0)
     ENGINE_FLAGS.add_to(parser)
+    CACHE_FLAGS.add_to(parser)
     SCHEDULER_FLAGS.add_to(parser)
 
 
@@ -92,15 +93,14 @@ def run(args: argparse.Namespace) -> int:
 def _engine(args: argparse.Namespace) -> LLMEngine:
     import torch
 
-    from services.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+    from services.engine.config import EngineConfig, SchedulerConfig
     from services.engine.engine import LLMEngine
     from services.modelgen.default_model import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     args.model = resolve_model(args.model)
-    cache = CacheConfig(block_size=args.block_size, kv_cache_bytes=int(args.kv_cache_gib * 2**30),
-                        kv_cache_dtype=args.kv_cache_dtype)
+    cache = CACHE_FLAGS.build(args, kv_cache_bytes=int(args.kv_cache_gib * 2**30))
     scheduler = SchedulerConfig(**SCHEDULER_FLAGS.values(args))
     return LLMEngine(EngineConfig(model=args.model, cache=cache, scheduler=scheduler, **ENGINE_FLAGS.values(args)))
 

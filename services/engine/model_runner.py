@@ -51,8 +51,7 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Ten
 @contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """torch's intra-op threads set to `threads` for the block (None: left as they are)."""
-    before = torch.get_num_threads()
-    if threads is None or threads == before:
+    if threads is None or threads == (before := torch.get_num_threads()):
         yield
         return
     torch.set_num_threads(threads)

@@ -237,7 +237,7 @@ class WorkerPools:
         # A decode worker shares its cores: with the router and Ray's daemons on the router's host
         # (cores.router_cores), with Ray's daemons elsewhere. A single row's products split over two threads wait
         # at their barrier whenever one of those takes a core, so such a step runs on one.
-        single_row = 1 if slot.role != "prefill" and slot.num_gpus == 0 else None
+        single_row = None if slot.role == "prefill" else 1  # (CUDA workers leave it unused)
         config = dataclasses.replace(self.engine_config, num_threads=threads, single_row_threads=single_row)
         actor: Any
         if slot.role == "prefill":
