@@ -53,3 +53,22 @@ def attention_case(
     return AttentionCase(
         q, kv_layer.to(device, dtype), table.to(device), lens.to(device), starts.to(device), dim**-0.5
     )
+
+
+# The cases both the Triton (interpreted) and the CPU kernel tests run: (q_lens, ctx_lens, hq, hk, dim, page).
+ATTENTION_CASES = {
+    # decodes + a prefill chunk after a cached prefix + a fresh prefill + an idle sequence, GQA 4:1
+    "mixed_gqa": ([1, 9, 1, 23, 0, 1], [37, 30, 1, 23, 5, 16], 8, 2, 64, 16),
+    # MHA, head_dim 128, a chunk longer than one query tile behind a prefix, plus a decode
+    "mha_long_chunk": ([70, 1], [85, 50], 2, 2, 128, 16),
+    # decode only, one KV head for four query heads, a long context over many small pages
+    "decode_long_context": ([1, 1, 1], [150, 7, 64], 4, 1, 64, 8),
+    # a group of 3 (padded to 4) and a page size that is not a power of two
+    "odd_group_page5": ([3, 1, 12], [10, 11, 12], 6, 2, 64, 5),
+    "page32": ([17, 1], [40, 33], 4, 4, 64, 32),
+    "single_sequence": ([20], [45], 4, 2, 64, 16),
+    # decodes of very different lengths, which the CPU kernel's threads split by KV read, not by count
+    "uneven_decodes": ([1] * 9, [300, 2, 3, 90, 1, 64, 65, 7, 200], 4, 2, 64, 64),
+}
+
+FP32_TOL = {"atol": 2e-5, "rtol": 1e-4}
