@@ -66,6 +66,18 @@ class SharedRegion:
         return self.address <= address and address + length <= self.address + self.length
 
 
+def peer_memory_mapped(local: int, remote: int, length: int) -> bool:
+    """Whether `length` bytes of a peer's, at `remote` there and mapped by UCX at `local` here, can be copied from.
+
+    A peer's memory must be one shared object's, to the end the peer claims. Mapped pages alone prove
+    nothing: whatever the kernel placed next to the object is mapped too. Only this process's own
+    memory (UCX's self transport maps it at its own address) need merely be mapped.
+    """
+    if local == remote:
+        return native.pages_mapped(local, length)
+    return native.shared_mapping(local, length)
+
+
 def open_region(conn: int, data: native.Connection, region: Any, what: str, prefault: bool) -> SharedRegion | None:
     """Unpack a SharedRegion message of the sender's (mapping it when on this host); None if unreachable.
 
@@ -80,7 +92,7 @@ def open_region(conn: int, data: native.Connection, region: Any, what: str, pref
         log.warning("KV connection %d: cannot reach the sender's %s (%s)", conn, what, exc)
         return None
     shared = SharedRegion(key, region.address, region.bytes, key.local_address(region.address))
-    if shared.mapped and not native.mapped(shared.mapped, shared.length):
+    if shared.mapped and not peer_memory_mapped(shared.mapped, region.address, shared.length):
         # Copies (ours, or UCX's shared-memory gets) would run off the end of what the sender really shares.
         log.warning("KV connection %d: the sender's %s is smaller than the %d bytes it claims", conn, what,
                     region.bytes)
@@ -192,7 +204,7 @@ class InPlaceGet(ReadPath):
             key = self._data.unpack(rkey)
             try:
                 local = key.local_address(address)  # shared memory: UCX's get copies from this mapping
-                if local and not native.mapped(local, half):
+                if local and not peer_memory_mapped(local, address, half):
                     raise native.NativeError("the sender's tensor is not all in the memory its key shares",
                                              native.UCS_ERR_INVALID_ADDR)
                 self._data.fetch(key, address, plane, pieces, self._timeout_s)

@@ -57,6 +57,39 @@ def test_pieces_hold_their_rows_pointers() -> None:
         Pieces(np.zeros((2, 3)))
 
 
+def test_a_claimed_region_must_lie_in_one_shared_mapping_of_its_own() -> None:
+    """`native.shared_mapping` vets a claimed region: memory mapped next to it, or past its object's end, is not it."""
+    import ctypes
+    import mmap
+    import os
+
+    from services.transfer import native
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    rw = mmap.PROT_READ | mmap.PROT_WRITE
+    size = 1 << 16
+    fd = os.memfd_create("pdserve-test-region")
+    os.ftruncate(fd, size)
+    # Private memory first, then the object's pages mapped over the start of it: the rest stays mapped right after.
+    below = libc.mmap(None, 4 * size, rw, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert below not in (None, ctypes.c_void_p(-1).value)
+    try:
+        assert libc.mmap(below, size, rw, mmap.MAP_SHARED | 0x10, fd, 0) == below  # MAP_FIXED
+        assert native.shared_mapping(below, size) and native.shared_mapping(below + 100, size - 100)
+        assert not native.shared_mapping(below, size + 1)  # the next page is mapped, but is not the object
+        assert not native.shared_mapping(below + size, size)  # private memory is no peer's
+        assert not native.shared_mapping(below, 0)
+        # A mapping longer than its object: the pages past the object's end would fault.
+        assert libc.mmap(below, 2 * size, rw, mmap.MAP_SHARED | 0x10, fd, 0) == below
+        assert native.shared_mapping(below, size) and not native.shared_mapping(below, 2 * size)
+    finally:
+        libc.munmap(below, 4 * size)
+        os.close(fd)
+
+
 def test_staging_ring_hands_out_space_in_order_and_reuses_it() -> None:
     from services.transfer.native import Node
     from services.transfer.staging import ALIGN, StagingRing

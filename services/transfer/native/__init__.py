@@ -19,7 +19,7 @@ from services.transfer.native.library import (
     lib,
     status_string,
 )
-from services.transfer.native.memory import Pieces, Region, RemoteKey, copy_kv, mapped, prefault
+from services.transfer.native.memory import Pieces, Region, RemoteKey, copy_kv, pages_mapped, prefault, shared_mapping
 from services.transfer.native.node import EVENT_MESSAGE, EVENT_PEER_FAILED, Connection, Lane, Node
 from services.transfer.native.sink import EVENT_ACKS_DUE, EVENT_ROUTE_DONE, ROUTE_DONE, Sink
 
@@ -43,7 +43,8 @@ __all__ = [
     "build",
     "copy_kv",
     "lib",
-    "mapped",
+    "pages_mapped",
     "prefault",
+    "shared_mapping",
     "status_string",
 ]

@@ -35,6 +35,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -663,9 +664,67 @@ int kvx_prefault(uint64_t address, size_t length)
     return 0;
 }
 
-/* 1 when every page of [address, address + length) is mapped in this process, else 0: a peer's region is
- * only copied out of (here, or by UCX's shared-memory gets) once its claimed size is known to be mapped. */
-int kvx_mapped(uint64_t address, size_t length)
+/* 1 when all of [address, address + length) lies in one mapping of one shared object in this process, and
+ * within that object's size; else 0. A peer's region is only copied out of (here, or by UCX's shared-memory
+ * gets) once its claimed size is known to be its own: being mapped is not enough, since whatever the kernel
+ * placed next to the mapping (libraries, heaps, another segment) is mapped too. A mapping may span several
+ * entries of /proc/self/maps: they must follow each other in memory and in the same object's offsets. */
+int kvx_shared_mapping(uint64_t address, size_t length)
+{
+    uint64_t end = address + length;
+    if (length == 0 || end < address) {
+        return 0;
+    }
+    FILE *maps = fopen("/proc/self/maps", "re");
+    if (maps == NULL) {
+        return 0;
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    int found = 0, inside = 0;
+    unsigned long first_start = 0, first_end = 0, first_offset = 0, next = 0, next_offset = 0, ino = 0;
+    unsigned int major = 0, minor = 0;
+    while (!inside && getline(&line, &cap, maps) > 0) {
+        unsigned long start, stop, offset, i;
+        unsigned int ma, mi;
+        char perms[8];
+        if (sscanf(line, "%lx-%lx %7s %lx %x:%x %lu", &start, &stop, perms, &offset, &ma, &mi, &i) != 7) {
+            break;
+        }
+        if (!found) {
+            if (address < start || address >= stop) {
+                continue;
+            }
+            if (i == 0 || perms[3] != 's') {
+                break; /* anonymous or private: not a peer's shared memory */
+            }
+            found = 1;
+            first_start = start, first_end = stop, first_offset = offset;
+            major = ma, minor = mi, ino = i;
+        } else if (start != next || ma != major || mi != minor || i != ino || offset != next_offset) {
+            break;
+        }
+        next = stop;
+        next_offset = offset + (stop - start);
+        inside = end <= next;
+    }
+    free(line);
+    fclose(maps);
+    if (!inside) {
+        return 0;
+    }
+    /* A mapping longer than its object faults past the object's end: check the size where the kernel shows it. */
+    char path[64];
+    struct stat st;
+    snprintf(path, sizeof path, "/proc/self/map_files/%lx-%lx", first_start, first_end);
+    if (stat(path, &st) == 0 && first_offset + (end - first_start) > (uint64_t)st.st_size) {
+        return 0;
+    }
+    return 1;
+}
+
+/* 1 when every page of [address, address + length) is mapped in this process (any mapping), else 0. */
+int kvx_pages_mapped(uint64_t address, size_t length)
 {
     uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
     uintptr_t start = (uintptr_t)address & ~(page - 1);

@@ -70,6 +70,11 @@ def prefault(address: int, length: int) -> None:
         raise OSError(err, f"mapping {length} bytes of a peer's region: {os.strerror(err)}")
 
 
-def mapped(address: int, length: int) -> bool:
-    """Whether all of [address, address + length) is mapped in this process (msync of its pages)."""
-    return bool(lib().kvx_mapped(address, length))
+def shared_mapping(address: int, length: int) -> bool:
+    """Whether all of [address, address + length) lies in one mapping of one shared object, within its size."""
+    return bool(lib().kvx_shared_mapping(address, length))
+
+
+def pages_mapped(address: int, length: int) -> bool:
+    """Whether every page of [address, address + length) is mapped in this process, by any mapping."""
+    return bool(lib().kvx_pages_mapped(address, length))
