@@ -12,7 +12,7 @@ setup: $(VENV)/.installed $(PROTO_GEN) .tools/promtool .tools/prometheus native
 # The KV hand-off's data path (C on the libucx wheel's UCX); rebuilt only when its sources change.
 native: $(VENV)/.installed
 	$(BIN)/python -m services.transfer.native >/dev/null
-	$(BIN)/python -m kernels.cpu_attention >/dev/null
+	$(BIN)/python -m kernels.cpu_native >/dev/null
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,4 +1,4 @@
-"""The CPU path of the model's projections: weights prepacked once for oneDNN's blocked matrix product.
+"""The CPU path of the model's projections: oneDNN's packed product, and a kernel of ours for a few rows.
 
 torch's F.linear on CPU hands float32 products to MKL, which on this AMD host neither uses a second thread nor
 keeps the FMA units busy when a step has a few rows. The 17 products of a tiny-preset step, one thread: 9.4 ms
@@ -6,13 +6,12 @@ at 4 rows against 3.8 ms packed, 20.7 against 12.2 at 32 rows, 202 against 160 a
 18.9 against 8.1 ms at 32 rows, 124 against 91 at 512 (services/bench/README.md). oneDNN's packed layout is what
 torch's own CPU compiler (inductor) uses for the same reason.
 
-A single row (a decode step at batch 1) depends on the CPU. On the Zen 4 host of the earlier measurements MKL's
-matrix-vector product over a row-major [in, out] copy streamed the weights on one thread in 3.9 ms against 5.2 ms
-packed; on a Zen 5 host the packed product is the faster: a whole batch-1 step took 2.9-3.1 ms against 3.5-3.7
-on one thread and 2.3-2.5 against 3.9-4.0 on two (`pdserve bench step --batch-sizes 1`). So `choose_one_row_path`
-times both on the model's own layers when the model is readied, at the worker's thread count, and drops the
-row-major copy (which doubles the projections' memory) where the packed product is at least 10% faster. Where
-torch has no oneDNN, or the dtype is not float32, the layer stays a plain nn.Linear.
+A decode step of 1 to 4 rows only streams the weights, and there oneDNN's packed product runs well short of the
+memory's bandwidth. The few-rows kernel (cpu_rows.c) reads each weight row once, in nn.Linear's own layout, for
+every input row at once. It needs that layout besides the packed one, which doubles the projections' memory, so
+`choose_few_rows` times both on the model's own layers when the model is readied, at the worker's thread count,
+and keeps the kernel (and its copy of the weights) for the row counts where the packed product is not at least
+10% faster. Where torch has no oneDNN, or the dtype is not float32, the layer stays a plain nn.Linear.
 """
 
 from __future__ import annotations
@@ -23,11 +22,14 @@ import time
 import torch
 from torch import nn
 
+from kernels.cpu_native import library
+
 PACK_ROWS_HINT = 32  # the batch size oneDNN tunes the layout for: best from 2 to 512 rows on this host
+FEW_ROWS_MAX = 4  # the most rows the few-rows kernel takes (cpu_rows.c)
 
 
 class PackedLinear(nn.Module):
-    """An nn.Linear whose weight is held in oneDNN's packed layout, and row-major for single rows."""
+    """An nn.Linear whose weight is held in oneDNN's packed layout, and row-major for the few-rows kernel."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
@@ -35,15 +37,21 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach().contiguous()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS_HINT)
         self.bias = None if linear.bias is None else linear.bias.detach().contiguous()
-        # x @ W over a contiguous [in, out] tensor, for single rows where MKL's matrix-vector form streams it
-        # faster than the packed product (choose_one_row_path; None: single rows take the packed product too).
-        self.row_major: torch.Tensor | None = weight.t().contiguous()
+        # [out, in] for the few-rows kernel, which takes steps of up to `few_rows` rows (choose_few_rows; None and
+        # 0: every step takes the packed product).
+        self.row_major: torch.Tensor | None = weight
+        self.few_rows = FEW_ROWS_MAX
         self.weight_bytes = weight.numel() * weight.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and self.row_major is not None:
-            out = x @ self.row_major
-            return out if self.bias is None else out + self.bias
+        rows = x.shape[0]
+        if 0 < rows <= self.few_rows and self.row_major is not None and x.stride(-1) == 1:
+            so = library()
+            if so is not None:
+                y = torch.empty(rows, self.out_features)
+                so.pd_few_rows(self.row_major.data_ptr(), self.out_features, self.in_features, x.data_ptr(),
+                               x.stride(0), rows, y.data_ptr(), y.stride(0), torch.get_num_threads())
+                return y if self.bias is None else y.add_(self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
 
@@ -61,36 +69,54 @@ def pack_linears(model: nn.Module) -> int:
     return len(swaps)
 
 
-ONE_ROW_ROUNDS = 9  # rounds of each path, interleaved; the medians are compared
-ONE_ROW_MARGIN = 0.9  # the packed product must take at most this share of the row-major time to be chosen
+CHOICE_ROWS = (1, 2, 4)  # the row counts choose_few_rows times
+CHOICE_ROUNDS = 5  # rounds of each path at each row count, interleaved; the medians are compared
+CHOICE_BYTES = 2**26  # the first layers up to this many weight bytes are timed: more than a CPU's last cache
+PACKED_MARGIN = 0.9  # the packed product must take at most this share of the kernel's time to be chosen
 
 
 @torch.inference_mode()
-def choose_one_row_path(model: nn.Module) -> tuple[str, float, float]:
-    """Times a single row through every PackedLinear of `model` both ways, at torch's current thread count, and
-    drops the row-major copies where the packed product is clearly faster. Returns the path chosen ("packed" or
-    "row-major") and the two medians in seconds (packed, row-major); about 50 ms for the tiny preset."""
+def choose_few_rows(model: nn.Module) -> tuple[int, dict[int, tuple[float, float]]]:
+    """Times the projections of `model` both ways at each of CHOICE_ROWS rows, at torch's current thread count,
+    and sets how many rows each layer's few-rows kernel takes: up to the last count where the packed product was
+    not clearly faster, nor at any count below. Layers keep their row-major weights only for a kernel they use.
+    Returns that row count (0: none) and, per count timed, the medians in seconds of one pass (packed, kernel)
+    over the layers timed; about 40 ms for the tiny preset."""
     layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.row_major is not None]
-    if not layers:
-        return "packed", 0.0, 0.0
-    inputs = {m.in_features: torch.randn(1, m.in_features) for m in layers}
-    copies = [m.row_major for m in layers]
+    timed: list[PackedLinear] = []
+    for m in layers:
+        if sum(t.weight_bytes for t in timed) >= CHOICE_BYTES:
+            break
+        timed.append(m)
+    few_rows, medians = 0, {}
+    if timed and library() is not None:
+        for rows in CHOICE_ROWS:
+            packed_s, kernel_s = _time_both(timed, rows)
+            medians[rows] = (packed_s, kernel_s)
+            if packed_s <= PACKED_MARGIN * kernel_s:
+                break
+            few_rows = rows
+    for m in layers:
+        m.few_rows = few_rows
+        if not few_rows:
+            m.row_major = None
+    return few_rows, medians
 
-    def one_pass(use_copy: bool) -> float:
-        for m, copy in zip(layers, copies, strict=True):
-            m.row_major = copy if use_copy else None
+
+def _time_both(layers: list[PackedLinear], rows: int) -> tuple[float, float]:
+    inputs = {m.in_features: torch.randn(rows, m.in_features) for m in layers}
+
+    def one_pass(kernel_rows: int) -> float:
+        for m in layers:
+            m.few_rows = kernel_rows
         start = time.perf_counter()
         for m in layers:
             m(inputs[m.in_features])
         return time.perf_counter() - start
 
-    one_pass(False), one_pass(True)  # first calls create the primitives
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for _ in range(ONE_ROW_ROUNDS):
-        for use_copy in (False, True):
-            times[use_copy].append(one_pass(use_copy))
-    packed_s, row_major_s = statistics.median(times[False]), statistics.median(times[True])
-    keep = packed_s > ONE_ROW_MARGIN * row_major_s
-    for m, copy in zip(layers, copies, strict=True):
-        m.row_major = copy if keep else None
-    return ("row-major" if keep else "packed"), packed_s, row_major_s
+    one_pass(0), one_pass(rows)  # first calls create oneDNN's primitives
+    times: dict[int, list[float]] = {0: [], rows: []}
+    for _ in range(CHOICE_ROUNDS):
+        for kernel_rows in times:
+            times[kernel_rows].append(one_pass(kernel_rows))
+    return statistics.median(times[0]), statistics.median(times[rows])

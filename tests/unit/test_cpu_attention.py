@@ -26,7 +26,7 @@ def native_kernel() -> None:
 @pytest.mark.usefixtures("native_kernel")
 def test_loading_the_cpu_kernel_keeps_subnormal_floats() -> None:
     """A library linked with -ffast-math sets its loader's floating-point mode to flush subnormals to zero."""
-    script = ("import torch, kernels.cpu_attention as k; x = torch.tensor([1e-40]); k.library(); "
+    script = ("import torch, kernels.cpu_native as k; x = torch.tensor([1e-40]); k.library(); "
               "print((x * 1).item() > 0, 2.0**-1070 > 0)")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).parents[2])

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import kernels.cpu_attention as cpu_attention
+import kernels.cpu_native as cpu_native
 from kernels.attention import paged_attention
-from kernels.cpu_linear import choose_one_row_path, pack_linears
+from kernels.cpu_linear import choose_few_rows, pack_linears
 from kernels.kv_store import store_kv
 from kernels.rmsnorm import rms_norm
 from kernels.rotary import apply_rotary, build_cos_sin_cache
@@ -137,18 +137,19 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def prepare_cpu(self) -> None:
-        """Readies the model for CPU steps: builds the in-place decode attention kernel now (about a second,
-        once per source) rather than in the first step, prepacks each float32 projection for oneDNN, and picks
-        the faster product for single rows on this CPU (kernels/cpu_linear.py). A projection left unpacked
-        stores its [out, in] weight as the transpose of a contiguous [in, out] tensor, so that F.linear hands
-        MKL a plain x @ W product, whose matrix-vector form streams the weights about 1.7x faster at batch 1
-        and 2. A tied lm_head gets a packed copy; the embedding keeps its layout, which lookups need.
+        """Readies the model for CPU steps: builds the CPU kernels now (about a second, once per source) rather
+        than in the first step, prepacks each float32 projection for oneDNN, and picks the products for steps of
+        a few rows on this CPU (kernels/cpu_linear.py). A projection left unpacked stores its [out, in] weight
+        as the transpose of a contiguous [in, out] tensor, so that F.linear hands MKL a plain x @ W product,
+        whose matrix-vector form streams the weights about 1.7x faster at batch 1 and 2. A tied lm_head gets a
+        packed copy; the embedding keeps its layout, which lookups need.
         """
-        cpu_attention.library()
+        cpu_native.library()
         pack_linears(self)
-        path, packed, row_major = choose_one_row_path(self)
-        log.info("single-row products: %s (all projections once: packed %.2f ms, row-major %.2f ms, %d threads)",
-                 path, packed * 1e3, row_major * 1e3, torch.get_num_threads())
+        few_rows, medians = choose_few_rows(self)
+        log.info("products of 1 to %d rows take the few-rows kernel, at %d threads (rows: packed / kernel ms, "
+                 "the projections once: %s)", few_rows, torch.get_num_threads(),
+                 ", ".join(f"{rows}: {p * 1e3:.2f} / {k * 1e3:.2f}" for rows, (p, k) in medians.items()))
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.weight is not self.embed_tokens.weight:
                 module.weight.data = module.weight.data.t().contiguous().t()

@@ -1,0 +1,102 @@
+"""The CPU kernels in C, built into one library: decode attention over the paged cache (cpu_decode.c) and
+products of a few rows with a row-major weight (cpu_rows.c).
+
+The library is compiled with the system C compiler on first use into `_build/`, keyed by a hash of the sources,
+the compiler flags and the CPU's flags. Without a compiler the callers fall back to torch (logged once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c")
+BUILD_DIR = HERE / "_build"
+# -ffast-math lets the compiler vectorise the dot products' sums and expf (libmvec); slots past a context
+# are never read, so no NaN or infinity reaches the arithmetic but the -inf a running maximum starts from.
+# It is a compile flag only: a library linked with it carries GCC's crtfastmath, which on load sets the
+# loading process's floating-point mode to flush subnormals to zero, in torch's arithmetic too.
+# -fopenmp: the kernels split their work over the OpenMP team of torch, whose libgomp (soname libgomp.so.1) is
+# loaded before the library and so is the one it binds to. Pthreads of their own had to share the cores with
+# that team's threads, which spin between torch's operators: on the peers' offline batch the attention kernel
+# took 1.0 s on two pthreads, 0.78 s on one thread, 0.49 s on torch's two (services/bench/README.md).
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-fopenmp", "-Wall")
+LDFLAGS = ("-shared", "-fopenmp")
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict[str, ctypes.CDLL | None] = {}
+
+
+def build() -> Path:
+    """Compiles the sources unless these sources and flags are built already for this CPU; returns the library."""
+    text = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(text + " ".join(CFLAGS + LDFLAGS).encode() + _cpu_flags()).hexdigest()[:16]
+    target = BUILD_DIR / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    BUILD_DIR.mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=BUILD_DIR)
+    os.close(fd)
+    objects = [f"{tmp}.{source.stem}.o" for source in SOURCES]
+    cc = os.environ.get("CC", "cc")
+    try:
+        for source, obj in zip(SOURCES, objects, strict=True):
+            subprocess.run([cc, *CFLAGS, "-c", "-o", obj, str(source)], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *LDFLAGS, "-o", tmp, *objects, "-lm"], check=True, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        os.unlink(tmp)
+        raise RuntimeError(f"building the CPU kernels failed: {getattr(exc, 'stderr', '') or exc}") from None
+    finally:
+        for obj in objects:
+            Path(obj).unlink(missing_ok=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _cpu_flags() -> bytes:
+    """-march=native code differs by CPU: hosts sharing the source tree keep a library each."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot be built (logged once)."""
+    if "lib" in _state:
+        return _state["lib"]
+    with _lock:
+        if "lib" not in _state:
+            try:
+                so = ctypes.CDLL(str(build()))
+            except (OSError, RuntimeError) as exc:
+                log.warning("CPU kernels unavailable, using torch instead: %s", exc)
+                _state["lib"] = None
+            else:
+                _declare(so)
+                _state["lib"] = so
+    return _state["lib"]
+
+
+def _declare(so: ctypes.CDLL) -> None:
+    p, lng, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    for name in ("pd_decode_attention", "pd_decode_attention_f16", "pd_decode_attention_bf16"):
+        fn = getattr(so, name)
+        fn.argtypes = [p, lng, lng, p, lng, p, lng, p, p, lng, lng, lng, lng, lng, ctypes.c_float,
+                       p, lng, lng, p, lng, i]
+        fn.restype = None
+    so.pd_few_rows.argtypes = [p, lng, lng, p, lng, lng, p, lng, i]
+    so.pd_few_rows.restype = None
+
+
+if __name__ == "__main__":  # `python -m kernels.cpu_native`: build it ahead (make setup, the CPU image)
+    print(build())
