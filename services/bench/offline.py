@@ -163,6 +163,19 @@ def memory_bandwidth(device: str, num_bytes: int = 256 * 2**20, repeats: int = 5
     return 2 * num_bytes / best
 
 
+def read_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of a large tensor's sum on the CPU (each byte read once, nothing written), best of `repeats`."""
+    import torch
+
+    src = torch.ones(num_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - start)
+    return num_bytes / best
+
+
 def _synchronize(device: str) -> None:
     import torch
 

@@ -1,4 +1,4 @@
-"""`pdserve bench step`: the engine's decode step at fixed batch sizes, against its memory-bandwidth roofline.
+"""`pdserve bench step`: the engine's decode step at fixed batch sizes, against its roofline.
 
 For each batch size B, B requests of `--context` random prompt tokens are prefilled, then `--rounds` rounds of
 `--steps` pure-decode engine steps are timed (each step: schedule, the runner's inputs, the forward pass over
@@ -7,10 +7,15 @@ attention (the gathering one, kernels/attention.paged_attention_ref) right after
 the same requests, so the two are compared under the same load. Both wall time and process CPU time are
 reported: on a shared host the CPU time moves less with the load.
 
-    roofline = (weight bytes + KV bytes of every context) / bandwidth of a large tensor copy
+    roofline = max(memory, compute)
+    memory   = (weight bytes + KV bytes of every context) / read bandwidth (the best of 30 sums of 256 MiB)
+    compute  = the step's FLOPs (2 per weight per row, 4 per head dimension per context token for attention)
+               / the best rate of the engine's own product on 512 rows (a 2048 x 2048 projection)
 
-The bandwidth is the best of 30 copies of 256 MiB (bytes read + bytes written over the time), as
-`pdserve bench offline` measures it, with the benchmark's torch threads.
+both measured with the benchmark's torch threads. A decode step only reads its weights and KV, so the memory
+ceiling is the rate at which the cores can read; earlier stops divided by the bandwidth of a 256 MiB copy (read
++ write bytes over the time), which this host sustains only with a write stream beside the read. That ratio is
+still printed ("copy roofline") so that figures compare across stops.
 
 Then, with the B decodes still running, a `--prompt-len` prompt arrives: every step that carries one of its
 chunks is timed, which is what the scheduler's token budget (`--max-num-batched-tokens`) costs the decodes.
@@ -26,7 +31,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from services.bench.offline import ENGINE_FLAGS, SCHEDULER_FLAGS, decode_weight_bytes, memory_bandwidth
+from services.bench.offline import (
+    ENGINE_FLAGS,
+    SCHEDULER_FLAGS,
+    decode_weight_bytes,
+    memory_bandwidth,
+    read_bandwidth,
+)
 from services.config_flags import ConfigFlags
 from services.engine.config import CacheConfig
 
@@ -42,10 +53,43 @@ class Timings:
     wall_s: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
 
-    def line(self, roofline_s: float) -> str:
+    def line(self, roofline_s: float, copy_roofline_s: float) -> str:
         wall, cpu = statistics.median(self.wall_s), statistics.median(self.cpu_s)
         return (f"median {wall * 1e3:7.2f} ms (min {min(self.wall_s) * 1e3:6.2f}, CPU {cpu * 1e3:6.2f}) "
-                f"= {wall / roofline_s:4.1f}x roofline (min {min(self.wall_s) / roofline_s:4.1f}x)")
+                f"= {wall / roofline_s:4.1f}x roofline (min {min(self.wall_s) / roofline_s:4.1f}x; "
+                f"{wall / copy_roofline_s:4.1f}x copy roofline)")
+
+
+@dataclass
+class Ceilings:
+    """What the host can do at the benchmark's thread count: read bytes/s, copy bytes/s, product FLOP/s."""
+
+    read: float
+    copy: float
+    flops: float
+
+    @classmethod
+    def measure(cls, device: str) -> Ceilings:
+        return cls(read=max(read_bandwidth(repeats=10) for _ in range(3)),  # the least disturbed of 30
+                   copy=max(memory_bandwidth(device, repeats=10) for _ in range(3)), flops=product_flops())
+
+
+def product_flops(rows: int = 512, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the engine's CPU product (kernels/cpu_linear.py) at `rows` rows of a size x size projection."""
+    import torch
+
+    from kernels.cpu_linear import PackedLinear, can_pack
+
+    linear = torch.nn.Linear(size, size, bias=False)
+    product = PackedLinear(linear) if can_pack(linear) else linear
+    x = torch.randn(rows, size)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            product(x)
+            best = min(best, time.perf_counter() - start)
+    return 2 * rows * size * size / best
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,14 +122,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
-    bandwidth = max(memory_bandwidth(args.device, repeats=10) for _ in range(3))  # the least disturbed of 30
+    ceilings = Ceilings.measure(args.device)
     weights = decode_weight_bytes(engine.runner.model, engine.model_config.tie_word_embeddings)
     print(f"pdserve bench step: {args.model}, {engine.config.torch_dtype_name} on {args.device}, torch threads "
-          f"{torch.get_num_threads()}; weights {weights / 2**20:.1f} MiB, copy bandwidth {bandwidth / 1e9:.1f} GB/s "
-          f"(read + write), KV {_kv_token_bytes(engine) / 2**10:.0f} KiB per token", flush=True)
+          f"{torch.get_num_threads()}; weights {weights / 2**20:.1f} MiB, KV {_kv_token_bytes(engine) / 2**10:.0f} "
+          f"KiB per token; read bandwidth {ceilings.read / 1e9:.1f} GB/s, copy bandwidth {ceilings.copy / 1e9:.1f} "
+          f"GB/s (read + write), products {ceilings.flops / 1e9:.0f} GFLOP/s", flush=True)
     rng = random.Random(args.seed)
     for batch in sizes:
-        for line in _batch_lines(engine, args, batch, rng, weights, bandwidth):
+        for line in _batch_lines(engine, args, batch, rng, weights, ceilings):
             print(line, flush=True)
     return 0
 
@@ -111,7 +156,7 @@ def _kv_token_bytes(engine: LLMEngine) -> int:
 
 
 def _batch_lines(engine: LLMEngine, args: argparse.Namespace, batch: int, rng: random.Random, weights: int,
-                 bandwidth: float) -> list[str]:
+                 ceilings: Ceilings) -> list[str]:
     """Prefills `batch` requests, times the decode rounds, then a long prompt's chunks; aborts them all."""
     import kernels.cpu_attention as cpu_attention
     from services.engine.sampling_params import SamplingParams
@@ -137,11 +182,18 @@ def _batch_lines(engine: LLMEngine, args: argparse.Namespace, batch: int, rng: r
                 time_steps(engine, args.steps, timings[name])
     finally:
         cpu_attention.use_native = True
-    kv_bytes = statistics.mean(contexts) * _kv_token_bytes(engine)
-    roofline_s = (weights + kv_bytes) / bandwidth
-    lines = [f"batch {batch}: mean context {statistics.mean(contexts) / batch:.0f} tokens, KV {kv_bytes / 2**20:.1f} "
-             f"MiB per step; roofline {roofline_s * 1e3:.2f} ms; {args.rounds} x {args.steps} steps"]
-    lines += [f"  {name:9s} {t.line(roofline_s)}" for name, t in timings.items()]
+    context = statistics.mean(contexts)
+    kv_bytes = context * _kv_token_bytes(engine)
+    mc = engine.model_config
+    weight_count = weights / next(engine.runner.model.parameters()).element_size()
+    flops = 2 * batch * weight_count + 4 * mc.num_layers * mc.num_heads * mc.head_dim * context
+    memory_s, compute_s = (weights + kv_bytes) / ceilings.read, flops / ceilings.flops
+    roofline_s, copy_roofline_s = max(memory_s, compute_s), (weights + kv_bytes) / ceilings.copy
+    lines = [f"batch {batch}: mean context {context / batch:.0f} tokens, KV {kv_bytes / 2**20:.1f} MiB and "
+             f"{flops / 1e9:.2f} GFLOP per step; roofline {roofline_s * 1e3:.2f} ms (memory {memory_s * 1e3:.2f}, "
+             f"compute {compute_s * 1e3:.2f}; copy roofline {copy_roofline_s * 1e3:.2f}); {args.rounds} x "
+             f"{args.steps} steps"]
+    lines += [f"  {name:9s} {t.line(roofline_s, copy_roofline_s)}" for name, t in timings.items()]
     if args.prompt_len:
         lines.append(_chunk_line(engine, args.prompt_len, vocab, rng))
     engine.abort(ids)

@@ -22,7 +22,8 @@ def test_bench_step_reports_both_paths_against_the_roofline(small_model: Path, c
     out = capsys.readouterr().out
     assert "batch 1: mean context" in out and "batch 3: mean context" in out
     assert out.count("  in place  median") == 2 and out.count("  reference median") == 2
-    assert out.count("x roofline") == 4
+    assert out.count("x roofline") == 4 and out.count("x copy roofline") == 4
+    assert "GFLOP per step; roofline" in out and "GFLOP/s" in out
     assert out.count("a 40-token prompt arriving (token budget 64 per step): 3 step(s)") == 2
     assert cpu_attention.use_native
 
