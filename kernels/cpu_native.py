@@ -1,5 +1,5 @@
-"""The CPU kernels in C, built into one library: decode attention over the paged cache (cpu_decode.c) and
-products of a few rows with a row-major weight (cpu_rows.c).
+"""The CPU kernels in C, built into one library: decode attention over the paged cache (cpu_decode.c),
+products of a few rows with a row-major weight (cpu_rows.c), and RMSNorm fused with the residual add (cpu_norm.c).
 
 The library is compiled with the system C compiler on first use into `_build/`, keyed by a hash of the sources,
 the compiler flags and the CPU's flags. Without a compiler the callers fall back to torch (logged once).
@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c")
+SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c", HERE / "cpu_norm.c")
 BUILD_DIR = HERE / "_build"
 # -ffast-math lets the compiler vectorise the dot products' sums and expf (libmvec); slots past a context
 # are never read, so no NaN or infinity reaches the arithmetic but the -inf a running maximum starts from.
@@ -96,6 +96,8 @@ def _declare(so: ctypes.CDLL) -> None:
         fn.restype = None
     so.pd_few_rows.argtypes = [p, lng, lng, p, lng, lng, p, lng, i]
     so.pd_few_rows.restype = None
+    so.pd_rms_norm.argtypes = [p, lng, p, lng, p, lng, lng, ctypes.c_float, p, lng, p, lng, i]
+    so.pd_rms_norm.restype = None
 
 
 if __name__ == "__main__":  # `python -m kernels.cpu_native`: build it ahead (make setup, the CPU image)

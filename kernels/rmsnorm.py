@@ -4,14 +4,18 @@
     out       = residual' / rms(residual') * weight
 
 Returns (out, residual') so the next layer can carry the residual stream without an
-extra read and write (the fused add-RMSNorm of TokenWeave).
+extra read and write (the fused add-RMSNorm of TokenWeave). On CUDA a Triton kernel runs it, on the CPU a C
+kernel for float32 (cpu_norm.c), elsewhere the torch reference.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.cpu_native import library
 from kernels.outputs import NormOutput
+
+THREAD_MIN_ELEMENTS = 2**16  # fewer elements than this take the calling thread alone: a decode step's rows
 
 
 def rms_norm_ref(
@@ -27,10 +31,28 @@ def rms_norm_ref(
     return NormOutput(out, residual_out)
 
 
+def rms_norm_cpu(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> NormOutput | None:
+    """The C kernel on float32 CPU rows; None (nothing done) where it cannot take these tensors."""
+    tensors = (x, weight) if residual is None else (x, weight, residual)
+    so = library()
+    if so is None or any(t.dtype != torch.float32 or t.device.type != "cpu" or t.stride(-1) != 1 for t in tensors):
+        return None
+    rows, hidden = x.shape
+    out = torch.empty(rows, hidden)
+    total = out if residual is None else torch.empty(rows, hidden)
+    threads = torch.get_num_threads() if rows * hidden >= THREAD_MIN_ELEMENTS else 1
+    so.pd_rms_norm(x.data_ptr(), x.stride(0), 0 if residual is None else residual.data_ptr(),
+                   0 if residual is None else residual.stride(0), weight.data_ptr(), rows, hidden, eps,
+                   total.data_ptr(), total.stride(0), out.data_ptr(), out.stride(0), threads)
+    return NormOutput(out, x if residual is None else total)
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> NormOutput:
-    """Checks shapes, then runs the Triton kernel on CUDA and the torch reference elsewhere."""
+    """Checks shapes, then runs the Triton kernel on CUDA, the C kernel on the CPU, else the torch reference."""
     if x.dim() != 2 or weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not fit [T, H] and [H]")
     if residual is not None and residual.shape != x.shape:
@@ -39,4 +61,5 @@ def rms_norm(
         from kernels.triton_rmsnorm import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
+    done = rms_norm_cpu(x, weight, eps, residual)
+    return done if done is not None else rms_norm_ref(x, weight, eps, residual)
