@@ -70,12 +70,13 @@ def peer_memory_mapped(local: int, remote: int, length: int) -> bool:
     """Whether `length` bytes of a peer's, at `remote` there and mapped by UCX at `local` here, can be copied from.
 
     A peer's memory must be one shared object's, to the end the peer claims. Mapped pages alone prove
-    nothing: whatever the kernel placed next to the object is mapped too. Only this process's own
-    memory (UCX's self transport maps it at its own address) need merely be mapped.
+    nothing: whatever the kernel placed next to the object is mapped too. Only this process's own private
+    memory (UCX's self transport maps it at its own address), which is no shared object, need merely be mapped.
     """
-    if local == remote:
+    inside = native.shared_mapping(local, length)
+    if inside is None and local == remote:
         return native.pages_mapped(local, length)
-    return native.shared_mapping(local, length)
+    return bool(inside)
 
 
 def open_region(conn: int, data: native.Connection, region: Any, what: str, prefault: bool) -> SharedRegion | None:

@@ -79,12 +79,12 @@ def test_a_claimed_region_must_lie_in_one_shared_mapping_of_its_own() -> None:
     try:
         assert libc.mmap(below, size, rw, mmap.MAP_SHARED | 0x10, fd, 0) == below  # MAP_FIXED
         assert native.shared_mapping(below, size) and native.shared_mapping(below + 100, size - 100)
-        assert not native.shared_mapping(below, size + 1)  # the next page is mapped, but is not the object
-        assert not native.shared_mapping(below + size, size)  # private memory is no peer's
-        assert not native.shared_mapping(below, 0)
+        assert native.shared_mapping(below, size + 1) is False  # the next page is mapped, but is not the object
+        assert native.shared_mapping(below + size, size) is None  # private memory is no shared object's
+        assert native.shared_mapping(below, 0) is False
         # A mapping longer than its object: the pages past the object's end would fault.
         assert libc.mmap(below, 2 * size, rw, mmap.MAP_SHARED | 0x10, fd, 0) == below
-        assert native.shared_mapping(below, size) and not native.shared_mapping(below, 2 * size)
+        assert native.shared_mapping(below, size) and native.shared_mapping(below, 2 * size) is False
     finally:
         libc.munmap(below, 4 * size)
         os.close(fd)

@@ -665,19 +665,18 @@ int kvx_prefault(uint64_t address, size_t length)
 }
 
 /* 1 when all of [address, address + length) lies in one mapping of one shared object in this process, and
- * within that object's size; else 0. A peer's region is only copied out of (here, or by UCX's shared-memory
- * gets) once its claimed size is known to be its own: being mapped is not enough, since whatever the kernel
- * placed next to the mapping (libraries, heaps, another segment) is mapped too. A mapping may span several
- * entries of /proc/self/maps: they must follow each other in memory and in the same object's offsets. */
+ * within that object's size; 0 when `address` is in such a mapping but the range runs past it; -1 when
+ * `address` is in no shared object's mapping (private or anonymous memory, or none). A peer's region is only
+ * copied out of (here, or by UCX's shared-memory gets) once its claimed size is known to be its own: being
+ * mapped is not enough, since whatever the kernel placed next to the mapping (libraries, heaps, another
+ * segment) is mapped too. A mapping may span several entries of /proc/self/maps: they must follow each other
+ * in memory and in the same object's offsets. */
 int kvx_shared_mapping(uint64_t address, size_t length)
 {
     uint64_t end = address + length;
-    if (length == 0 || end < address) {
-        return 0;
-    }
     FILE *maps = fopen("/proc/self/maps", "re");
     if (maps == NULL) {
-        return 0;
+        return -1;
     }
     char *line = NULL;
     size_t cap = 0;
@@ -710,7 +709,10 @@ int kvx_shared_mapping(uint64_t address, size_t length)
     }
     free(line);
     fclose(maps);
-    if (!inside) {
+    if (!found) {
+        return -1;
+    }
+    if (!inside || length == 0 || end < address) {
         return 0;
     }
     /* A mapping longer than its object faults past the object's end: check the size where the kernel shows it. */

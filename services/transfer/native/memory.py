@@ -70,9 +70,11 @@ def prefault(address: int, length: int) -> None:
         raise OSError(err, f"mapping {length} bytes of a peer's region: {os.strerror(err)}")
 
 
-def shared_mapping(address: int, length: int) -> bool:
-    """Whether all of [address, address + length) lies in one mapping of one shared object, within its size."""
-    return bool(lib().kvx_shared_mapping(address, length))
+def shared_mapping(address: int, length: int) -> bool | None:
+    """Whether all of [address, address + length) lies in one mapping of one shared object, within its size;
+    None when `address` is in no shared object's mapping at all (private or anonymous memory)."""
+    inside = lib().kvx_shared_mapping(address, length)
+    return None if inside < 0 else bool(inside)
 
 
 def pages_mapped(address: int, length: int) -> bool:
