@@ -45,7 +45,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
-        if 0 < rows <= self.few_rows and self.row_major is not None and x.stride(-1) == 1:
+        fits = x.dim() == 2 and x.dtype == torch.float32 and x.stride(-1) == 1
+        if fits and 0 < rows <= self.few_rows and self.row_major is not None:
             so = library()
             if so is not None:
                 y = torch.empty(rows, self.out_features)
