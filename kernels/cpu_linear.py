@@ -85,10 +85,12 @@ def choose_few_rows(model: nn.Module) -> tuple[int, dict[int, tuple[float, float
     over the layers timed; about 40 ms for the tiny preset."""
     layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.row_major is not None]
     timed: list[PackedLinear] = []
+    timed_bytes = 0
     for m in layers:
-        if sum(t.weight_bytes for t in timed) >= CHOICE_BYTES:
+        if timed_bytes >= CHOICE_BYTES:
             break
         timed.append(m)
+        timed_bytes += m.weight_bytes
     few_rows, medians = 0, {}
     if timed and library() is not None:
         for rows in CHOICE_ROWS:

@@ -41,12 +41,12 @@ def rms_norm_cpu(
         return None
     rows, hidden = x.shape
     out = torch.empty(rows, hidden)
-    total = out if residual is None else torch.empty(rows, hidden)
+    total = x if residual is None else torch.empty(rows, hidden)  # the kernel writes the sum only with a residual
     threads = torch.get_num_threads() if rows * hidden >= THREAD_MIN_ELEMENTS else 1
     so.pd_rms_norm(x.data_ptr(), x.stride(0), 0 if residual is None else residual.data_ptr(),
                    0 if residual is None else residual.stride(0), weight.data_ptr(), rows, hidden, eps,
                    total.data_ptr(), total.stride(0), out.data_ptr(), out.stride(0), threads)
-    return NormOutput(out, x if residual is None else total)
+    return NormOutput(out, total)
 
 
 def rms_norm(

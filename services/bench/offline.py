@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -145,6 +146,17 @@ def run_transformers(model: Any, workload: Workload, batch_size: int) -> RunResu
     return RunResult(time.perf_counter() - start, tokens)
 
 
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """The shortest of `repeats` timed calls of `run`, after one untimed call."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def memory_bandwidth(device: str, num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
     """Bytes/s of a large tensor copy on `device` (each byte read once and written once), best of `repeats`."""
     import torch
@@ -153,14 +165,12 @@ def memory_bandwidth(device: str, num_bytes: int = 256 * 2**20, repeats: int = 5
         num_bytes *= 8  # well past the GPU's L2
     src = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        _synchronize(device)
-        start = time.perf_counter()
+
+    def copy() -> None:  # each call ends with the device idle, so the next one times its own copy alone
         dst.copy_(src)
         _synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * num_bytes / best
+
+    return 2 * num_bytes / best_seconds(copy, repeats)
 
 
 def read_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -168,12 +178,7 @@ def read_bandwidth(num_bytes: int = 256 * 2**20, repeats: int = 5) -> float:
     import torch
 
     src = torch.ones(num_bytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        src.sum()
-        best = min(best, time.perf_counter() - start)
-    return num_bytes / best
+    return num_bytes / best_seconds(src.sum, repeats)
 
 
 def _synchronize(device: str) -> None:

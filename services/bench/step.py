@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from services.bench.offline import (
     ENGINE_FLAGS,
     SCHEDULER_FLAGS,
+    best_seconds,
     decode_weight_bytes,
     memory_bandwidth,
     read_bandwidth,
@@ -83,13 +84,8 @@ def product_flops(rows: int = 512, size: int = 2048, repeats: int = 5) -> float:
     linear = torch.nn.Linear(size, size, bias=False)
     product = PackedLinear(linear) if can_pack(linear) else linear
     x = torch.randn(rows, size)
-    best = float("inf")
     with torch.inference_mode():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            product(x)
-            best = min(best, time.perf_counter() - start)
-    return 2 * rows * size * size / best
+        return 2 * rows * size * size / best_seconds(lambda: product(x), repeats)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
