@@ -5,13 +5,6 @@ between steps, and outputs come back per request through asyncio queues.
 
     asyncio loop ── call(fn) ──► command queue ──► engine thread: fn(engine); step(); ...
     asyncio loop ◄── outputs (call_soon_threadsafe) ──┘
-
-On the CPU the engine thread waits, after each step, until the loop has handed that step's outputs to their
-streams (at most OUTPUT_WAIT_S). A step keeps every core busy: the engine thread, and torch's OpenMP threads
-spinning between operators. The loop thread that sends the tokens on then waited for a core behind them. Tokens
-took 3.4-4.4 ms from the step's end to the router at 8 requests/s, colocated on 2 cores, and 2.1-2.2 ms with
-this wait (services/bench/README.md, "The step's outputs"). On a GPU the engine thread waits for the device, and
-the host has cores to spare, so it does not wait for the loop.
 """
 
 from __future__ import annotations
@@ -33,8 +26,6 @@ from services.engine.scheduler import RequestOutput, SchedulerOutput
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-OUTPUT_WAIT_S = 0.003  # the longest the engine thread waits for the loop to take a step's outputs (on the CPU)
-
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
@@ -44,7 +35,6 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
-        self.wait_for_outputs = engine.config.device == "cpu"
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -116,19 +106,7 @@ class AsyncEngine:
                 self._fail_all()
                 continue
             if outputs and self.loop is not None:
-                if self.wait_for_outputs:
-                    taken = threading.Event()
-                    self.loop.call_soon_threadsafe(self._dispatch_then_set, outputs, taken)
-                    taken.wait(OUTPUT_WAIT_S)
-                else:
-                    self.loop.call_soon_threadsafe(self.dispatch, outputs)
-
-    def _dispatch_then_set(self, outputs: list[RequestOutput], taken: threading.Event) -> None:
-        """Dispatches, then sets `taken` once the streams' readers woken here have run: the loop runs its
-        callbacks in the order they were scheduled."""
-        self.dispatch(outputs)
-        assert self.loop is not None
-        self.loop.call_soon(taken.set)
+                self.loop.call_soon_threadsafe(self.dispatch, outputs)
 
     def dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
