@@ -1,5 +1,6 @@
 """The CPU kernels in C, built into one library: decode attention over the paged cache (cpu_decode.c),
-products of a few rows with a row-major weight (cpu_rows.c), and RMSNorm fused with the residual add (cpu_norm.c).
+products of a few rows with a row-major weight (cpu_rows.c), RMSNorm fused with the residual add (cpu_norm.c), and
+the rotary embedding fused with the store of the new K and V (cpu_rope.c).
 
 The library is compiled with the system C compiler on first use into `_build/`, keyed by a hash of the sources,
 the compiler flags and the CPU's flags. Without a compiler the callers fall back to torch (logged once).
@@ -17,7 +18,7 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c", HERE / "cpu_norm.c")
+SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c", HERE / "cpu_norm.c", HERE / "cpu_rope.c")
 BUILD_DIR = HERE / "_build"
 # -ffast-math lets the compiler vectorise the dot products' sums and expf (libmvec); slots past a context
 # are never read, so no NaN or infinity reaches the arithmetic but the -inf a running maximum starts from.
@@ -98,6 +99,8 @@ def _declare(so: ctypes.CDLL) -> None:
     so.pd_few_rows.restype = None
     so.pd_rms_norm.argtypes = [p, lng, p, lng, p, lng, lng, ctypes.c_float, p, lng, p, lng, i]
     so.pd_rms_norm.restype = None
+    so.pd_rope_store.argtypes = [p, lng, lng, lng, p, lng, lng, p, lng, lng, lng, lng, p, p, lng, p, lng, p, lng, i]
+    so.pd_rope_store.restype = lng
 
 
 if __name__ == "__main__":  # `python -m kernels.cpu_native`: build it ahead (make setup, the CPU image)

@@ -16,9 +16,9 @@ from torch import nn
 import kernels.cpu_native as cpu_native
 from kernels.attention import paged_attention
 from kernels.cpu_linear import choose_few_rows, pack_linears
-from kernels.kv_store import store_kv
 from kernels.rmsnorm import rms_norm
-from kernels.rotary import apply_rotary, build_cos_sin_cache
+from kernels.rope_store import rotate_and_store
+from kernels.rotary import build_cos_sin_cache
 from services.engine.model_config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,7 @@ class Attention(nn.Module):
         q = q.view(tokens, self.num_heads, self.head_dim)
         k = k.view(tokens, self.num_kv_heads, self.head_dim)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, batch.positions, cos_sin)
-        store_kv(k, v, kv_layer, batch.slot_mapping)
+        q, k = rotate_and_store(q, k, v, batch.positions, cos_sin, kv_layer, batch.slot_mapping)
         out = paged_attention(q, kv_layer, batch.block_tables, batch.context_lens, batch.query_start_loc, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size)), k, v
 
