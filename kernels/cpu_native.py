@@ -1,6 +1,6 @@
 """The CPU kernels in C, built into one library: decode attention over the paged cache (cpu_decode.c),
-products of a few rows with a row-major weight (cpu_rows.c), RMSNorm fused with the residual add (cpu_norm.c), and
-the rotary embedding fused with the store of the new K and V (cpu_rope.c).
+products of a few rows with a row-major weight (cpu_rows.c), RMSNorm fused with the residual add (cpu_norm.c), the
+rotary embedding fused with the store of the new K and V (cpu_rope.c), and SwiGLU's gate (cpu_swiglu.c).
 
 The library is compiled with the system C compiler on first use into `_build/`, keyed by a hash of the sources,
 the compiler flags and the CPU's flags. Without a compiler the callers fall back to torch (logged once).
@@ -12,13 +12,15 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import subprocess
 import tempfile
 import threading
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c", HERE / "cpu_norm.c", HERE / "cpu_rope.c")
+SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c", HERE / "cpu_norm.c", HERE / "cpu_rope.c",
+           HERE / "cpu_swiglu.c")
 BUILD_DIR = HERE / "_build"
 # -ffast-math lets the compiler vectorise the dot products' sums and expf (libmvec); slots past a context
 # are never read, so no NaN or infinity reaches the arithmetic but the -inf a running maximum starts from.
@@ -30,6 +32,8 @@ BUILD_DIR = HERE / "_build"
 # took 1.0 s on two pthreads, 0.78 s on one thread, 0.49 s on torch's two (services/bench/README.md).
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-fopenmp", "-Wall")
 LDFLAGS = ("-shared", "-fopenmp")
+# libmvec: glibc's vector math (expf 16 lanes at a time), x86-64 only
+LIBS = ("-lm", "-lmvec") if platform.machine() in ("x86_64", "AMD64") else ("-lm",)
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -39,7 +43,7 @@ _state: dict[str, ctypes.CDLL | None] = {}
 def build() -> Path:
     """Compiles the sources unless these sources and flags are built already for this CPU; returns the library."""
     text = b"".join(source.read_bytes() for source in SOURCES)
-    key = hashlib.sha256(text + " ".join(CFLAGS + LDFLAGS).encode() + _cpu_flags()).hexdigest()[:16]
+    key = hashlib.sha256(text + " ".join(CFLAGS + LDFLAGS + LIBS).encode() + _cpu_flags()).hexdigest()[:16]
     target = BUILD_DIR / f"cpu_kernels-{key}.so"
     if target.exists():
         return target
@@ -51,7 +55,7 @@ def build() -> Path:
     try:
         for source, obj in zip(SOURCES, objects, strict=True):
             subprocess.run([cc, *CFLAGS, "-c", "-o", obj, str(source)], check=True, capture_output=True, text=True)
-        subprocess.run([cc, *LDFLAGS, "-o", tmp, *objects, "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *LDFLAGS, "-o", tmp, *objects, *LIBS], check=True, capture_output=True, text=True)
     except (OSError, subprocess.CalledProcessError) as exc:
         os.unlink(tmp)
         raise RuntimeError(f"building the CPU kernels failed: {getattr(exc, 'stderr', '') or exc}") from None
@@ -101,6 +105,8 @@ def _declare(so: ctypes.CDLL) -> None:
     so.pd_rms_norm.restype = None
     so.pd_rope_store.argtypes = [p, lng, lng, lng, p, lng, lng, p, lng, lng, lng, lng, p, p, lng, p, lng, p, lng, i]
     so.pd_rope_store.restype = lng
+    so.pd_silu_mul.argtypes = [p, lng, lng, lng, p, lng, i]
+    so.pd_silu_mul.restype = None
 
 
 if __name__ == "__main__":  # `python -m kernels.cpu_native`: build it ahead (make setup, the CPU image)
