@@ -22,8 +22,10 @@ HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c", HERE / "cpu_norm.c", HERE / "cpu_rope.c",
            HERE / "cpu_swiglu.c")
 BUILD_DIR = HERE / "_build"
-# -ffast-math lets the compiler vectorise the dot products' sums and expf (libmvec); slots past a context
-# are never read, so no NaN or infinity reaches the arithmetic but the -inf a running maximum starts from.
+# -ffast-math lets the compiler vectorise the dot products' sums; slots past a context are never read, so no
+# NaN or infinity reaches the arithmetic but the -inf a running maximum starts from. -fno-finite-math-only
+# leaves __FAST_MATH__ undefined, and with it math.h's declarations of glibc's vector functions (libmvec): a
+# source that wants expf 16 lanes at a time declares it (cpu_swiglu.c).
 # It is a compile flag only: a library linked with it carries GCC's crtfastmath, which on load sets the
 # loading process's floating-point mode to flush subnormals to zero, in torch's arithmetic too.
 # -fopenmp: the kernels split their work over the OpenMP team of torch, whose libgomp (soname libgomp.so.1) is
@@ -32,7 +34,7 @@ BUILD_DIR = HERE / "_build"
 # took 1.0 s on two pthreads, 0.78 s on one thread, 0.49 s on torch's two (services/bench/README.md).
 CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC", "-fopenmp", "-Wall")
 LDFLAGS = ("-shared", "-fopenmp")
-# libmvec: glibc's vector math (expf 16 lanes at a time), x86-64 only
+# libmvec: glibc's vector math, which those declarations call (x86-64 only)
 LIBS = ("-lm", "-lmvec") if platform.machine() in ("x86_64", "AMD64") else ("-lm",)
 
 log = logging.getLogger(__name__)
