@@ -23,11 +23,11 @@ SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c", HERE / "cpu_norm.c", HERE
            HERE / "cpu_swiglu.c")
 BUILD_DIR = HERE / "_build"
 # -ffast-math lets the compiler vectorise the dot products' sums; slots past a context are never read, so no
-# NaN or infinity reaches the arithmetic but the -inf a running maximum starts from. -fno-finite-math-only
-# leaves __FAST_MATH__ undefined, and with it math.h's declarations of glibc's vector functions (libmvec): a
-# source that wants expf 16 lanes at a time declares it (cpu_swiglu.c).
-# It is a compile flag only: a library linked with it carries GCC's crtfastmath, which on load sets the
-# loading process's floating-point mode to flush subnormals to zero, in torch's arithmetic too.
+# NaN or infinity reaches the arithmetic but the -inf a running maximum starts from. It is a compile flag
+# only: a library linked with it carries GCC's crtfastmath, which on load sets the loading process's
+# floating-point mode to flush subnormals to zero, in torch's arithmetic too. -fno-finite-math-only leaves
+# __FAST_MATH__ undefined, and with it math.h's declarations of glibc's vector functions (libmvec): a source
+# that wants expf 16 lanes at a time declares it (cpu_swiglu.c).
 # -fopenmp: the kernels split their work over the OpenMP team of torch, whose libgomp (soname libgomp.so.1) is
 # loaded before the library and so is the one it binds to. Pthreads of their own had to share the cores with
 # that team's threads, which spin between torch's operators: on the peers' offline batch the attention kernel
