@@ -33,9 +33,10 @@ def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         torch.get_num_threads() if tokens >= THREAD_MIN_TOKENS else 1,
     )  # fmt: skip
     if failed == 1:
-        raise ValueError(f"rotate_and_store: a position lies outside the {cos_sin_cache.shape[0]} of the cos/sin cache")
+        positions_held = cos_sin_cache.shape[0]
+        raise ValueError(f"rotate_and_store: a position lies outside the cos/sin cache's {positions_held} positions")
     if failed == 2:
-        raise ValueError(f"rotate_and_store: a slot lies outside the cache's {num_blocks * block_size}")
+        raise ValueError(f"rotate_and_store: a slot lies outside the cache's {num_blocks * block_size} slots")
     return RotaryOutput(q, k)
 
 
