@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
-from kernels.cpu_native import library
-
-THREAD_MIN_ELEMENTS = 2**16  # fewer output elements than this take the calling thread alone: a decode step's rows
+from kernels.cpu_native import THREAD_MIN_ELEMENTS, library
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

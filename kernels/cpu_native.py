@@ -36,6 +36,9 @@ CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-fPIC
 LDFLAGS = ("-shared", "-fopenmp")
 # libmvec: glibc's vector math, which those declarations call (x86-64 only)
 LIBS = ("-lm", "-lmvec") if platform.machine() in ("x86_64", "AMD64") else ("-lm",)
+# The row-wise kernels (cpu_norm.c, cpu_swiglu.c) over fewer elements than this run on the calling thread alone:
+# a decode step's rows, where waking the team's other threads costs more than it saves.
+THREAD_MIN_ELEMENTS = 2**16
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()

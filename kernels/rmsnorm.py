@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cpu_native import library
+from kernels.cpu_native import THREAD_MIN_ELEMENTS, library
 from kernels.outputs import NormOutput
-
-THREAD_MIN_ELEMENTS = 2**16  # fewer elements than this take the calling thread alone: a decode step's rows
 
 
 def rms_norm_ref(

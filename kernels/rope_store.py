@@ -18,12 +18,11 @@ def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
                      cos_sin_cache: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> RotaryOutput:
     """q: [T, Hq, D], k and v: [T, Hk, D], positions and slot_mapping: [T] int64 (a slot of -1 is not stored);
     kv_layer: [2, num_blocks, block_size, Hk, D]. Returns the rotated q and k (in place on the C path)."""
-    if not _fits_kernel(q, k, v, positions, cos_sin_cache, kv_layer, slot_mapping):
+    so = library() if _fits_kernel(q, k, v, positions, cos_sin_cache, kv_layer, slot_mapping) else None
+    if so is None:
         q, k = apply_rotary(q, k, positions, cos_sin_cache)
         store_kv(k, v, kv_layer, slot_mapping)
         return RotaryOutput(q, k)
-    so = library()
-    assert so is not None  # _fits_kernel saw to it
     tokens, q_heads, dim = q.shape
     _, num_blocks, block_size, kv_heads, _ = kv_layer.shape
     failed = so.pd_rope_store(
@@ -44,7 +43,7 @@ def _fits_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
                  cos_sin_cache: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
     """Whether the C kernel takes these tensors: float32 on the CPU, heads contiguous, shapes that agree."""
     tensors = (q, k, v, cos_sin_cache, kv_layer)
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or library() is None:
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or kv_layer.dim() != 5 or kv_layer.shape[0] != 2:
         return False
