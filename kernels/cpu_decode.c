@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_kernels.h"
+
 typedef struct {
     const float *q;
     const void *k, *v;
@@ -28,6 +30,7 @@ typedef struct {
     long block_size, num_heads, num_kv_heads, head_dim, batch;
     float scale;
     long first, last; /* the sequences this worker takes: [first, last) */
+    long kv_first, kv_last; /* the KV heads it takes of each: [kv_first, kv_last) */
     float *scratch;
 } job_t;
 
@@ -72,21 +75,23 @@ static inline __attribute__((always_inline)) float dot(const float *restrict a, 
     return s;
 }
 
-/* One sequence, all heads: K and V are read token row by token row (every KV head of a token is one
- * contiguous row), block by block in the order of the block table. `dim` is a constant in the callers
- * below, so that each head's dot product and update compile to a fixed run of vector instructions. */
+/* One sequence, the query heads of KV heads [kv_first, kv_last): K and V are read token row by token row (every
+ * KV head of a token is one contiguous row), block by block in the order of the block table. `dim` is a
+ * constant in the callers below, so that each head's dot product and update compile to a fixed run of vector
+ * instructions. */
 static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j, long b, const long dim) {
-    const long heads = j->num_heads, kv_heads = j->num_kv_heads, group = heads / kv_heads, len = j->lens[b];
+    const long kv_heads = j->num_kv_heads, group = j->num_heads / kv_heads, len = j->lens[b];
+    const long g0 = j->kv_first, g1 = j->kv_last, heads = (g1 - g0) * group, h0 = g0 * group;
     const long bs = j->block_size, row = kv_heads * dim, block_stride = bs * row;
     const int64_t *table = j->tables + b * j->table_row;
-    const float *qb = j->q + j->starts[b] * j->q_row;
-    float *ob = j->out + j->starts[b] * j->out_row;
+    const float *qb = j->q + j->starts[b] * j->q_row + h0 * j->q_head;
+    float *ob = j->out + j->starts[b] * j->out_row + h0 * j->out_head;
     float *scores = j->scratch, *widened = j->scratch + heads * len; /* [heads][len], then one token row */
     for (long t0 = 0; t0 < len; t0 += bs) {
         const long base = table[t0 / bs] * block_stride, n = len - t0 < bs ? len - t0 : bs;
         for (long i = 0; i < n; i++) {
             const float *key = token_row(j, j->k, base + i * row, row, widened);
-            for (long g = 0, h = 0; g < kv_heads; g++)
+            for (long g = g0, h = 0; g < g1; g++)
                 for (long m = 0; m < group; m++, h++)
                     scores[h * len + t0 + i] = dot(qb + h * j->q_head, key + g * dim, dim) * j->scale;
         }
@@ -105,7 +110,7 @@ static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j
         const long base = table[t0 / bs] * block_stride, n = len - t0 < bs ? len - t0 : bs;
         for (long i = 0; i < n; i++) {
             const float *value = token_row(j, j->v, base + i * row, row, widened);
-            for (long g = 0, h = 0; g < kv_heads; g++)
+            for (long g = g0, h = 0; g < g1; g++)
                 for (long m = 0; m < group; m++, h++) {
                     const float p = scores[h * len + t0 + i], *restrict vg = value + g * dim;
                     float *restrict o = ob + h * j->out_head;
@@ -123,6 +128,15 @@ static void one_sequence(const job_t *j, long b) {
     if (j->head_dim == 64) sequence_64(j, b);
     else if (j->head_dim == 128) sequence_128(j, b);
     else sequence_any(j, b);
+}
+
+void attend_heads(const float *q, long q_head, const float *k, const float *v, const int64_t *table, long len,
+                  long block_size, long num_heads, long num_kv_heads, long head_dim, float scale, float *out,
+                  long out_head, long kv_first, long kv_last, float *scratch) {
+    const int64_t lens[1] = {len}, starts[2] = {0, 1};
+    const job_t j = {q, k, v, KV_F32, table, lens, starts, out, 0, q_head, 0, out_head, 0, block_size, num_heads,
+                     num_kv_heads, head_dim, 1, scale, 0, 1, kv_first, kv_last, scratch};
+    one_sequence(&j, 0);
 }
 
 static void *run(void *arg) {
@@ -166,8 +180,8 @@ static void decode_attention(const float *q, long q_row, long q_head, const void
     split_by_kv(lens, starts, batch, threads, bounds);
     for (int w = 0; w < threads; w++) {
         jobs[w] = (job_t){q, k, v, kv_type, tables, lens, starts, out, q_row, q_head, out_row, out_head, table_row,
-                          block_size, num_heads, num_kv_heads, head_dim, batch, scale, bounds[w], bounds[w + 1],
-                          scratch + w * scratch_per_thread};
+                          block_size, num_heads, num_kv_heads, head_dim, batch, scale, bounds[w], bounds[w + 1], 0,
+                          num_kv_heads, scratch + w * scratch_per_thread};
     }
     /* The threads are the process's OpenMP team, torch's own (the library links the libgomp torch has
      * loaded): they are the ones spinning on the cores between torch's operators, so they start at once and

@@ -1,6 +1,7 @@
 """The CPU kernels in C, built into one library: decode attention over the paged cache (cpu_decode.c),
 products of a few rows with a row-major weight (cpu_rows.c), RMSNorm fused with the residual add (cpu_norm.c), the
-rotary embedding fused with the store of the new K and V (cpu_rope.c), and SwiGLU's gate (cpu_swiglu.c).
+rotary embedding fused with the store of the new K and V (cpu_rope.c), SwiGLU's gate (cpu_swiglu.c), and every
+layer of a decode step of a few rows in one call (cpu_layers.c). cpu_kernels.h holds the pieces they share.
 
 The library is compiled with the system C compiler on first use into `_build/`, keyed by a hash of the sources,
 the compiler flags and the CPU's flags. Without a compiler the callers fall back to torch (logged once).
@@ -20,7 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c", HERE / "cpu_norm.c", HERE / "cpu_rope.c",
-           HERE / "cpu_swiglu.c")
+           HERE / "cpu_swiglu.c", HERE / "cpu_layers.c")
+HEADERS = (HERE / "cpu_kernels.h",)  # the pieces the sources share
 BUILD_DIR = HERE / "_build"
 # -ffast-math lets the compiler vectorise the dot products' sums; slots past a context are never read, so no
 # NaN or infinity reaches the arithmetic but the -inf a running maximum starts from. It is a compile flag
@@ -47,7 +49,7 @@ _state: dict[str, ctypes.CDLL | None] = {}
 
 def build() -> Path:
     """Compiles the sources unless these sources and flags are built already for this CPU; returns the library."""
-    text = b"".join(source.read_bytes() for source in SOURCES)
+    text = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(text + " ".join(CFLAGS + LDFLAGS + LIBS).encode() + _cpu_flags()).hexdigest()[:16]
     target = BUILD_DIR / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -112,6 +114,10 @@ def _declare(so: ctypes.CDLL) -> None:
     so.pd_rope_store.restype = lng
     so.pd_silu_mul.argtypes = [p, lng, lng, lng, p, lng, i]
     so.pd_silu_mul.restype = None
+    so.pd_decode_layers_scratch.argtypes = [p, lng, lng, i]
+    so.pd_decode_layers_scratch.restype = lng
+    so.pd_decode_layers.argtypes = [p, p, lng, p, p, p, lng, p, p, lng, lng, p, p, i]
+    so.pd_decode_layers.restype = lng
 
 
 if __name__ == "__main__":  # `python -m kernels.cpu_native`: build it ahead (make setup, the CPU image)

@@ -9,26 +9,14 @@
  *   x, residual, sum, out:  [rows, hidden], rows `*_stride` floats apart, contiguous within a row
  */
 
-#include <math.h>
-#include <omp.h>
+#include "cpu_kernels.h"
 
 void pd_rms_norm(const float *x, long x_stride, const float *residual, long residual_stride, const float *weight,
                  long rows, long hidden, float eps, float *sum, long sum_stride, float *out, long out_stride,
                  int threads)
 {
 #pragma omp parallel for num_threads(threads) if (threads > 1)
-    for (long t = 0; t < rows; t++) {
-        const float *restrict xt = x + t * x_stride;
-        float *restrict st = sum + t * sum_stride;
-        float *restrict ot = out + t * out_stride;
-        if (residual != 0) {
-            const float *restrict rt = residual + t * residual_stride;
-            for (long h = 0; h < hidden; h++) st[h] = xt[h] + rt[h];
-        }
-        const float *restrict s = residual != 0 ? st : xt;
-        float squares = 0.0f;
-        for (long h = 0; h < hidden; h++) squares += s[h] * s[h];
-        float scale = 1.0f / sqrtf(squares / (float)hidden + eps);
-        for (long h = 0; h < hidden; h++) ot[h] = s[h] * scale * weight[h];
-    }
+    for (long t = 0; t < rows; t++)
+        norm_row(x + t * x_stride, residual != 0 ? residual + t * residual_stride : 0, weight, hidden, eps,
+                 sum + t * sum_stride, out + t * out_stride);
 }

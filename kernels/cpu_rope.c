@@ -16,17 +16,9 @@
  * written then.
  */
 
-#include <stdint.h>
 #include <string.h>
 
-static inline void rotate(float *restrict x, const float *restrict cos, const float *restrict sin, long half) {
-    float *restrict x2 = x + half;
-    for (long d = 0; d < half; d++) {
-        const float a = x[d], b = x2[d];
-        x[d] = a * cos[d] - b * sin[d];
-        x2[d] = b * cos[d] + a * sin[d];
-    }
-}
+#include "cpu_kernels.h"
 
 long pd_rope_store(float *q, long q_row, long q_head, long q_heads, float *k, long k_row, long k_head,
                    const float *v, long v_row, long v_head, long kv_heads, long dim, const int64_t *positions,

@@ -3,10 +3,10 @@
  * A decode step at batch 1 to 4 reads every weight once per step and does almost no arithmetic with it, so
  * its time is the time to stream the weights from memory. Here each output reads one contiguous row of the
  * weight (nn.Linear's own [out, in] layout) and takes its dot product with each input row while the weight
- * row is still in L1: the weights stream once, in order, whatever the number of rows. The threads of torch's
- * OpenMP team take contiguous spans of the outputs. oneDNN's packed product, tuned for more rows, streamed
- * the tiny preset's projections at 12-13 GB/s on one thread and 18-22 on two on the Zen 4 host where this
- * streamed 19-22 and 25-30 (services/bench/README.md).
+ * row is still in L1 (span() in cpu_kernels.h): the weights stream once, in order, whatever the number of rows.
+ * The threads of torch's OpenMP team take contiguous spans of the outputs. oneDNN's packed product, tuned for
+ * more rows, streamed the tiny preset's projections at 12-13 GB/s on one thread and 18-22 on two on the Zen 4
+ * host where this streamed 19-22 and 25-30 (services/bench/README.md).
  *
  *   w:  [out, in] float32, contiguous
  *   x:  [rows, in] float32, rows x_stride apart, contiguous within a row; 1 <= rows <= 4
@@ -15,36 +15,15 @@
 
 #include <omp.h>
 
-/* `rows` is a constant at each call below, so that the compiler unrolls the loop over rows and keeps one
- * vector sum per row in registers. */
-static inline __attribute__((always_inline)) void span(const float *restrict w, long in, const float *restrict x,
-                                                       long x_stride, const int rows, float *restrict y,
-                                                       long y_stride, long first, long last)
-{
-    for (long o = first; o < last; o++) {
-        const float *restrict row = w + o * in;
-        for (int r = 0; r < rows; r++) {
-            const float *restrict xr = x + r * x_stride;
-            float sum = 0.0f;
-            for (long k = 0; k < in; k++) sum += row[k] * xr[k];
-            y[r * y_stride + o] = sum;
-        }
-    }
-}
+#include "cpu_kernels.h"
 
 void pd_few_rows(const float *w, long out, long in, const float *x, long x_stride, long rows, float *y,
                  long y_stride, int threads)
 {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
-        long n = omp_get_num_threads(), per = (out + n - 1) / n;
-        long first = omp_get_thread_num() * per, last = first + per < out ? first + per : out;
-        switch (first < last ? rows : 0) {
-        case 1: span(w, in, x, x_stride, 1, y, y_stride, first, last); break;
-        case 2: span(w, in, x, x_stride, 2, y, y_stride, first, last); break;
-        case 3: span(w, in, x, x_stride, 3, y, y_stride, first, last); break;
-        case 4: span(w, in, x, x_stride, 4, y, y_stride, first, last); break;
-        default: break;
-        }
+        long first, last;
+        share(out, omp_get_thread_num(), omp_get_num_threads(), &first, &last);
+        few_rows_span(w, in, x, x_stride, rows, y, y_stride, first, last);
     }
 }

@@ -6,20 +6,10 @@
  *   out:  [tokens, half], rows out_row apart
  */
 
-#include <math.h>
-
-#if defined(__x86_64__)
-/* glibc's vector expf (libmvec), which math.h declares only under __FAST_MATH__, and -fno-finite-math-only
- * leaves that undefined: declared here, GCC calls it for 16 lanes at a time. */
-float expf(float) __attribute__((simd("notinbranch")));
-#endif
+#include "cpu_kernels.h"
 
 void pd_silu_mul(const float *x, long x_row, long tokens, long half, float *out, long out_row, int threads)
 {
 #pragma omp parallel for num_threads(threads) if (threads > 1) schedule(static)
-    for (long t = 0; t < tokens; t++) {
-        const float *restrict gate = x + t * x_row, *restrict up = gate + half;
-        float *restrict o = out + t * out_row;
-        for (long i = 0; i < half; i++) o[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-    }
+    for (long t = 0; t < tokens; t++) silu_mul_span(x + t * x_row, x + t * x_row + half, out + t * out_row, 0, half);
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -16,7 +17,8 @@ from torch import nn
 import kernels.cpu_native as cpu_native
 from kernels.activation import silu_and_mul
 from kernels.attention import paged_attention
-from kernels.cpu_linear import choose_few_rows, pack_linears
+from kernels.cpu_layers import DecodeLayers, LayerWeights
+from kernels.cpu_linear import PackedLinear, choose_few_rows, pack_linears
 from kernels.rmsnorm import rms_norm
 from kernels.rope_store import rotate_and_store
 from kernels.rotary import build_cos_sin_cache
@@ -102,6 +104,19 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual, k, v
 
 
+    def weights_for_c(self) -> LayerWeights | None:
+        """This layer's weights for the C decode path (kernels/cpu_layers.py); None unless every product keeps a
+        row-major weight (PackedLinear.row_major)."""
+        attn, mlp = self.self_attn, self.mlp
+        qkv, o, gate_up, down = (p.row_major if isinstance(p, PackedLinear) else None
+                                 for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+        if qkv is None or o is None or gate_up is None or down is None:
+            return None
+        return LayerWeights(input_norm=self.input_layernorm.weight.data, qkv=qkv, qkv_bias=attn.qkv_proj.bias, o=o,
+                            post_norm=self.post_attention_layernorm.weight.data, gate_up=gate_up,
+                            gate_up_bias=mlp.gate_up_proj.bias, down=down, down_bias=mlp.down_proj.bias)
+
+
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -115,6 +130,7 @@ class LlamaForCausalLM(nn.Module):
             build_cos_sin_cache(cfg.head_dim, cfg.max_model_len, cfg.rope_theta, cfg.rope_scaling, torch.float32),
             persistent=False,
         )
+        self.decode_layers: DecodeLayers | None = None  # the C path of steps of a few decodes (prepare_cpu)
 
     def forward(
         self,
@@ -125,6 +141,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns the final hidden states [T, hidden]; kv_cache is [layers, 2, blocks, block_size, Hk, D]."""
         x = self.embed_tokens(input_ids)
+        fast = self.decode_layers
+        if fast is not None and on_layer_kv is None and fast.fits(x, batch.context_lens, kv_cache):
+            return fast(x, batch.positions, batch.slot_mapping, batch.block_tables, batch.context_lens, kv_cache)
         residual: torch.Tensor | None = None
         cos_sin = self.cos_sin.to(x.dtype)
         for i, layer in enumerate(self.layers):
@@ -151,6 +170,18 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.weight is not self.embed_tokens.weight:
                 module.weight.data = module.weight.data.t().contiguous().t()
+        self.decode_layers = self._decode_layers(few_rows)
+
+    def _decode_layers(self, few_rows: int) -> DecodeLayers | None:
+        """The C path of decode steps of up to `few_rows` rows (kernels/cpu_layers.py), over the row-major
+        weights of the few-rows products; None where those are not kept."""
+        found = [cast(DecoderLayer, layer).weights_for_c() for layer in self.layers]
+        weights = [w for w in found if w is not None]
+        if not few_rows or len(weights) < len(found):
+            return None
+        cfg = self.cfg
+        return DecodeLayers(weights, self.norm.weight.data, cast(torch.Tensor, self.cos_sin), cfg.num_heads,
+                            cfg.num_kv_heads, cfg.rms_norm_eps, cfg.head_dim**-0.5, few_rows)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

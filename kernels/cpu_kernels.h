@@ -1,0 +1,101 @@
+/* The pieces the CPU kernels share (float32): the few-rows product's span, RMSNorm of a row, the rotary
+ * embedding of a head, SwiGLU's gate over a range, and one sequence's decode attention over a range of KV heads.
+ * The entry points of cpu_rows.c, cpu_norm.c, cpu_rope.c, cpu_swiglu.c and cpu_decode.c run them over a whole
+ * tensor; cpu_layers.c runs them in turn, for every layer of a decode step, inside one OpenMP region. */
+
+#ifndef PDSERVE_CPU_KERNELS_H
+#define PDSERVE_CPU_KERNELS_H
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__x86_64__)
+/* glibc's vector expf (libmvec), which math.h declares only under __FAST_MATH__, and -fno-finite-math-only
+ * leaves that undefined: declared here, GCC calls it for 16 lanes at a time. */
+float expf(float) __attribute__((simd("notinbranch")));
+#endif
+
+/* y[r, o] = sum_k x[r, k] * w[o, k] for the outputs o in [first, last): each output reads one contiguous row of
+ * the weight ([out, in], nn.Linear's layout) and takes its dot product with each input row while that row is
+ * still in L1. `rows` is a constant at each call (few_rows_span), so that the compiler unrolls the loop over
+ * rows and keeps one vector sum per row in registers. */
+static inline __attribute__((always_inline)) void span(const float *restrict w, long in, const float *restrict x,
+                                                       long x_stride, const int rows, float *restrict y,
+                                                       long y_stride, long first, long last)
+{
+    for (long o = first; o < last; o++) {
+        const float *restrict row = w + o * in;
+        for (int r = 0; r < rows; r++) {
+            const float *restrict xr = x + r * x_stride;
+            float sum = 0.0f;
+            for (long k = 0; k < in; k++) sum += row[k] * xr[k];
+            y[r * y_stride + o] = sum;
+        }
+    }
+}
+
+#define FEW_ROWS_MAX 4
+
+/* span() for 1 <= rows <= FEW_ROWS_MAX; other counts write nothing. */
+static inline void few_rows_span(const float *w, long in, const float *x, long x_stride, long rows, float *y,
+                                 long y_stride, long first, long last)
+{
+    switch (first < last ? rows : 0) {
+    case 1: span(w, in, x, x_stride, 1, y, y_stride, first, last); break;
+    case 2: span(w, in, x, x_stride, 2, y, y_stride, first, last); break;
+    case 3: span(w, in, x, x_stride, 3, y, y_stride, first, last); break;
+    case 4: span(w, in, x, x_stride, 4, y, y_stride, first, last); break;
+    default: break;
+    }
+}
+
+/* The share [*first, *last) of `total` items that thread `id` of `team` takes: contiguous, in order. */
+static inline void share(long total, int id, int team, long *first, long *last)
+{
+    const long per = (total + team - 1) / team;
+    *first = id * per < total ? id * per : total;
+    *last = *first + per < total ? *first + per : total;
+}
+
+/* sum = x + residual (x alone when residual is NULL; sum is then not written), out = sum / rms(sum) * weight.
+ * sum may be residual itself. */
+static inline void norm_row(const float *x, const float *residual, const float *restrict weight, long hidden,
+                            float eps, float *sum, float *restrict out)
+{
+    if (residual != 0)
+        for (long h = 0; h < hidden; h++) sum[h] = x[h] + residual[h];
+    const float *s = residual != 0 ? sum : x;
+    float squares = 0.0f;
+    for (long h = 0; h < hidden; h++) squares += s[h] * s[h];
+    const float scale = 1.0f / sqrtf(squares / (float)hidden + eps);
+    for (long h = 0; h < hidden; h++) out[h] = s[h] * scale * weight[h];
+}
+
+/* The rotary embedding of one head in the "half" layout (kernels/rotary.py): x1, x2 the halves of the head,
+ * cos, sin the halves of cos_sin[position]: x1' = x1 cos - x2 sin, x2' = x2 cos + x1 sin. */
+static inline void rotate(float *restrict x, const float *restrict cos, const float *restrict sin, long half)
+{
+    float *restrict x2 = x + half;
+    for (long d = 0; d < half; d++) {
+        const float a = x[d], b = x2[d];
+        x[d] = a * cos[d] - b * sin[d];
+        x2[d] = b * cos[d] + a * sin[d];
+    }
+}
+
+/* out[i] = silu(gate[i]) * up[i] for i in [first, last), silu(g) = g / (1 + exp(-g)). */
+static inline void silu_mul_span(const float *restrict gate, const float *restrict up, float *restrict out,
+                                 long first, long last)
+{
+    for (long i = first; i < last; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
+/* One sequence's decode attention for its query heads of the KV heads [kv_first, kv_last), over a float32 cache
+ * (cpu_decode.c): q and out [num_heads, head_dim] with heads q_head and out_head apart; k and v the layer's
+ * planes [num_blocks * block_size, num_kv_heads, head_dim]; `scratch` holds (kv_last - kv_first) * (num_heads /
+ * num_kv_heads) * len + num_kv_heads * head_dim floats. */
+void attend_heads(const float *q, long q_head, const float *k, const float *v, const int64_t *table, long len,
+                  long block_size, long num_heads, long num_kv_heads, long head_dim, float scale, float *out,
+                  long out_head, long kv_first, long kv_last, float *scratch);
+
+#endif
