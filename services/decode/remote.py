@@ -2,7 +2,7 @@
 
 Such a request holds four things on the decode side, and `RemoteRequest` owns all of them:
 its blocks in the engine (WAITING_FOR_REMOTE_KV), its expectation in the KV receiver, its lease
-timer, and, once generate() claims it, its output stream. Every way out goes through `close(reason)`,
+timer, and, once generate() claims it, its output sink. Every way out goes through `close(reason)`,
 which gives back whatever is still held:
 
     reserved ──claim()──► claimed ──KV in place──► close("joined"): it decodes in the batch
@@ -12,7 +12,7 @@ which gives back whatever is still held:
     close("expired")      close("recompute"): prefilled here instead (the stream stays open)
     close("aborted")      close("failed"): the request ends with TransferError
 
-"expired", "aborted" and "failed" end the request: its blocks go back and its stream closes.
+"expired", "aborted" and "failed" end the request: its blocks go back and its sink closes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import asyncio
 import dataclasses
 from collections.abc import Callable
 
-from services.engine.async_engine import AsyncEngine
+from services.engine.async_engine import AsyncEngine, Sink
 from services.engine.request import RequestStatus
 from services.engine.sampling_params import SamplingParams
-from services.engine.scheduler import RequestOutput
 from services.transfer.errors import TransferError
 from services.transfer.expected import KVArrival
 from services.transfer.receiver import KVReceiver
@@ -49,7 +48,7 @@ class RemoteRequest:
         self.params = params
         self.num_cached_tokens = num_cached_tokens  # leading prompt tokens the local prefix cache already held
         self.closed_as: str | None = None
-        self.stream: asyncio.Queue[RequestOutput] | None = None
+        self.claimed = False  # generate() took it over (claim)
         self._engine = engine
         self._receiver = receiver
         self._registry = registry
@@ -96,13 +95,13 @@ class RemoteRequest:
 
         self._lease = asyncio.get_running_loop().call_later(lease_s, start_expiry)
 
-    def claim(self) -> asyncio.Queue[RequestOutput]:
-        """generate() takes the request over: the lease stops, and its outputs start to queue up."""
+    def claim(self, sink: Sink) -> None:
+        """generate() takes the request over: the lease stops, and its outputs go to `sink` from now on."""
         if self._lease is not None:
             self._lease.cancel()
             self._lease = None
-        self.stream = self._engine.open_stream(self.request_id)
-        return self.stream
+        self._engine.open_sink(self.request_id, sink)
+        self.claimed = True
 
     async def wait_kv(self, first_token: int | None, timeout_s: float) -> KVArrival:
         """Returns once every layer of the prompt's KV is in place (when, and what it came over); else TransferError."""
@@ -135,5 +134,5 @@ class RemoteRequest:
             return
         rid = self.request_id
         await self._engine.call(lambda e: e.abort([rid], RequestStatus.FINISHED_ABORTED))
-        if reason in _ENDING and self.stream is not None:
+        if reason in _ENDING and self.claimed:
             self._engine.close_stream(rid)

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
 from typing import NamedTuple
 
 from services.decode.remote import RemoteRequest
 from services.engine.config import EngineConfig
 from services.engine.errors import InvalidRequest, ResourceExhausted
-from services.engine.logprobs import TokenLogprob
+from services.engine.request import RequestStatus
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import RequestOutput
 from services.transfer.config import TransferConfig
@@ -31,7 +31,7 @@ from services.worker.base import EngineWorker
 from services.worker.cores import Cores
 from services.worker.fingerprint import kv_fingerprint
 from services.worker.messages import Reservation, TokenBatch, WorkerInfo
-from services.worker.token_stream import TokenServer
+from services.worker.token_stream import SendBatch, TokenServer
 
 
 class Handoff(NamedTuple):
@@ -39,6 +39,46 @@ class Handoff(NamedTuple):
 
     transport: str | None = None  # KVArrival.transport
     failure: str | None = None  # TransferError.reason
+
+
+class Batches:
+    """A request's outputs as TokenBatches, each handed to `send` on the thread that made the output: the
+    engine's, as its step ends (or the loop's, for an abort). The first batch says when decoding started and how
+    the prompt's KV came (`handoff`, set before the request can make outputs); `finished` resolves once the
+    finished batch is sent."""
+
+    def __init__(self, send: SendBatch, loop: asyncio.AbstractEventLoop) -> None:
+        self.handoff = Handoff()
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self._send, self._loop = send, loop
+        self._lock = threading.Lock()
+        self._sent_first = self._sent_last = False
+
+    def __call__(self, out: RequestOutput) -> None:
+        with self._lock:
+            if self._sent_last:
+                return
+            first = not self._sent_first
+            self._sent_first, self._sent_last = True, out.finished
+            self._send(TokenBatch(
+                token_ids=out.new_token_ids,
+                finished=out.finished,
+                finish_reason=out.finish_reason,
+                num_cached_tokens=out.num_cached_tokens,
+                decode_start=time.time() if first else None,
+                kv_failure=self.handoff.failure if first else None,
+                kv_transport=self.handoff.transport if first else None,
+                logprobs=out.logprobs,
+                prompt_logprobs=out.prompt_logprobs,
+                step_seconds=out.step_seconds,
+                produced_at=out.produced_at,
+            ))  # fmt: skip
+        if out.finished:
+            self._loop.call_soon_threadsafe(self._finish)
+
+    def _finish(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
 
 
 class DecodeWorker(EngineWorker):
@@ -108,8 +148,12 @@ class DecodeWorker(EngineWorker):
         local: bool = False,
         priority: int = 0,
         generated: list[int] | None = None,
-    ) -> AsyncGenerator[TokenBatch, None]:
-        """Streams the request's tokens after `first_token` (remote) or from the start (local).
+        *,
+        send: SendBatch,
+    ) -> None:
+        """Hands `send` the request's tokens after `first_token` (remote) or from the start (local), a batch per
+        engine step, from the engine's thread as each step ends (services/worker/token_stream.py); returns once
+        the finished batch is sent. Cancelled, it aborts the request.
 
         A local request brings its prompt and params; a remote one was sent them with reserve().
         Remote with first_token None means the prefill side failed: under the "recompute"
@@ -120,44 +164,51 @@ class DecodeWorker(EngineWorker):
         """
         self._ensure_started()
         remote = self.remote.get(request_id)
+        batches = Batches(send, asyncio.get_running_loop())
         if local:
             if remote is not None:  # reserved, and then the router chose to prefill here
                 await remote.close("recompute")
             if prompt_token_ids is None or params is None:
                 raise InvalidRequest(f"request {request_id}: a local request needs its prompt and params")
-            stream = self.async_engine.open_stream(request_id)
+            self.async_engine.open_sink(request_id, batches)
             await self._add_local(request_id, prompt_token_ids, params, priority, list(generated or []))
-            handoff = Handoff()
         else:
             if remote is None:
                 raise TransferError("cancelled", f"no live reservation for {request_id} (lease expired or aborted)")
-            stream = remote.claim()
-            handoff = await self._remote_prefill(remote, first_token, priority)
+            remote.claim(batches)
+            await self._remote_prefill(remote, first_token, priority, batches)
             if remote.closed_as == "aborted":
-                yield TokenBatch([], True, "abort", 0)
+                send(TokenBatch([], True, "abort", 0))
                 return
-        async for batch in self._stream_decode(request_id, stream, handoff):
-            yield batch
+        try:
+            await batches.finished
+        finally:
+            self.async_engine.close_stream(request_id)
+            if not batches.finished.done():  # the router went: the request ends here too
+                await self.async_engine.call(lambda e: e.abort([request_id], RequestStatus.FINISHED_ABORTED))
 
-    async def _remote_prefill(self, remote: RemoteRequest, first_token: int | None, priority: int) -> Handoff:
-        """What the KV came over once it arrived and the request joined the batch; else why it did not, after the
-        prompt was prefilled here instead (under "recompute"; under "fail" the TransferError is raised)."""
+    async def _remote_prefill(self, remote: RemoteRequest, first_token: int | None, priority: int,
+                              batches: Batches) -> None:
+        """Once the KV arrived, the request joins the batch, and its first batch says what the KV came over; else
+        the prompt is prefilled here instead, and the first batch says why (under "recompute"; under "fail" the
+        TransferError is raised)."""
         try:
             arrival = await remote.wait_kv(first_token, self.transfer_config.timeout_s)
         except TransferError as e:
             if remote.closed:  # aborted while it waited
-                return Handoff()
+                return
             if self.transfer_config.failure_policy != "recompute":
                 await remote.close("failed")
                 raise
             await remote.close("recompute")
             # The client already has the first token: the recompute continues after it.
             generated = [first_token] if first_token is not None else []
+            batches.handoff = Handoff(failure=e.reason)
             await self._add_local(remote.request_id, remote.prompt_token_ids, remote.params, priority, generated)
-            return Handoff(failure=e.reason)
+            return
         assert first_token is not None  # wait_kv saw to it
+        batches.handoff = Handoff(transport=arrival.transport)
         await remote.join(first_token)
-        return Handoff(transport=arrival.transport)
 
     async def _add_local(
         self, request_id: str, prompt: list[int], params: SamplingParams, priority: int, generated: list[int]
@@ -169,33 +220,6 @@ class DecodeWorker(EngineWorker):
             self.async_engine.close_stream(request_id)
             raise
 
-    async def _stream_decode(
-        self, request_id: str, stream: asyncio.Queue[RequestOutput], handoff: Handoff
-    ) -> AsyncIterator[TokenBatch]:
-        decode_start: float | None = time.time()
-        kv_failure, kv_transport = handoff.failure, handoff.transport
-        async for batch in self.async_engine.outputs(request_id, stream):
-            yield TokenBatch(
-                token_ids=[t for out in batch for t in out.new_token_ids],
-                finished=batch[-1].finished,
-                finish_reason=batch[-1].finish_reason,
-                num_cached_tokens=batch[-1].num_cached_tokens,
-                decode_start=decode_start,
-                kv_failure=kv_failure,
-                kv_transport=kv_transport,
-                logprobs=_logprobs(batch),
-                prompt_logprobs=batch[0].prompt_logprobs,
-                step_seconds=sum(out.step_seconds for out in batch),
-                produced_at=sum(out.produced_at for out in batch) / len(batch),
-            )
-            decode_start = kv_failure = kv_transport = None
-
-
-def _logprobs(batch: list[RequestOutput]) -> list[TokenLogprob] | None:
-    """The batch's token logprobs in token order; None when the request did not ask for them."""
-    if all(out.logprobs is None for out in batch):
-        return None
-    return [lp for out in batch for lp in out.logprobs or []]
 
 
 def log_info_of(name: str) -> None:

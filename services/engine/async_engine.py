@@ -1,10 +1,11 @@
 """Runs an LLMEngine in its own thread and serves it to asyncio code (the worker actors).
 
 Every engine mutation happens on the engine thread: callers submit commands that run
-between steps, and outputs come back per request through asyncio queues.
+between steps, and outputs come back per request through asyncio queues, or to a sink the
+engine thread calls itself (a decode worker's token stream sends each batch from there).
 
     asyncio loop ── call(fn) ──► command queue ──► engine thread: fn(engine); step(); ...
-    asyncio loop ◄── outputs (call_soon_threadsafe) ──┘
+    asyncio loop ◄── outputs (call_soon_threadsafe) ──┘                    └──► sink(output)
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from services.engine.request import RequestStatus
 from services.engine.scheduler import RequestOutput, SchedulerOutput
 
 T = TypeVar("T")
+# Takes a request's outputs, on the engine thread (or the loop's, for the outputs the workers make there).
+Sink = Callable[[RequestOutput], None]
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +36,7 @@ class AsyncEngine:
         self.layer_hook: Callable[[SchedulerOutput], LayerKVHook | None] | None = None
         self._commands: queue.SimpleQueue[tuple[Callable[[LLMEngine], Any], Future[Any]]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._sinks: dict[str, Sink] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -56,8 +60,14 @@ class AsyncEngine:
         self._streams[request_id] = stream
         return stream
 
+    def open_sink(self, request_id: str, sink: Sink) -> None:
+        """The request's outputs go to `sink`, called on the engine thread as each step ends; outputs made on
+        the loop (dispatch) go there too. Open it before the request can make outputs."""
+        self._sinks[request_id] = sink
+
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
+        self._sinks.pop(request_id, None)
 
     async def outputs(
         self, request_id: str, stream: asyncio.Queue[RequestOutput]
@@ -105,14 +115,28 @@ class AsyncEngine:
                 log.exception("engine step failed; failing %d requests", len(self.engine.scheduler.requests))
                 self._fail_all()
                 continue
-            if outputs and self.loop is not None:
-                self.loop.call_soon_threadsafe(self.dispatch, outputs)
+            queued = [out for out in outputs if not self._to_sink(out)]
+            if queued and self.loop is not None:
+                self.loop.call_soon_threadsafe(self.dispatch, queued)
 
     def dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.put_nowait(out)
+            else:
+                self._to_sink(out)
+
+    def _to_sink(self, out: RequestOutput) -> bool:
+        """Hands `out` to its request's sink; False where the request has none."""
+        sink = self._sinks.get(out.request_id)
+        if sink is None:
+            return False
+        try:
+            sink(out)
+        except Exception:  # noqa: BLE001 - a failing sink loses its request's output, not the engine
+            log.exception("the output sink of request %s failed", out.request_id)
+        return True
 
     def _fail_all(self) -> None:
         ids = list(self.engine.scheduler.requests)

@@ -7,10 +7,15 @@ core, which its engine thread then waits for. Here each generate call is one con
     router                                              decode worker (TokenServer)
     connect to WorkerInfo.token_address
     HELLO + WorkerInfo.token_secret        ─────────►   checked before anything is parsed; else closed
-    frame(generate's arguments)            ─────────►   DecodeWorker.generate(*arguments)
+    frame(generate's arguments)            ─────────►   DecodeWorker.generate(*arguments, send=...)
                                            ◄─────────   frame(("batch", TokenBatch)) per batch, the last finished
                                            ◄─────────   or frame(("error", kind, message)), then closed
     close (done, aborted, cancelled)       ─────────►   the generate call is cancelled: the engine aborts it
+
+generate hands each batch to `send`, which frames it and sends it at once from the thread that calls it: the
+engine's own, right after the step that made the batch (FrameWriter). The worker's event loop then takes no
+part in a token's way out; it had to be scheduled first, and on a few cores it waited for the engine's threads
+(services/bench/README.md).
 
 The address and the secret come with WorkerInfo over Ray, which only the cluster's members reach, so a frame is
 unpickled only once its peer has shown the secret: a peer that has not is dropped with a log line, as is one
@@ -24,10 +29,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import pickle
 import secrets
+import socket
 import struct
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
@@ -42,7 +50,10 @@ MAX_FRAME_BYTES = 1 << 28  # a batch may carry a long prompt's logprobs
 HELLO_TIMEOUT_S = 10.0
 
 log = logging.getLogger(__name__)
-Generate = Callable[..., AsyncGenerator[TokenBatch, None]]
+SendBatch = Callable[[TokenBatch], None]
+# DecodeWorker.generate: generate(*arguments, send=...) hands every batch of the call to `send` and returns after
+# the finished one.
+Generate = Callable[..., Awaitable[None]]
 
 
 class TokenStreamLost(ConnectionError):
@@ -89,6 +100,88 @@ class WorkerStreamFailed(RuntimeError):
     """The decode worker's generate call raised something other than a request's own errors."""
 
 
+class FrameWriter:
+    """One connection's frames to the router, from any thread: each frame goes out whole and in order, at once from
+    the thread that sends it while the socket takes it. What the socket does not take waits in a backlog, which
+    the event loop sends when the socket can take more (and nothing jumps it meanwhile).
+
+    The connection's asyncio transport keeps the socket for reading (to see the router close it); frames leave
+    through a second descriptor of the socket, which the transport does not own. The backlog is not bounded: it
+    holds at most one request's batches, which the router reads as they come.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+        self._sock.setblocking(False)
+        self._lock = threading.Lock()
+        self._backlog = bytearray()
+        self._flushing = False  # the loop has been asked to send the backlog
+        self._closed = False  # closed here, or the socket failed: frames are dropped
+        self._drained = asyncio.Event()
+
+    def send(self, obj: Any) -> None:
+        """Frames `obj` and sends it, from any thread."""
+        data = frame(obj)
+        with self._lock:
+            if self._closed:
+                return
+            if not self._backlog:
+                data = data[self._send(data):]
+                if not data:
+                    return
+            self._backlog += data
+            if not self._flushing:
+                self._flushing = True
+                self._loop.call_soon_threadsafe(self._flush_when_writable)
+
+    def _send(self, data: bytes | memoryview) -> int:
+        """How much of `data` the socket took (under the lock); a failed socket closes the writer."""
+        try:
+            return self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            self._closed = True
+            return len(data)
+
+    def _flush_when_writable(self) -> None:
+        with self._lock:
+            if self._flushing and not self._closed:
+                self._loop.add_writer(self._sock.fileno(), self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            with memoryview(self._backlog) as view:
+                sent = self._send(view)
+            del self._backlog[:sent]
+            if self._backlog and not self._closed:
+                return
+            self._loop.remove_writer(self._sock.fileno())
+            self._flushing = False
+            self._backlog.clear()
+        self._drained.set()
+
+    async def drain(self) -> None:
+        """Returns once every frame sent so far has gone to the socket (or the socket failed)."""
+        while True:
+            with self._lock:
+                if not self._flushing:
+                    return
+                self._drained.clear()
+            await self._drained.wait()
+
+    def close(self) -> None:
+        """Drops what is still to send, and every later frame. On the loop's thread."""
+        with self._lock:
+            if self._flushing:
+                self._loop.remove_writer(self._sock.fileno())
+            self._closed, self._flushing = True, False
+            self._backlog.clear()
+            self._sock.close()
+        self._drained.set()
+
+
 class TokenServer:
     """Serves `generate` (DecodeWorker.generate) to routers that know the secret; see the module docstring."""
 
@@ -130,29 +223,29 @@ class TokenServer:
     async def _stream(self, arguments: tuple[Any, ...], reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         """Runs generate until it ends or the router closes the connection, whichever is first."""
-        pump = asyncio.ensure_future(self._pump(self._generate(*arguments), writer))
+        frames = FrameWriter(writer)
+        call = asyncio.ensure_future(self._call(arguments, frames))
         gone = asyncio.ensure_future(reader.read(1))  # b"" (or an error) once the router closes
         try:
-            await asyncio.wait((pump, gone), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((call, gone), return_when=asyncio.FIRST_COMPLETED)
+            if call.done() and not gone.done():  # the last frames may still wait for the socket
+                drained = asyncio.ensure_future(frames.drain())
+                await asyncio.wait((drained, gone), return_when=asyncio.FIRST_COMPLETED)
+                drained.cancel()
         finally:
             gone.cancel()
-            if not pump.done():
-                pump.cancel()
-            await asyncio.gather(pump, gone, return_exceptions=True)
+            if not call.done():
+                call.cancel()  # a router gone mid-call: the call ends now (the engine aborts it)
+            await asyncio.gather(call, gone, return_exceptions=True)
+            frames.close()
 
-    @staticmethod
-    async def _pump(batches: AsyncGenerator[TokenBatch, None], writer: asyncio.StreamWriter) -> None:
+    async def _call(self, arguments: tuple[Any, ...], frames: FrameWriter) -> None:
         try:
-            async for batch in batches:
-                writer.write(frame(("batch", batch)))
-                await writer.drain()
+            await self._generate(*arguments, send=lambda batch: frames.send(("batch", batch)))
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - the router raises it again
-            writer.write(frame(_error(exc)))
-            await writer.drain()
-        finally:
-            await batches.aclose()  # a router gone mid-batch: the call ends now (the engine aborts it)
+            frames.send(_error(exc))
 
 
 class TokenStream:

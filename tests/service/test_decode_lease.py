@@ -20,6 +20,7 @@ from services.transfer.errors import TransferError
 from services.transfer.kv import KVTensors
 from services.transfer.sender import KVSender
 from services.worker.fingerprint import kv_fingerprint
+from tests.token_worker import generated
 
 
 @pytest.fixture
@@ -42,16 +43,12 @@ async def test_unclaimed_reservation_expires(worker: DecodeWorker) -> None:
     assert info.integrity_error is None
 
     with pytest.raises(TransferError, match="no live reservation"):
-        async for _ in worker.generate("r1", list(range(10, 100)), params, first_token=5):
-            pass
+        await generated(worker, "r1", list(range(10, 100)), params, first_token=5)
     worker.async_engine.stop()
 
 
 async def _collect(worker: DecodeWorker, *args: object, **kwargs: object) -> list[int]:
-    tokens: list[int] = []
-    async for batch in worker.generate(*args, **kwargs):  # type: ignore[arg-type]
-        tokens.extend(batch.token_ids)
-    return tokens
+    return [t for batch in await generated(worker, *args, **kwargs) for t in batch.token_ids]
 
 
 async def _assert_released(worker: DecodeWorker) -> None:
@@ -87,7 +84,7 @@ async def test_failed_hand_off_follows_the_policy(small_model: Path, policy: str
     prompt = list(range(10, 60))
     await worker.reserve("r4", prompt, params, lease_s=30)
     if policy == "recompute":  # the prefill side never delivered: the prompt is computed here
-        batches = [b async for b in worker.generate("r4", None, None, first_token=None)]
+        batches = await generated(worker, "r4", None, None, first_token=None)
         assert batches[0].kv_failure == "peer_gone" and sum(len(b.token_ids) for b in batches) == 4
         assert batches[0].kv_transport is None
     else:
@@ -100,18 +97,12 @@ async def test_failed_hand_off_follows_the_policy(small_model: Path, policy: str
 async def test_abort_while_waiting_for_kv_ends_the_stream(worker: DecodeWorker) -> None:
     params = SamplingParams(temperature=0, max_tokens=4)
     await worker.reserve("r5", list(range(10, 60)), params, lease_s=30)
-    batches: list[object] = []
-
-    async def consume() -> None:
-        async for batch in worker.generate("r5", None, None, first_token=7):
-            batches.append(batch)
-
-    task = asyncio.ensure_future(consume())
+    task = asyncio.ensure_future(generated(worker, "r5", None, None, first_token=7))
     await asyncio.sleep(0.2)  # generate() has claimed it and waits for KV that never comes
     assert worker.receiver.pending() == ["r5"]
     assert await worker.abort("r5")
-    await asyncio.wait_for(task, 5)
-    assert [(b.finished, b.finish_reason) for b in batches] == [(True, "abort")]  # type: ignore[attr-defined]
+    batches = await asyncio.wait_for(task, 5)
+    assert [(b.finished, b.finish_reason) for b in batches] == [(True, "abort")]
     await _assert_released(worker)
     assert (await worker.load()).num_used_blocks == 0
     worker.async_engine.stop()
@@ -130,7 +121,7 @@ async def test_the_first_batch_says_what_the_kv_came_over(worker: DecodeWorker) 
         kv = torch.randn(fp.num_layers, 2, len(prompt), fp.num_kv_heads, fp.head_dim).to(fp.torch_dtype)
         for layer in range(fp.num_layers):
             await sender.send(address, "r6", layer, 0, KVTensors(kv[layer, 0], kv[layer, 1]))
-        batches = [b async for b in worker.generate("r6", None, None, first_token=7)]
+        batches = await generated(worker, "r6", None, None, first_token=7)
     finally:
         await sender.close()
     assert batches[0].kv_transport == "shm" and batches[0].kv_failure is None

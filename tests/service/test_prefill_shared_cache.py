@@ -16,6 +16,7 @@ from services.engine.sampling_params import SamplingParams
 from services.prefill.worker import PrefillWorker
 from services.transfer.config import TransferConfig
 from services.transfer.errors import TransferError
+from tests.token_worker import generated
 
 
 @asynccontextmanager
@@ -55,9 +56,8 @@ async def test_prefill_worker_sends_from_its_shared_cache(small_model: Path) -> 
         for rid, prompt in (("first", list(range(10, 110))), ("again", list(range(10, 110)))):
             reservation = await decode.reserve(rid, prompt, params, lease_s=30)
             result = await prefill.prefill(rid, prompt, params, peer, reservation.cached_tokens)
-            tokens = [result.first_token]
-            async for batch in decode.generate(rid, None, None, first_token=result.first_token):
-                tokens += batch.token_ids
+            batches = await generated(decode, rid, None, None, first_token=result.first_token)
+            tokens = [result.first_token] + [t for batch in batches for t in batch.token_ids]
             assert tokens == want, rid
             # Every send was acknowledged, and the blocks held for them are back.
             load = await prefill.load(check_integrity=True)

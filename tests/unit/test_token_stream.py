@@ -6,14 +6,21 @@ import asyncio
 import os
 import pickle
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
 from services.engine.errors import InvalidRequest, ResourceExhausted
 from services.transfer.errors import TransferError
 from services.worker.messages import TokenBatch
-from services.worker.token_stream import HELLO, TokenServer, TokenStream, TokenStreamLost, WorkerStreamFailed, frame
+from services.worker.token_stream import (
+    HELLO,
+    SendBatch,
+    TokenServer,
+    TokenStream,
+    TokenStreamLost,
+    WorkerStreamFailed,
+    frame,
+)
 
 UNPICKLED: list[str] = []
 
@@ -26,19 +33,24 @@ class Tripwire:
 
 
 class FakeWorker:
+    """generate as the decode worker runs it: its batches are sent from another thread (the engine's)."""
+
     def __init__(self) -> None:
         self.calls: list[tuple[object, ...]] = []
         self.ended: list[str] = []
         self.failure: BaseException | None = None
         self.hang = False
+        self.batch_tokens = 1  # token ids per batch
 
-    async def generate(self, rid: str, count: int) -> AsyncIterator[TokenBatch]:
+    async def generate(self, rid: str, count: int, *, send: SendBatch) -> None:
         self.calls.append((rid, count))
         try:
             if self.failure is not None:
                 raise self.failure
-            for i in range(count):
-                yield TokenBatch([i], i == count - 1 and not self.hang, "length" if i == count - 1 else None, 0)
+            width = self.batch_tokens
+            batches = [TokenBatch(list(range(i * width, (i + 1) * width)), i == count - 1 and not self.hang,
+                                  "length" if i == count - 1 else None, 0) for i in range(count)]
+            await asyncio.to_thread(lambda: [send(batch) for batch in batches])
             while self.hang:
                 await asyncio.sleep(0.01)
             self.ended.append("finished")
@@ -64,6 +76,45 @@ async def test_batches_arrive_in_order_and_the_last_is_finished() -> None:
     try:
         assert await collect(await TokenStream.open(address, server.secret, ("r1", 5))) == [0, 1, 2, 3, 4]
         assert worker.calls == [("r1", 5)] and worker.ended == ["finished"]
+    finally:
+        server.close()
+
+
+async def test_batches_the_socket_cannot_take_at_once_wait_and_arrive_whole_in_order() -> None:
+    """40 batches of about 1 MiB each, sent from the engine's thread while the router reads nothing: most wait in
+    the worker's backlog until the router reads, then arrive whole and in order, the finished one last."""
+    worker = FakeWorker()
+    worker.batch_tokens = 100_000
+    server, address, _ = await serve(worker)
+    try:
+        stream = await TokenStream.open(address, server.secret, ("r1", 40))
+        for _ in range(200):  # the worker has sent what the socket took, and holds the rest
+            if worker.ended:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.ended == ["finished"]
+        assert await collect(stream) == list(range(40 * 100_000))
+    finally:
+        server.close()
+
+
+async def test_a_router_gone_with_batches_waiting_ends_the_call() -> None:
+    worker = FakeWorker()
+    worker.batch_tokens, worker.hang = 100_000, True
+    server, address, _ = await serve(worker)
+    try:
+        stream = await TokenStream.open(address, server.secret, ("r1", 40))
+        async with stream:
+            async for batch in stream:
+                assert batch.token_ids[0] == 0
+                break
+        for _ in range(300):
+            if worker.ended:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.ended == ["cancelled"]
+        worker.batch_tokens, worker.hang = 1, False
+        assert await collect(await TokenStream.open(address, server.secret, ("r2", 2))) == [0, 1]
     finally:
         server.close()
 
