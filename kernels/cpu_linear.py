@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kernels.cpu_native import library
+from kernels.huge_pages import gather_on_huge_pages
 
 PACK_ROWS_HINT = 32  # the batch size oneDNN tunes the layout for: best from 2 to 512 rows on this host
 FEW_ROWS_MAX = 4  # the most rows the few-rows kernel takes (cpu_rows.c)
@@ -103,6 +104,11 @@ def choose_few_rows(model: nn.Module) -> tuple[int, dict[int, tuple[float, float
         m.few_rows = few_rows
         if not few_rows:
             m.row_major = None
+    # The kernel streams the weights it keeps from memory: one block on huge pages spares it a TLB miss every 4 KiB.
+    moved = iter(gather_on_huge_pages([m.row_major for m in layers if m.row_major is not None]))
+    for m in layers:
+        if m.row_major is not None:
+            m.row_major = next(moved)
     return few_rows, medians
 
 

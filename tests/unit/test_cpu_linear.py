@@ -65,3 +65,21 @@ def test_the_few_rows_path_is_chosen_by_timing_both(margin: float, few_rows: int
         x = torch.randn(rows, 64)
         with torch.inference_mode():
             torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kept_weights_move_to_one_block_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """choose_few_rows moves the row-major weights it keeps into one block on huge pages (kernels/huge_pages.py),
+    each an equal copy starting on a cache line."""
+    import kernels.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "PACKED_MARGIN", 0.0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 35), nn.Linear(35, 7))
+    weights = [m.weight.detach().clone() for m in model]
+    pack_linears(model)
+    assert cpu_linear.choose_few_rows(model)[0] == 4
+    kept = [m.row_major for m in model]
+    assert all(w is not None for w in kept)
+    assert len({w.untyped_storage().data_ptr() for w in kept if w is not None}) == 1
+    for w, want in zip(kept, weights, strict=True):
+        assert w is not None and w.is_contiguous() and w.data_ptr() % 64 == 0
+        assert torch.equal(w, want)
