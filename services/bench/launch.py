@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,7 +16,22 @@ from typing import Self
 REPO = Path(__file__).resolve().parents[2]
 
 
+# Ports are drawn from here: below Linux's ephemeral range (32768-60999), from which every bind to port 0 takes
+# one (a server's own Ray processes among them, between this check and the server's bind: a test once found a
+# Ray gRPC server on its server's port), and above Ray's worker ports (10002-19999).
+FREE_PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on now, outside the range that binds to port 0 draw from."""
+    for _ in range(200):
+        port = random.choice(FREE_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
