@@ -83,6 +83,7 @@ class DecodeLayers:
                              cos_sin.data_ptr(), final_norm.data_ptr(), self._layers)
         self.hidden, self.kv_heads, self.dim, self.max_rows = hidden, kv_heads, dim, max_rows
         self._scratch = torch.empty(0)
+        self._scratch_sizes: dict[tuple[int, int, int], int] = {}  # (rows, context capacity, threads) -> floats
 
     def fits(self, x: torch.Tensor, context_lens: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """Whether the step is for this path: 1 to max_rows rows, one per sequence (decodes only), and a
@@ -109,7 +110,10 @@ class DecodeLayers:
             raise ValueError("DecodeLayers: positions, slots, block tables and context lengths disagree on the rows")
         _, _, num_blocks, block_size, _, _ = kv_cache.shape
         threads = torch.get_num_threads()
-        need = so.pd_decode_layers_scratch(ctypes.byref(self._model), rows, tables.shape[1] * block_size, threads)
+        key = (rows, tables.shape[1] * block_size, threads)
+        need = self._scratch_sizes.get(key)
+        if need is None:
+            need = self._scratch_sizes[key] = so.pd_decode_layers_scratch(ctypes.byref(self._model), *key)
         if self._scratch.numel() < need:
             self._scratch = torch.empty(need)
         out = torch.empty(rows, self.hidden)

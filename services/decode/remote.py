@@ -9,7 +9,7 @@ which gives back whatever is still held:
        │                     │
        │ lease runs out      │ hand-off failed
        ▼                     ▼
-    close("expired")      close("recompute"): prefilled here instead (the stream stays open)
+    close("expired")      close("recompute"): prefilled here instead (its sink stays open)
     close("aborted")      close("failed"): the request ends with TransferError
 
 "expired", "aborted" and "failed" end the request: its blocks go back and its sink closes.

@@ -116,7 +116,6 @@ class FrameWriter:
         self._sock.setblocking(False)
         self._lock = threading.Lock()
         self._backlog = bytearray()
-        self._flushing = False  # the loop has been asked to send the backlog
         self._closed = False  # closed here, or the socket failed: frames are dropped
         self._drained = asyncio.Event()
 
@@ -126,13 +125,12 @@ class FrameWriter:
         with self._lock:
             if self._closed:
                 return
-            if not self._backlog:
-                data = data[self._send(data):]
-                if not data:
-                    return
-            self._backlog += data
-            if not self._flushing:
-                self._flushing = True
+            if self._backlog:  # the loop is sending the backlog: this frame waits behind it
+                self._backlog += data
+                return
+            data = data[self._send(data):]
+            if data:
+                self._backlog += data
                 self._loop.call_soon_threadsafe(self._flush_when_writable)
 
     def _send(self, data: bytes | memoryview) -> int:
@@ -147,7 +145,7 @@ class FrameWriter:
 
     def _flush_when_writable(self) -> None:
         with self._lock:
-            if self._flushing and not self._closed:
+            if self._backlog and not self._closed:
                 self._loop.add_writer(self._sock.fileno(), self._flush)
 
     def _flush(self) -> None:
@@ -158,7 +156,6 @@ class FrameWriter:
             if self._backlog and not self._closed:
                 return
             self._loop.remove_writer(self._sock.fileno())
-            self._flushing = False
             self._backlog.clear()
         self._drained.set()
 
@@ -166,7 +163,7 @@ class FrameWriter:
         """Returns once every frame sent so far has gone to the socket (or the socket failed)."""
         while True:
             with self._lock:
-                if not self._flushing:
+                if not self._backlog:
                     return
                 self._drained.clear()
             await self._drained.wait()
@@ -174,9 +171,9 @@ class FrameWriter:
     def close(self) -> None:
         """Drops what is still to send, and every later frame. On the loop's thread."""
         with self._lock:
-            if self._flushing:
+            if self._backlog:
                 self._loop.remove_writer(self._sock.fileno())
-            self._closed, self._flushing = True, False
+            self._closed = True
             self._backlog.clear()
             self._sock.close()
         self._drained.set()
