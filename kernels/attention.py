@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.cpu_attention import decode_in_place
+from kernels.cpu_attention import decode_in_place, prefill_in_place
 
 
 def _gather(kv_layer: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,15 +143,17 @@ def paged_attention_cpu(
     query_start_loc: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """The CPU path: decodes read the cache in place (kernels/cpu_decode.c), prefill chunks run as in the
-    reference. Falls back to the reference where the kernel cannot run (no C compiler, not float32)."""
+    """The CPU path: decodes (kernels/cpu_decode.c) and prompt chunks (kernels/cpu_prefill.c) read the cache in
+    place. Falls back to the reference where a kernel cannot run (no C compiler, other dtypes or heads)."""
     starts = query_start_loc.tolist()
     lens = context_lens.tolist()
     decode_lens = [lens[b] for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if not decode_in_place(q, kv_layer, block_tables, context_lens, query_start_loc, scale, out, decode_lens):
         return paged_attention_ref(q, kv_layer, block_tables, context_lens, query_start_loc, scale)
-    _prefill_rows(out, q, kv_layer, block_tables, starts, lens, scale)
+    if len(decode_lens) < len(lens) and not prefill_in_place(
+            q, kv_layer, block_tables, context_lens, query_start_loc, scale, out):
+        _prefill_rows(out, q, kv_layer, block_tables, starts, lens, scale)
     return out
 
 

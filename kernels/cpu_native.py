@@ -1,7 +1,8 @@
-"""The CPU kernels in C, built into one library: decode attention over the paged cache (cpu_decode.c),
-products of a few rows with a row-major weight (cpu_rows.c), RMSNorm fused with the residual add (cpu_norm.c), the
-rotary embedding fused with the store of the new K and V (cpu_rope.c), SwiGLU's gate (cpu_swiglu.c), and every
-layer of a decode step of a few rows in one call (cpu_layers.c). cpu_kernels.h holds the pieces they share.
+"""The CPU kernels in C, built into one library: decode attention over the paged cache (cpu_decode.c), prompt
+attention over it (cpu_prefill.c), products of a few rows with a row-major weight (cpu_rows.c), RMSNorm fused with
+the residual add (cpu_norm.c), the rotary embedding fused with the store of the new K and V (cpu_rope.c), SwiGLU's
+gate (cpu_swiglu.c), and every layer of a decode step of a few rows in one call (cpu_layers.c). cpu_kernels.h
+holds the pieces they share.
 
 The library is compiled with the system C compiler on first use into `_build/`, keyed by a hash of the sources,
 the compiler flags and the CPU's flags. Without a compiler the callers fall back to torch (logged once).
@@ -21,7 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c", HERE / "cpu_norm.c", HERE / "cpu_rope.c",
-           HERE / "cpu_swiglu.c", HERE / "cpu_layers.c")
+           HERE / "cpu_swiglu.c", HERE / "cpu_layers.c", HERE / "cpu_prefill.c")
 HEADERS = (HERE / "cpu_kernels.h",)  # the pieces the sources share
 BUILD_DIR = HERE / "_build"
 # -ffast-math lets the compiler vectorise the dot products' sums; slots past a context are never read, so no
@@ -114,6 +115,11 @@ def _declare(so: ctypes.CDLL) -> None:
     so.pd_rope_store.restype = lng
     so.pd_silu_mul.argtypes = [p, lng, lng, lng, p, lng, i]
     so.pd_silu_mul.restype = None
+    so.pd_prefill_attention_scratch.argtypes = [lng]
+    so.pd_prefill_attention_scratch.restype = lng
+    so.pd_prefill_attention.argtypes = [p, lng, lng, p, lng, p, lng, p, p, lng, lng, lng, lng, lng, ctypes.c_float,
+                                        p, lng, lng, p, lng, i]
+    so.pd_prefill_attention.restype = lng
     so.pd_decode_layers_scratch.argtypes = [p, lng, lng, i]
     so.pd_decode_layers_scratch.restype = lng
     so.pd_decode_layers.argtypes = [p, p, lng, p, p, p, lng, p, p, lng, lng, p, p, i]

@@ -1,5 +1,6 @@
-"""The CPU decode attention kernel (kernels/cpu_decode.c) against the torch reference: in place over the paged
-cache, in float32 and over a float16 or bfloat16 cache, on one and two threads."""
+"""The CPU attention kernels against the torch reference, in place over the paged cache on one and two threads:
+decodes (kernels/cpu_decode.c) in float32 and over a float16 or bfloat16 cache, prompt chunks
+(kernels/cpu_prefill.c) in float32."""
 
 from __future__ import annotations
 
@@ -116,3 +117,72 @@ def test_cpu_attention_without_the_kernel_is_the_reference(monkeypatch: pytest.M
     half = case._replace(q=case.q.double(), kv_layer=case.kv_layer.double())  # not float32: the reference
     monkeypatch.setattr(cpu_attention, "use_native", True)
     assert torch.equal(paged_attention_cpu(*half), paged_attention_ref(*half))
+
+
+# Prompt chunks for the prompt kernel: (q_lens, ctx_lens, hq, hk, dim, page). Its tasks take 64 rows (positions x a
+# KV head's query heads) and its key tiles up to 64 tokens within a block.
+PREFILL_CASES = {
+    # several tasks and key tiles, fresh and behind a cached prefix, beside decodes
+    "long_prompts_gqa": ([300, 1, 130, 1], [300, 77, 400, 5], 8, 4, 64, 64),
+    # Llama-3's 4:1 group at head_dim 128; pages of 96, so that a key tile stops at a block's end
+    "head_128_page96": ([150, 2], [250, 2], 32, 8, 128, 96),
+    # a group of 8 (8 positions a task), pages of 16
+    "group_8_page16": ([45, 200], [45, 260], 16, 2, 64, 16),
+    # MHA: one head a row, 64 positions a task; a chunk of two rows
+    "mha_page128": ([129, 2], [129, 300], 4, 4, 64, 128),
+}
+
+
+@pytest.mark.usefixtures("native_kernel")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", list(PREFILL_CASES))
+def test_cpu_prompt_attention_in_place_matches_reference(name: str, threads: int) -> None:
+    case = attention_case(*PREFILL_CASES[name], seed=threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        chunks = torch.full_like(case.q, 7.0)
+        assert cpu_attention.prefill_in_place(*case, chunks)  # not the fallback
+        out = paged_attention_cpu(*case)
+    finally:
+        torch.set_num_threads(before)
+    starts = case.query_start_loc.tolist()
+    decode_rows = [starts[b] for b in range(len(starts) - 1) if starts[b + 1] - starts[b] == 1]
+    assert torch.all(chunks[decode_rows] == 7.0)  # decode rows are left to the decode kernel
+    assert not out.isnan().any()
+    want = paged_attention_ref(*case)
+    torch.testing.assert_close(out, want, **FP32_TOL)
+    prompt_rows = [r for r in range(case.q.shape[0]) if r not in decode_rows]
+    torch.testing.assert_close(chunks[prompt_rows], want[prompt_rows], **FP32_TOL)
+
+
+@pytest.mark.usefixtures("native_kernel")
+@pytest.mark.parametrize(("change", "message"), [
+    ("chunk_past_context", "longer than its context"),
+    ("context_past_table", "overruns its block table"),
+    ("block_outside_cache", "outside the cache"),
+])
+def test_cpu_prompt_attention_refuses_bad_metadata(change: str, message: str) -> None:
+    """A refused batch raises ValueError and writes nothing."""
+    case = attention_case(*PREFILL_CASES["long_prompts_gqa"], seed=3)
+    lens, table = case.context_lens.clone(), case.block_tables.clone()
+    if change == "chunk_past_context":
+        lens[2] = 129
+    elif change == "context_past_table":
+        lens[2] = table.shape[1] * case.kv_layer.shape[2] + 1
+    else:
+        table[0, 2] = case.kv_layer.shape[1]
+    out = torch.full_like(case.q, 7.0)
+    with pytest.raises(ValueError, match=message):
+        cpu_attention.prefill_in_place(case.q, case.kv_layer, table, lens, case.query_start_loc, case.scale, out)
+    assert torch.all(out == 7.0)
+
+
+def test_cpu_prompt_attention_leaves_other_dtypes_and_heads_to_the_reference() -> None:
+    case = attention_case(*PREFILL_CASES["long_prompts_gqa"], seed=4)
+    out = torch.zeros_like(case.q)
+    assert not cpu_attention.prefill_in_place(*case._replace(kv_layer=case.kv_layer.half()), out)
+    odd = attention_case([40], [40], 4, 2, 32, 16, seed=4)  # head_dim 32
+    assert not cpu_attention.prefill_in_place(*odd, torch.zeros_like(odd.q))
+    torch.testing.assert_close(paged_attention_cpu(*odd), paged_attention_ref(*odd), **FP32_TOL)
+    assert torch.all(out == 0)
