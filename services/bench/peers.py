@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "req/s on a Zen 4 host, past 8 on a Zen 5 one)")
     p.add_argument("--input-len", default="256:1024")
     p.add_argument("--output-len", default="32:128")
-    p.add_argument("--single-requests", type=int, default=8, help="one-at-a-time requests (input 256, output 128)")
+    p.add_argument("--single-requests", type=int, default=8, help="one-at-a-time requests (input 256, output 128; 0: none)")
     p.add_argument("--offline-prompts", type=int, default=32)
     p.add_argument("--offline-input-len", default="64:512")
     p.add_argument("--offline-output-len", default="16:256")
@@ -101,8 +101,9 @@ def _serve_args(args: argparse.Namespace, url: str, single: bool) -> argparse.Na
 
 
 def measure(args: argparse.Namespace, result: PeerResult, url: str) -> None:
-    """The sweep and the one-at-a-time run against the server at `url`, into `result`."""
-    for single in (False, True):
+    """The sweep and the one-at-a-time run (unless --single-requests 0) against the server at `url`, into
+    `result`."""
+    for single in (False, True) if args.single_requests else (False,):
         label = "one request at a time" if single else f"sweep at {args.request_rate} req/s"
         print(f"\n### {result.name}: {label}", flush=True)
         t0 = time.monotonic()
