@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "rate's")
     p.add_argument("--input-len", default="256:1024")
     p.add_argument("--output-len", default="32:128")
-    p.add_argument("--single-requests", type=int, default=8, help="one-at-a-time requests (input 256, output 128; 0: none)")
+    p.add_argument("--single-requests", type=int, default=8,
+                   help="one-at-a-time requests (input 256, output 128; 0: none)")
     p.add_argument("--offline-prompts", type=int, default=32)
     p.add_argument("--offline-input-len", default="64:512")
     p.add_argument("--offline-output-len", default="16:256")
