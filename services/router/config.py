@@ -18,6 +18,11 @@ class RouterConfig:
     local_prefill_threshold: int = field(
         default=32, metadata=flag("prefill on the decode worker when the uncached prompt part is shorter than this")
     )
+    local_prefill_backlog_tokens: int = field(
+        default=0, metadata=flag("also prefill on the decode worker when every prefill worker has at least this "
+                                 "many prompt tokens from the router still to prefill, and the decode worker fewer "
+                                 "of its own (prefill-queue-aware disaggregation); 0: by length only")
+    )
     lease_s: float = field(
         default=30.0, metadata=flag("decode reservation lease, s: one not claimed within this is released")
     )
@@ -54,6 +59,8 @@ class RouterConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.local_prefill_threshold < 0:
             raise ValueError("local_prefill_threshold must be >= 0")
+        if self.local_prefill_backlog_tokens < 0:
+            raise ValueError("local_prefill_backlog_tokens must be >= 0")
         if self.lease_s <= 0:
             raise ValueError("lease_s must be positive")
         if self.max_queued_requests < -1:

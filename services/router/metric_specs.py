@@ -32,7 +32,7 @@ TRANSFER_FAILURE_REASONS: tuple[str, ...] = ("timeout", "peer_gone", "bad_header
 REQUEST_FAILURE_REASONS: tuple[str, ...] = (
     "invalid_request", "resource_exhausted", "unavailable", "transfer_failed", "worker_failed", "internal",
 )
-DISAGG_DECISIONS: tuple[str, ...] = ("remote_prefill", "local_prefill")
+DISAGG_DECISIONS: tuple[str, ...] = ("remote_prefill", "local_prefill", "local_prefill_backlog")
 DEADLINE_STAGES: tuple[str, ...] = ("admission", "running")
 STAGES: tuple[str, ...] = ("queue", "prefill", "transfer", "decode_queue", "decode")
 SLOS: tuple[str, ...] = ("ttft", "tpot")
@@ -159,7 +159,8 @@ SPECS: tuple[MetricSpec, ...] = (
     _c("request_deadline_exceeded_total", "Requests whose deadline passed, by the stage they were in (waiting "
        "for admission, or running); they end with finished_reason \"abort\" and the client gets DEADLINE_EXCEEDED "
        "or HTTP 504.", _MODEL + ("stage",)),
-    _c("disagg_decisions_total", "Where the router prefilled: on a prefill worker, or on the decode worker.",
+    _c("disagg_decisions_total", "Where the router prefilled: on a prefill worker, or on the decode worker (for "
+       "a short uncached prompt, or for a backlog in the prefill pool).",
        _MODEL + ("decision",)),
     # KV transfer.
     _h("kv_transfer_seconds", "Duration of one successful KV hand-off of one request, by what it crossed.",

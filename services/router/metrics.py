@@ -242,7 +242,8 @@ class Metrics:
         self._families.histogram("kv_transfer_bytes").labels(*labels).observe(stats.num_bytes)
 
     def record_disagg_decision(self, decision: str) -> None:
-        """The router chose where to prefill: "remote_prefill" or "local_prefill"."""
+        """The router chose where to prefill: "remote_prefill", "local_prefill" (a short uncached prompt) or
+        "local_prefill_backlog" (a backlog in the prefill pool)."""
         check_choice("disagg decision", decision, DISAGG_DECISIONS)
         self._families.counter("disagg_decisions_total").labels(self.model_name, decision).inc()
 

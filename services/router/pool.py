@@ -50,6 +50,7 @@ class WorkerHandle:
     alive: bool = False
     last_load: LoadInfo | None = None
     inflight: int = 0  # requests the router has sent and not yet seen finish
+    prefill_backlog: int = 0  # uncached prompt tokens the router has sent it to prefill, not yet prefilled
     draining: bool = False  # its node is draining: it finishes what it has and gets nothing new
     failures_in_a_row: int = 0  # calls that failed since the last one that succeeded
     tripped_at: float | None = None  # when its circuit breaker opened (time.monotonic()); None: closed

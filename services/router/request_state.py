@@ -41,6 +41,8 @@ class RequestState:
     transfer: TransferStats | None = None  # a successful hand-off, until it is observed with its transport
     transfer_failed: bool = False  # a failed KV hand-off was counted: one request counts once
     cached_tokens: int = 0
+    # the decode worker prefilling it for a backlog of the prefill pool, and its tokens there, until the first batch
+    local_backlog: tuple[WorkerHandle, int] | None = None
     last_emit: float | None = None
     output_ids: list[int] = dataclasses.field(default_factory=list)  # the tokens sent to the client
     migrations: int = 0  # times it moved off a dead decode worker (migration.py)

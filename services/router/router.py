@@ -2,7 +2,7 @@
 
 disagg:    reserve on a decode worker ─► prefill worker computes and streams KV over UCX
            ─► first token to the client ─► decode worker claims the reservation and streams the rest
-local:     colocated mode, or an uncached prompt part under the threshold: the decode worker does both
+local:     colocated, or a short prompt or a backlogged prefill pool (placement.py): the decode worker does both
 migrated:  the decode worker died mid-stream: another one resumes the output by token replay (migration.py)
 re-prefill: the prefill worker died before the first token: another one prefills it again (reprefill.py)
 The router detokenizes incrementally and applies stop strings; abort, client cancellation and
@@ -42,6 +42,7 @@ from services.router.metrics import Metrics
 from services.router.migration import Migrations
 from services.router.openai_fields import RequestError
 from services.router.output import emit, emit_batch, finish, observe_delivery, record_finished
+from services.router.placement import place, prefilled_locally, prefilling
 from services.router.policies import Policy, RoutingRequest, make_policy
 from services.router.pool import WorkerHandle, WorkerPools
 from services.router.reprefill import PrefillDied, Reprefills, reserve_again
@@ -199,6 +200,7 @@ class Router:
             queue.put_nowait(client_error(e, rid))
         finally:
             self._observe_transfer(st, None)
+            prefilled_locally(st)
             if st.decode is not None:
                 st.decode.inflight -= 1
 
@@ -213,7 +215,7 @@ class Router:
 
     async def _dispatch_once(self, st: RequestState, priority: int,
                              queue: asyncio.Queue[Event | BaseException]) -> None:
-        """Reserve on a decode worker, prefill remotely (unless short or colocated), then stream the decode."""
+        """Reserve on a decode worker, prefill where placement.py says (colocated: there), then stream the decode."""
         routing = RoutingRequest(st.ids, self.block_size)
         decode = self._choose(self.pools.decode, self.decode_policy, routing, "decode")
         st.decode = decode
@@ -231,16 +233,15 @@ class Router:
         await self._stream_decode(st, decode, first, local, priority, queue)
 
     async def _reserve(self, st: RequestState, decode: WorkerHandle) -> bool:
-        """Holds the prompt's blocks on the decode worker; True when the part its prefix cache lacks is short
-        enough to prefill there."""
+        """Holds the prompt's blocks on the decode worker; True when it prefills the prompt too (placement.py)."""
         st.reserving = decode.actor.reserve.remote(st.rid, st.ids, st.params, self.config.lease_s)
         reservation = await st.reserving
         st.reserving, st.reserved = None, True
         st.cached_tokens = reservation.cached_tokens
         st.times.dispatched = time.monotonic()
-        local = len(st.ids) - reservation.cached_tokens < self.config.local_prefill_threshold
-        self.metrics.record_disagg_decision("local_prefill" if local else "remote_prefill")
-        return local
+        decision = place(self.config, st, decode, self.pools.prefill, reservation.cached_tokens)
+        self.metrics.record_disagg_decision(decision)
+        return decision != "remote_prefill"
 
     async def _emit_first(self, st: RequestState, first: PrefillResult,
                           queue: asyncio.Queue[Event | BaseException]) -> bool:
@@ -271,6 +272,7 @@ class Router:
                     st.transfer = None
                     self._count_transfer_failure(st, batch.kv_failure)
                 self._observe_transfer(st, batch.kv_transport)
+                prefilled_locally(st)  # a first batch: the decode worker has prefilled the prompt
                 if batch.decode_start is not None and st.times.decode_start is None:  # a migration's is not
                     st.times.decode_start = time.monotonic()
                     if st.times.prefill_done is None:  # prefilled on the decode worker: its first batch ends that
@@ -322,9 +324,10 @@ class Router:
         prefill.inflight += 1
         started = time.monotonic()
         try:
-            result: PrefillResult = await prefill.actor.prefill.remote(
-                st.rid, st.ids, st.params, decode.kv_address, st.cached_tokens
-            )
+            with prefilling(prefill, st):
+                result: PrefillResult = await prefill.actor.prefill.remote(
+                    st.rid, st.ids, st.params, decode.kv_address, st.cached_tokens
+                )
         except asyncio.CancelledError:
             raise  # st.prefill stays set for _release
         except Exception as e:  # noqa: BLE001 - sorted below
