@@ -22,7 +22,7 @@ from services.router.pool import WorkerHandle
 from services.router.router import Router
 from services.transfer.config import TransferConfig
 from services.worker.messages import PrefillResult, TokenBatch
-from tests.unit.test_router_faults import Method, StreamMethod, _value, _worker
+from tests.unit.test_router_faults import Method, StreamMethod, _value, _wait_for, _worker
 
 PROMPT = list(range(10, 60))  # 50 tokens, none cached
 
@@ -60,14 +60,6 @@ async def _request(router: Router, rid: str) -> list[Any]:
     return [event async for event in router.generate(inp)]
 
 
-async def _until(condition: Any) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the router never got there")
-
-
 async def test_a_backlogged_prefill_worker_leaves_the_next_prompt_to_the_decode_worker(tokenizer: Tokenizer) -> None:
     prefilling, decoding = Gate(), Gate()
     prefill = _worker("prefill", prefill=Method(prefilling.prefill))
@@ -81,11 +73,11 @@ async def test_a_backlogged_prefill_worker_leaves_the_next_prompt_to_the_decode_
     decode = _worker("decode", generate=StreamMethod(recorded))
     router = _router(tokenizer, prefill, decode, backlog_tokens=40)
     first = asyncio.ensure_future(_request(router, "a"))  # prefills remotely and waits there: a backlog of 50
-    await _until(lambda: prefill.prefill_backlog == 50)
+    await _wait_for(lambda: prefill.prefill_backlog == 50)
     second = asyncio.ensure_future(_request(router, "b"))  # the decode worker has none: it prefills "b"
-    await _until(lambda: decode.prefill_backlog == 50)
+    await _wait_for(lambda: decode.prefill_backlog == 50)
     third = asyncio.ensure_future(_request(router, "c"))  # both hold 50: "c" waits for the prefill worker
-    await _until(lambda: prefill.prefill_backlog == 100)
+    await _wait_for(lambda: prefill.prefill_backlog == 100)
     prefilling.open.set()
     decoding.open.set()
     for done in await asyncio.gather(first, second, third):
@@ -103,9 +95,9 @@ async def test_without_the_limit_every_prompt_goes_to_the_prefill_pool(tokenizer
     decode = _worker("decode")
     router = _router(tokenizer, prefill, decode, backlog_tokens=0)
     first = asyncio.ensure_future(_request(router, "a"))
-    await _until(lambda: prefill.prefill_backlog == 50)
+    await _wait_for(lambda: prefill.prefill_backlog == 50)
     second = asyncio.ensure_future(_request(router, "b"))
-    await _until(lambda: prefill.prefill_backlog == 100)
+    await _wait_for(lambda: prefill.prefill_backlog == 100)
     prefilling.open.set()
     await asyncio.gather(first, second)
     assert [c[0] for c in prefill.actor.prefill.calls] == ["a", "b"]
@@ -124,7 +116,7 @@ async def test_a_local_prompt_that_fails_leaves_no_backlog_behind(tokenizer: Tok
     decode = _worker("decode", generate=StreamMethod(fails))
     router = _router(tokenizer, prefill, decode, backlog_tokens=40)
     first = asyncio.ensure_future(_request(router, "a"))
-    await _until(lambda: prefill.prefill_backlog == 50)
+    await _wait_for(lambda: prefill.prefill_backlog == 50)
     with pytest.raises(Exception):  # noqa: B017 - whichever error reaches the client
         await _request(router, "b")
     assert decode.prefill_backlog == 0
