@@ -63,7 +63,7 @@ long pd_prefill_attention_scratch(long head_dim) {
     return 2 * head_dim * ROWS + KEYS * ROWS + 3 * ROWS;
 }
 
-/* st[t][:] = sum_d key(t)[d] * qt[d][:] for KEYS_AT_ONCE keys, key(t) = keys + t * stride. */
+/* st[t][:] = sum_d key(t)[d] * qt[d][:] for `at_once` (1 to 4) keys, key(t) = keys + t * stride. */
 static inline __attribute__((always_inline)) void key_scores(const float *restrict qt, const float *restrict keys,
                                                              long stride, float *restrict st, const int at_once,
                                                              const long dim) {
