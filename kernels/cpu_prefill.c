@@ -135,7 +135,7 @@ static inline __attribute__((always_inline)) void run_task(const job_t *j, const
         for (; t < n; t++) key_scores(qt, j->k + base + t * row, row, st + t * ROWS, 1, dim);
         /* The tile's last key may lie past some rows' positions: those scores are masked. Every row sees key 0,
          * so after the first tile each row's maximum is finite. */
-        float best[ROWS], total[ROWS];
+        float best[ROWS], total[ROWS], rescale[ROWS];
         memcpy(best, top, sizeof best);
         for (t = 0; t < n; t++) {
             float *s = st + t * ROWS;
@@ -154,14 +154,13 @@ static inline __attribute__((always_inline)) void run_task(const job_t *j, const
             }
         }
         for (long r = 0; r < ROWS; r++) {
-            const float rescale = expf(top[r] - best[r]);
-            sum[r] = sum[r] * rescale + total[r];
+            rescale[r] = expf(top[r] - best[r]);
+            sum[r] = sum[r] * rescale[r] + total[r];
             top[r] = best[r];
-            total[r] = rescale;
         }
         if (t0 > 0)
             for (long d = 0; d < dim; d++)
-                for (long r = 0; r < ROWS; r++) ot[d * ROWS + r] *= total[r];
+                for (long r = 0; r < ROWS; r++) ot[d * ROWS + r] *= rescale[r];
         tile_outputs(st, j->v + base, row, n, ot, dim);
     }
     for (long r = 0; r < count * group; r++) {

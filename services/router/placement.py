@@ -17,18 +17,17 @@ from services.router.pool import WorkerHandle
 from services.router.request_state import RequestState
 
 
-def place(config: RouterConfig, st: RequestState, decode: WorkerHandle, prefills: list[WorkerHandle],
-          cached_tokens: int) -> str:
+def place(config: RouterConfig, st: RequestState, decode: WorkerHandle, prefills: list[WorkerHandle]) -> str:
     """The decision, as pdserve_disagg_decisions_total counts it: "remote_prefill", "local_prefill" (short), or
     "local_prefill_backlog": every prefill worker has at least local_prefill_backlog_tokens still to prefill, and
     `decode` a shorter backlog, so the prompt waits less there, at the cost of a few longer steps for the decode
     worker's other requests."""
-    uncached = len(st.ids) - cached_tokens
+    uncached = len(st.ids) - st.cached_tokens  # what its reservation found cached
     if uncached < config.local_prefill_threshold:
         return "local_prefill"
     limit = config.local_prefill_backlog_tokens
-    backlogs = [w.prefill_backlog for w in prefills if w.routable]
-    if limit and backlogs and min(backlogs) >= limit and decode.prefill_backlog < min(backlogs):
+    shortest = min((w.prefill_backlog for w in prefills if w.routable), default=0)
+    if limit and shortest >= limit and decode.prefill_backlog < shortest:
         st.local_backlog = (decode, uncached)
         decode.prefill_backlog += uncached
         return "local_prefill_backlog"

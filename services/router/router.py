@@ -239,7 +239,7 @@ class Router:
         st.reserving, st.reserved = None, True
         st.cached_tokens = reservation.cached_tokens
         st.times.dispatched = time.monotonic()
-        decision = place(self.config, st, decode, self.pools.prefill, reservation.cached_tokens)
+        decision = place(self.config, st, decode, self.pools.prefill)
         self.metrics.record_disagg_decision(decision)
         return decision != "remote_prefill"
 
