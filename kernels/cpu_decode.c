@@ -69,6 +69,13 @@ static inline const float *token_row(const job_t *j, const void *plane, long off
     return widened;
 }
 
+/* Asks for the n elements of the token row at `offset` of `plane` to be brought to the caches. */
+static inline void prefetch_row(const job_t *j, const void *plane, long offset, long n) {
+    const long size = j->kv_type == KV_F32 ? 4 : 2;
+    const char *p = (const char *)plane + offset * size;
+    for (long b = 0; b < n * size; b += 64) __builtin_prefetch(p + b, 0, 3);
+}
+
 static inline __attribute__((always_inline)) float dot(const float *restrict a, const float *restrict b, long n) {
     float s = 0;
     for (long d = 0; d < n; d++) s += a[d] * b[d];
@@ -78,7 +85,10 @@ static inline __attribute__((always_inline)) float dot(const float *restrict a, 
 /* One sequence, the query heads of KV heads [kv_first, kv_last): K and V are read token row by token row (every
  * KV head of a token is one contiguous row), block by block in the order of the block table. `dim` is a
  * constant in the callers below, so that each head's dot product and update compile to a fixed run of vector
- * instructions. */
+ * instructions. While a block is read, each token row asks for the same row of the next block in the table:
+ * the blocks of a sequence lie anywhere in the cache, and the hardware prefetcher, which follows addresses,
+ * stalls at every jump. On 2 cores, 28 sequences of 700 tokens in blocks of 64 took 1.35-1.67 ms without
+ * this and 0.92-1.14 ms with it (services/bench/README.md, "Decode attention asks for the next block"). */
 static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j, long b, const long dim) {
     const long kv_heads = j->num_kv_heads, group = j->num_heads / kv_heads, len = j->lens[b];
     const long g0 = j->kv_first, g1 = j->kv_last, heads = (g1 - g0) * group, h0 = g0 * group;
@@ -89,7 +99,9 @@ static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j
     float *scores = j->scratch, *widened = j->scratch + heads * len; /* [heads][len], then one token row */
     for (long t0 = 0; t0 < len; t0 += bs) {
         const long base = table[t0 / bs] * block_stride, n = len - t0 < bs ? len - t0 : bs;
+        const long next = t0 + bs < len ? table[t0 / bs + 1] * block_stride : -1;
         for (long i = 0; i < n; i++) {
+            if (next >= 0) prefetch_row(j, j->k, next + i * row, row);
             const float *key = token_row(j, j->k, base + i * row, row, widened);
             for (long g = g0, h = 0; g < g1; g++)
                 for (long m = 0; m < group; m++, h++)
@@ -108,7 +120,9 @@ static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j
     }
     for (long t0 = 0; t0 < len; t0 += bs) {
         const long base = table[t0 / bs] * block_stride, n = len - t0 < bs ? len - t0 : bs;
+        const long next = t0 + bs < len ? table[t0 / bs + 1] * block_stride : -1;
         for (long i = 0; i < n; i++) {
+            if (next >= 0) prefetch_row(j, j->v, next + i * row, row);
             const float *value = token_row(j, j->v, base + i * row, row, widened);
             for (long g = g0, h = 0; g < g1; g++)
                 for (long m = 0; m < group; m++, h++) {
