@@ -36,6 +36,8 @@ typedef struct {
 
 enum { KV_F32, KV_F16, KV_BF16 };
 
+static inline long kv_element_size(int kv_type) { return kv_type == KV_F32 ? 4 : 2; }
+
 static inline float from_bf16(uint16_t x) {
     uint32_t bits = (uint32_t)x << 16;
     float f;
@@ -71,7 +73,7 @@ static inline const float *token_row(const job_t *j, const void *plane, long off
 
 /* Asks for the n elements of the token row at `offset` of `plane` to be brought to the caches. */
 static inline void prefetch_row(const job_t *j, const void *plane, long offset, long n) {
-    const long size = j->kv_type == KV_F32 ? 4 : 2;
+    const long size = kv_element_size(j->kv_type);
     const char *p = (const char *)plane + offset * size;
     for (long b = 0; b < n * size; b += 64) __builtin_prefetch(p + b, 0, 3);
 }
@@ -184,7 +186,7 @@ static void decode_attention(const float *q, long q_row, long q_head, const void
                              float scale, float *out, long out_row, long out_head, float *scratch,
                              long scratch_per_thread, int threads) {
     const size_t plane = (size_t)num_blocks * block_size * num_kv_heads * head_dim;
-    const void *k = kv, *v = (const char *)kv + plane * (kv_type == KV_F32 ? 4 : 2);
+    const void *k = kv, *v = (const char *)kv + plane * kv_element_size(kv_type);
     const long seqs = batch;
     if (threads < 1) threads = 1;
     if (threads > seqs) threads = seqs > 0 ? (int)seqs : 1;

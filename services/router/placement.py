@@ -22,7 +22,7 @@ def place(config: RouterConfig, st: RequestState, decode: WorkerHandle, prefills
     "local_prefill_backlog": every prefill worker has at least local_prefill_backlog_tokens still to prefill, and
     `decode` a shorter backlog, so the prompt waits less there, at the cost of a few longer steps for the decode
     worker's other requests."""
-    uncached = len(st.ids) - st.cached_tokens  # what its reservation found cached
+    uncached = st.uncached_tokens
     if uncached < config.local_prefill_threshold:
         return "local_prefill"
     limit = config.local_prefill_backlog_tokens
@@ -45,7 +45,7 @@ def prefilled_locally(st: RequestState) -> None:
 @contextmanager
 def prefilling(worker: WorkerHandle, st: RequestState) -> Iterator[None]:
     """Counts the request's uncached prompt tokens in the prefill worker's backlog while the block runs (its call)."""
-    tokens = len(st.ids) - st.cached_tokens
+    tokens = st.uncached_tokens
     worker.prefill_backlog += tokens
     try:
         yield

@@ -53,3 +53,8 @@ class RequestState:
     @property
     def completion_tokens(self) -> int:
         return len(self.output_ids)
+
+    @property
+    def uncached_tokens(self) -> int:
+        """The prompt tokens its reservation did not find in the decode worker's prefix cache."""
+        return len(self.ids) - self.cached_tokens
