@@ -10,9 +10,9 @@ A prompt chunk in the reference gathers its context and runs torch's SDPA, whose
 GFLOP/s on two threads here, against about 320 for the step's products. The prompt kernel walks the blocks in
 FlashAttention's order on register tiles, and skips the key tiles above the causal diagonal.
 
-The kernels are built with the other CPU kernels (kernels/cpu_native.py). The decode kernel reads a float32,
-float16 or bfloat16 cache (`--kv-cache-dtype`) and computes in float32; the prompt kernel takes a float32 cache
-and heads of 64 or 128. Without a compiler, or for other dtypes and heads, the reference runs instead.
+The kernels are built with the other CPU kernels (kernels/cpu_native.py). Both read a float32, float16 or
+bfloat16 cache (`--kv-cache-dtype`) and compute in float32; the prompt kernel takes heads of 64 or 128. Without a
+compiler, or for other dtypes and heads, the reference runs instead.
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ import threading
 
 import torch
 
-from kernels.cpu_native import library
+from kernels.cpu_native import KV_TYPES, library
 
-# The kernel's entry point for each dtype of the KV cache it reads; queries and outputs are float32.
-ENTRY_POINTS = {torch.float32: "pd_decode_attention", torch.float16: "pd_decode_attention_f16",
-                torch.bfloat16: "pd_decode_attention_bf16"}
 # Decodes whose K and V together take less than this run on the calling thread alone: waking the team's
 # other threads costs up to tens of microseconds, about what reading this much takes.
 THREAD_MIN_BYTES = 2**20
@@ -52,7 +49,7 @@ def decode_in_place(
     cannot take these tensors. decode_lens: the context lengths of those sequences. The kernel trusts the
     block table's entries below each context to name blocks of kv_layer, as the Triton kernel does."""
     so = library() if use_native else None
-    if so is None or q.dtype != torch.float32 or kv_layer.dtype not in ENTRY_POINTS or q.stride(-1) != 1:
+    if so is None or q.dtype != torch.float32 or kv_layer.dtype not in KV_TYPES or q.stride(-1) != 1:
         return False
     if not decode_lens:
         return True
@@ -65,9 +62,10 @@ def decode_in_place(
     threads = torch.get_num_threads() if sum(decode_lens) * token_bytes >= THREAD_MIN_BYTES else 1
     per_thread = q.shape[1] * max(decode_lens) + num_kv_heads * head_dim  # scores, then one token row widened
     scratch = torch.empty(threads * per_thread, dtype=torch.float32)
-    getattr(so, ENTRY_POINTS[kv.dtype])(
-        q.data_ptr(), q.stride(0), q.stride(1), kv.data_ptr(), num_blocks, tables.data_ptr(), tables.stride(0),
-        lens.data_ptr(), starts.data_ptr(), lens.shape[0], block_size, q.shape[1], num_kv_heads, head_dim,
+    so.pd_decode_attention(
+        q.data_ptr(), q.stride(0), q.stride(1), kv.data_ptr(), KV_TYPES[kv.dtype], num_blocks, tables.data_ptr(),
+        tables.stride(0), lens.data_ptr(), starts.data_ptr(), lens.shape[0], block_size, q.shape[1], num_kv_heads,
+        head_dim,
         scale, out.data_ptr(), out.stride(0), out.stride(1), scratch.data_ptr(), per_thread, threads,
     )  # fmt: skip
     return True
@@ -91,7 +89,7 @@ def prefill_in_place(
     so = library() if use_native else None
     head_dim = q.shape[-1]
     _, num_blocks, block_size, num_kv_heads, _ = kv_layer.shape
-    if (so is None or q.dtype != torch.float32 or kv_layer.dtype != torch.float32 or head_dim not in (64, 128)
+    if (so is None or q.dtype != torch.float32 or kv_layer.dtype not in KV_TYPES or head_dim not in (64, 128)
             or q.shape[1] // num_kv_heads > PREFILL_MAX_GROUP or q.stride(-1) != 1):
         return False
     kv = kv_layer.contiguous()
@@ -102,8 +100,9 @@ def prefill_in_place(
     if scratch is None or scratch.numel() < threads * per_thread:
         scratch = _scratch.buffer = torch.empty(threads * per_thread, dtype=torch.float32)
     failed = so.pd_prefill_attention(
-        q.data_ptr(), q.stride(0), q.stride(1), kv.data_ptr(), num_blocks, tables.data_ptr(), tables.stride(0),
-        lens.data_ptr(), starts.data_ptr(), lens.shape[0], block_size, q.shape[1], num_kv_heads, head_dim,
+        q.data_ptr(), q.stride(0), q.stride(1), kv.data_ptr(), KV_TYPES[kv.dtype], num_blocks, tables.data_ptr(),
+        tables.stride(0), lens.data_ptr(), starts.data_ptr(), lens.shape[0], block_size, q.shape[1], num_kv_heads,
+        head_dim,
         scale, out.data_ptr(), out.stride(0), out.stride(1), scratch.data_ptr(), per_thread, threads,
     )  # fmt: skip
     if failed:

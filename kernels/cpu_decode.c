@@ -6,17 +6,15 @@
  * is copied out of the cache and slots past a context are never read (they may hold stale values or NaN).
  * Rows of other sequences (prefill chunks, idle ones) are left as they are.
  *
- *   kv_layer:  [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous, float32, float16 or
- *              bfloat16 (one entry point each: pd_decode_attention, _f16, _bf16); arithmetic is float32
+ *   kv_layer:  [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous, of kv_type (KV_F32, KV_F16 or
+ *              KV_BF16, cpu_kernels.h); the arithmetic is float32
  *   q, out:    [T, num_heads, head_dim] float32, head_dim contiguous, strides in elements
  *   scratch:   num_heads * max(context_lens) + num_kv_heads * head_dim floats per worker
  */
 
-#include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "cpu_kernels.h"
 
@@ -34,40 +32,11 @@ typedef struct {
     float *scratch;
 } job_t;
 
-enum { KV_F32, KV_F16, KV_BF16 };
-
-static inline long kv_element_size(int kv_type) { return kv_type == KV_F32 ? 4 : 2; }
-
-static inline float from_bf16(uint16_t x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* float16 to float32, 16 or 8 at a time where the CPU converts vectors (GCC leaves a plain loop over
- * _Float16 to one element per instruction). */
-static inline void widen_f16(const _Float16 *h, float *out, long n) {
-    long d = 0;
-#if defined(__AVX512F__)
-    for (; d + 16 <= n; d += 16) _mm512_storeu_ps(out + d, _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(h + d))));
-#endif
-#if defined(__F16C__)
-    for (; d + 8 <= n; d += 8) _mm256_storeu_ps(out + d, _mm256_cvtph_ps(_mm_loadu_si128((const void *)(h + d))));
-#endif
-    for (; d < n; d++) out[d] = (float)h[d];
-}
-
-/* One token row's K or V, widened to float32 for the arithmetic; `widened` holds it when the cache is not
- * float32. */
+/* The n elements of a token row's K or V at `offset` (the KV heads a worker takes), widened to float32 for the
+ * arithmetic; `widened` holds them when the cache is not float32. */
 static inline const float *token_row(const job_t *j, const void *plane, long offset, long n, float *widened) {
     if (j->kv_type == KV_F32) return (const float *)plane + offset;
-    if (j->kv_type == KV_F16) {
-        widen_f16((const _Float16 *)plane + offset, widened, n);
-    } else {
-        const uint16_t *h = (const uint16_t *)plane + offset;
-        for (long d = 0; d < n; d++) widened[d] = from_bf16(h[d]);
-    }
+    widen_kv(j->kv_type, (const char *)plane + offset * kv_element_size(j->kv_type), widened, n);
     return widened;
 }
 
@@ -103,11 +72,11 @@ static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j
         const long base = table[t0 / bs] * block_stride, n = len - t0 < bs ? len - t0 : bs;
         const long next = t0 + bs < len ? table[t0 / bs + 1] * block_stride : -1;
         for (long i = 0; i < n; i++) {
-            if (next >= 0) prefetch_row(j, j->k, next + i * row, row);
-            const float *key = token_row(j, j->k, base + i * row, row, widened);
+            if (next >= 0) prefetch_row(j, j->k, next + i * row + g0 * dim, (g1 - g0) * dim);
+            const float *key = token_row(j, j->k, base + i * row + g0 * dim, (g1 - g0) * dim, widened);
             for (long g = g0, h = 0; g < g1; g++)
                 for (long m = 0; m < group; m++, h++)
-                    scores[h * len + t0 + i] = dot(qb + h * j->q_head, key + g * dim, dim) * j->scale;
+                    scores[h * len + t0 + i] = dot(qb + h * j->q_head, key + (g - g0) * dim, dim) * j->scale;
         }
     }
     for (long h = 0; h < heads; h++) {
@@ -124,11 +93,11 @@ static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j
         const long base = table[t0 / bs] * block_stride, n = len - t0 < bs ? len - t0 : bs;
         const long next = t0 + bs < len ? table[t0 / bs + 1] * block_stride : -1;
         for (long i = 0; i < n; i++) {
-            if (next >= 0) prefetch_row(j, j->v, next + i * row, row);
-            const float *value = token_row(j, j->v, base + i * row, row, widened);
+            if (next >= 0) prefetch_row(j, j->v, next + i * row + g0 * dim, (g1 - g0) * dim);
+            const float *value = token_row(j, j->v, base + i * row + g0 * dim, (g1 - g0) * dim, widened);
             for (long g = g0, h = 0; g < g1; g++)
                 for (long m = 0; m < group; m++, h++) {
-                    const float p = scores[h * len + t0 + i], *restrict vg = value + g * dim;
+                    const float p = scores[h * len + t0 + i], *restrict vg = value + (g - g0) * dim;
                     float *restrict o = ob + h * j->out_head;
                     for (long d = 0; d < dim; d++) o[d] += p * vg[d];
                 }
@@ -146,11 +115,11 @@ static void one_sequence(const job_t *j, long b) {
     else sequence_any(j, b);
 }
 
-void attend_heads(const float *q, long q_head, const float *k, const float *v, const int64_t *table, long len,
-                  long block_size, long num_heads, long num_kv_heads, long head_dim, float scale, float *out,
-                  long out_head, long kv_first, long kv_last, float *scratch) {
+void attend_heads(const float *q, long q_head, const void *k, const void *v, int kv_type, const int64_t *table,
+                  long len, long block_size, long num_heads, long num_kv_heads, long head_dim, float scale,
+                  float *out, long out_head, long kv_first, long kv_last, float *scratch) {
     const int64_t lens[1] = {len}, starts[2] = {0, 1};
-    const job_t j = {q, k, v, KV_F32, table, lens, starts, out, 0, q_head, 0, out_head, 0, block_size, num_heads,
+    const job_t j = {q, k, v, kv_type, table, lens, starts, out, 0, q_head, 0, out_head, 0, block_size, num_heads,
                      num_kv_heads, head_dim, 1, scale, 0, 1, kv_first, kv_last, scratch};
     one_sequence(&j, 0);
 }
@@ -180,11 +149,11 @@ static void split_by_kv(const int64_t *lens, const int64_t *starts, long batch, 
 /* `threads` > 1 splits the sequences between that many threads of the OpenMP team; `scratch` holds
  * `threads` slices of `scratch_per_thread` (>= num_heads * max(context_lens) + num_kv_heads * head_dim)
  * floats. `kv` holds elements of `kv_type`. */
-static void decode_attention(const float *q, long q_row, long q_head, const void *kv, int kv_type, long num_blocks,
-                             const int64_t *tables, long table_row, const int64_t *lens, const int64_t *starts,
-                             long batch, long block_size, long num_heads, long num_kv_heads, long head_dim,
-                             float scale, float *out, long out_row, long out_head, float *scratch,
-                             long scratch_per_thread, int threads) {
+void pd_decode_attention(const float *q, long q_row, long q_head, const void *kv, int kv_type, long num_blocks,
+                         const int64_t *tables, long table_row, const int64_t *lens, const int64_t *starts,
+                         long batch, long block_size, long num_heads, long num_kv_heads, long head_dim,
+                         float scale, float *out, long out_row, long out_head, float *scratch,
+                         long scratch_per_thread, int threads) {
     const size_t plane = (size_t)num_blocks * block_size * num_kv_heads * head_dim;
     const void *k = kv, *v = (const char *)kv + plane * kv_element_size(kv_type);
     const long seqs = batch;
@@ -208,17 +177,3 @@ static void decode_attention(const float *q, long q_row, long q_head, const void
         for (int w = omp_get_thread_num(); w < threads; w += team) run(&jobs[w]);
     }
 }
-
-#define ENTRY(name, type)                                                                                         \
-    void name(const float *q, long q_row, long q_head, const void *kv, long num_blocks, const int64_t *tables,   \
-              long table_row, const int64_t *lens, const int64_t *starts, long batch, long block_size,            \
-              long num_heads, long num_kv_heads, long head_dim, float scale, float *out, long out_row,            \
-              long out_head, float *scratch, long scratch_per_thread, int threads) {                              \
-        decode_attention(q, q_row, q_head, kv, type, num_blocks, tables, table_row, lens, starts, batch,          \
-                         block_size, num_heads, num_kv_heads, head_dim, scale, out, out_row, out_head, scratch,   \
-                         scratch_per_thread, threads);                                                            \
-    }
-
-ENTRY(pd_decode_attention, KV_F32)
-ENTRY(pd_decode_attention_f16, KV_F16)
-ENTRY(pd_decode_attention_bf16, KV_BF16)

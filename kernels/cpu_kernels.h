@@ -1,5 +1,7 @@
-/* The pieces the CPU kernels share (float32): the few-rows product's span, RMSNorm of a row, the rotary
- * embedding of a head, SwiGLU's gate over a range, and one sequence's decode attention over a range of KV heads.
+/* The pieces the CPU kernels share (float32 arithmetic): the few-rows product's span, RMSNorm of a row, the rotary
+ * embedding of a head, SwiGLU's gate over a range, the KV cache's element types (float32, float16, bfloat16:
+ * --kv-cache-dtype) and their conversion to and from float32, and one sequence's decode attention over a range
+ * of KV heads.
  * The entry points of cpu_rows.c, cpu_norm.c, cpu_rope.c, cpu_swiglu.c and cpu_decode.c run them over a whole
  * tensor; cpu_layers.c runs them in turn, for every layer of a decode step, inside one OpenMP region. */
 
@@ -8,6 +10,10 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #if defined(__x86_64__)
 /* glibc's vector expf (libmvec), which math.h declares only under __FAST_MATH__, and -fno-finite-math-only
@@ -90,12 +96,72 @@ static inline void silu_mul_span(const float *restrict gate, const float *restri
     for (long i = first; i < last; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
-/* One sequence's decode attention for its query heads of the KV heads [kv_first, kv_last), over a float32 cache
- * (cpu_decode.c): q and out [num_heads, head_dim] with heads q_head and out_head apart; k and v the layer's
- * planes [num_blocks * block_size, num_kv_heads, head_dim]; `scratch` holds (kv_last - kv_first) * (num_heads /
- * num_kv_heads) * len + num_kv_heads * head_dim floats. */
-void attend_heads(const float *q, long q_head, const float *k, const float *v, const int64_t *table, long len,
-                  long block_size, long num_heads, long num_kv_heads, long head_dim, float scale, float *out,
-                  long out_head, long kv_first, long kv_last, float *scratch);
+/* The element types of a KV cache; the arithmetic is float32 whatever the cache holds. */
+enum { KV_F32, KV_F16, KV_BF16 };
+
+static inline long kv_element_size(int kv_type) { return kv_type == KV_F32 ? 4 : 2; }
+
+/* out[0 .. n) = the n elements of a cache of kv_type at src, as float32. float16 converts 16 or 8 at a time where
+ * the CPU converts vectors (GCC leaves a plain loop over _Float16 to one element per instruction). */
+static inline void widen_kv(int kv_type, const void *src, float *restrict out, long n)
+{
+    long d = 0;
+    if (kv_type == KV_F32) {
+        memcpy(out, src, n * sizeof(float));
+    } else if (kv_type == KV_F16) {
+        const _Float16 *h = src;
+#if defined(__AVX512F__)
+        for (; d + 16 <= n; d += 16)
+            _mm512_storeu_ps(out + d, _mm512_cvtph_ps(_mm256_loadu_si256((const void *)(h + d))));
+#endif
+#if defined(__F16C__)
+        for (; d + 8 <= n; d += 8) _mm256_storeu_ps(out + d, _mm256_cvtph_ps(_mm_loadu_si128((const void *)(h + d))));
+#endif
+        for (; d < n; d++) out[d] = (float)h[d];
+    } else {
+        const uint16_t *h = src;
+        for (; d < n; d++) {
+            const uint32_t bits = (uint32_t)h[d] << 16;
+            memcpy(out + d, &bits, sizeof bits);
+        }
+    }
+}
+
+/* The n float32 values at src written to a cache of kv_type at dst, rounded to the nearest even as torch's .to()
+ * rounds. */
+static inline void narrow_kv(int kv_type, const float *restrict src, void *dst, long n)
+{
+    long d = 0;
+    if (kv_type == KV_F32) {
+        memcpy(dst, src, n * sizeof(float));
+    } else if (kv_type == KV_F16) {
+        _Float16 *h = dst;
+#if defined(__AVX512F__)
+        for (; d + 16 <= n; d += 16)
+            _mm256_storeu_si256((void *)(h + d), _mm512_cvtps_ph(_mm512_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+#endif
+#if defined(__F16C__)
+        for (; d + 8 <= n; d += 8)
+            _mm_storeu_si128((void *)(h + d), _mm256_cvtps_ph(_mm256_loadu_ps(src + d), _MM_FROUND_TO_NEAREST_INT));
+#endif
+        for (; d < n; d++) h[d] = (_Float16)src[d];
+    } else {
+        uint16_t *h = dst;
+        for (; d < n; d++) {
+            uint32_t bits;
+            memcpy(&bits, src + d, sizeof bits);
+            const int nan = (bits & 0x7fffffffu) > 0x7f800000u;
+            h[d] = nan ? (uint16_t)((bits >> 16) | 0x40) : (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
+        }
+    }
+}
+
+/* One sequence's decode attention for its query heads of the KV heads [kv_first, kv_last) (cpu_decode.c): q and
+ * out [num_heads, head_dim] float32 with heads q_head and out_head apart; k and v the layer's planes
+ * [num_blocks * block_size, num_kv_heads, head_dim] of kv_type; `scratch` holds (kv_last - kv_first) *
+ * (num_heads / num_kv_heads) * len + num_kv_heads * head_dim floats. */
+void attend_heads(const float *q, long q_head, const void *k, const void *v, int kv_type, const int64_t *table,
+                  long len, long block_size, long num_heads, long num_kv_heads, long head_dim, float scale,
+                  float *out, long out_head, long kv_first, long kv_last, float *scratch);
 
 #endif

@@ -1,5 +1,6 @@
-/* Every decoder layer of a Llama decode step of a few rows on the CPU (float32), and the final norm, in one call
- * and one OpenMP region (kernels/cpu_layers.py has the Python side; the model's modules are the reference).
+/* Every decoder layer of a Llama decode step of a few rows on the CPU (float32; the KV cache float32, float16 or
+ * bfloat16), and the final norm, in one call and one OpenMP region (kernels/cpu_layers.py has the Python side; the
+ * model's modules are the reference).
  *
  * At one to four rows a step only streams the weights: the products run at the memory's pace and the other
  * operators (norms, the rotary embedding, attention, SwiGLU) do little arithmetic. Called one by one from
@@ -11,7 +12,8 @@
  * lens[r] tokens of context counting it.
  *
  *   x, out:   [rows, hidden]: the embeddings in, the final norm's output out
- *   cache:    [layers, 2, num_blocks, block_size, kv_heads, dim] contiguous: each layer's K plane then V plane
+ *   cache:    [layers, 2, num_blocks, block_size, kv_heads, dim] contiguous, of kv_type (KV_F32, KV_F16 or
+ *             KV_BF16, cpu_kernels.h): each layer's K plane then V plane; the new K and V are rounded to it
  *   tables:   [rows, table_row] block ids
  *   scratch:  pd_decode_layers_scratch(...) floats
  *
@@ -21,7 +23,6 @@
  */
 
 #include <omp.h>
-#include <string.h>
 
 #include "cpu_kernels.h"
 
@@ -92,20 +93,20 @@ static long check(const model_t *m, long rows, const int64_t *positions, const i
 }
 
 long pd_decode_layers(const model_t *m, const float *x, long rows, const int64_t *positions, const int64_t *slots,
-                      const int64_t *tables, long table_row, const int64_t *lens, float *cache, long num_blocks,
-                      long block_size, float *out, float *scratch, int threads) {
+                      const int64_t *tables, long table_row, const int64_t *lens, void *cache, int kv_type,
+                      long num_blocks, long block_size, float *out, float *scratch, int threads) {
     const long failed = check(m, rows, positions, slots, tables, table_row, lens, num_blocks, block_size);
     if (failed) return failed;
     const buffers_t b = lay_out(m, rows, table_row * block_size, scratch);
     const long hidden = m->hidden, dim = m->dim, half = dim / 2, inter = m->intermediate;
-    const long plane = num_blocks * block_size * b.kv_size;
+    const long plane = num_blocks * block_size * b.kv_size * kv_element_size(kv_type); /* bytes */
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int id = omp_get_thread_num(), team = omp_get_num_threads();
         float *scores = b.scores + id * b.scores_per_thread;
         for (long n = 0; n < m->num_layers; n++) {
             const layer_t *l = m->layers + n;
-            float *k_plane = cache + n * 2 * plane, *v_plane = k_plane + plane;
+            char *k_plane = (char *)cache + n * 2 * plane, *v_plane = k_plane + plane;
 #pragma omp single
             for (long r = 0; r < rows; r++) {
                 float *residual = b.residual + r * hidden;
@@ -123,17 +124,18 @@ long pd_decode_layers(const model_t *m, const float *x, long rows, const int64_t
                 for (long h = 0; h < m->heads; h++) rotate(q + h * dim, cos, sin, half);
                 for (long h = 0; h < m->kv_heads; h++) rotate(k + h * dim, cos, sin, half);
                 if (slots[r] >= 0) {
-                    memcpy(k_plane + slots[r] * b.kv_size, k, b.kv_size * sizeof(float));
-                    memcpy(v_plane + slots[r] * b.kv_size, v, b.kv_size * sizeof(float));
+                    const long at = slots[r] * b.kv_size * kv_element_size(kv_type);
+                    narrow_kv(kv_type, k, k_plane + at, b.kv_size);
+                    narrow_kv(kv_type, v, v_plane + at, b.kv_size);
                 }
             }
             long first, last; /* this thread's (row, KV head) pairs */
             share(rows * m->kv_heads, id, team, &first, &last);
             for (long item = first; item < last; item++) {
                 const long r = item / m->kv_heads, g = item % m->kv_heads;
-                attend_heads(b.qkv + r * b.qkv_row, dim, k_plane, v_plane, tables + r * table_row, lens[r],
-                             block_size, m->heads, m->kv_heads, dim, m->scale, b.attn + r * b.q_size, dim, g, g + 1,
-                             scores);
+                attend_heads(b.qkv + r * b.qkv_row, dim, k_plane, v_plane, kv_type, tables + r * table_row,
+                             lens[r], block_size, m->heads, m->kv_heads, dim, m->scale, b.attn + r * b.q_size, dim,
+                             g, g + 1, scores);
             }
 #pragma omp barrier
             product(l->o, 0, b.q_size, hidden, b.attn, rows, b.hid, id, team);

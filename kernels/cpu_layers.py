@@ -4,8 +4,8 @@ At one to four rows, a step spent about as long in the operators around the prod
 attention, SwiGLU, each called from Python) as in the products, which stream the weights from memory. The C
 path runs the same operators, layer after layer, in one OpenMP region of torch's threads. It takes the weights
 that the few-rows products read (PackedLinear.row_major, kept where `choose_few_rows` chose that kernel), so it
-runs for the step sizes that kernel runs for, with a float32 cache and model; the model's modules remain the
-path for every other step, and the reference in the tests.
+runs for the step sizes that kernel runs for, with a float32 model and a float32, float16 or bfloat16 cache; the
+model's modules remain the path for every other step, and the reference in the tests.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cpu_native import library
+from kernels.cpu_native import KV_TYPES, library
 
 _POINTERS = ("input_norm", "qkv", "qkv_bias", "o", "post_norm", "gate_up", "gate_up_bias", "down", "down_bias")
 # What pd_decode_layers returns for input it refuses (nothing is written then).
@@ -87,10 +87,10 @@ class DecodeLayers:
 
     def fits(self, x: torch.Tensor, context_lens: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         """Whether the step is for this path: 1 to max_rows rows, one per sequence (decodes only), and a
-        float32 cache [layers, 2, blocks, block_size, kv_heads, dim]."""
+        cache [layers, 2, blocks, block_size, kv_heads, dim] of a type the kernel takes (KV_TYPES)."""
         rows = x.shape[0]
         return (1 <= rows <= self.max_rows and context_lens.shape[0] == rows and x.dtype == torch.float32
-                and x.device.type == "cpu" and kv_cache.dtype == torch.float32 and kv_cache.device.type == "cpu"
+                and x.device.type == "cpu" and kv_cache.dtype in KV_TYPES and kv_cache.device.type == "cpu"
                 and kv_cache.dim() == 6 and kv_cache.shape[0] == self._model.num_layers
                 and kv_cache.shape[4:] == (self.kv_heads, self.dim) and kv_cache.is_contiguous())
 
@@ -119,7 +119,8 @@ class DecodeLayers:
         out = torch.empty(rows, self.hidden)
         failed = so.pd_decode_layers(
             ctypes.byref(self._model), x.data_ptr(), rows, positions.data_ptr(), slots.data_ptr(),
-            tables.data_ptr(), tables.shape[1], lens.data_ptr(), kv_cache.data_ptr(), num_blocks, block_size,
+            tables.data_ptr(), tables.shape[1], lens.data_ptr(), kv_cache.data_ptr(), KV_TYPES[kv_cache.dtype],
+            num_blocks, block_size,
             out.data_ptr(), self._scratch.data_ptr(), threads,
         )  # fmt: skip
         if failed:

@@ -20,6 +20,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_decode.c", HERE / "cpu_rows.c", HERE / "cpu_norm.c", HERE / "cpu_rope.c",
            HERE / "cpu_swiglu.c", HERE / "cpu_layers.c", HERE / "cpu_prefill.c")
@@ -42,6 +44,9 @@ LIBS = ("-lm", "-lmvec") if platform.machine() in ("x86_64", "AMD64") else ("-lm
 # The row-wise kernels (cpu_norm.c, cpu_swiglu.c) over fewer elements than this run on the calling thread alone:
 # a decode step's rows, where waking the team's other threads costs more than it saves.
 THREAD_MIN_ELEMENTS = 2**16
+# The KV cache's element types the kernels read and write (kv_type in cpu_kernels.h; --kv-cache-dtype): the
+# arithmetic is float32 whatever the cache holds.
+KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -102,27 +107,25 @@ def library() -> ctypes.CDLL | None:
 
 def _declare(so: ctypes.CDLL) -> None:
     p, lng, i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    for name in ("pd_decode_attention", "pd_decode_attention_f16", "pd_decode_attention_bf16"):
-        fn = getattr(so, name)
-        fn.argtypes = [p, lng, lng, p, lng, p, lng, p, p, lng, lng, lng, lng, lng, ctypes.c_float,
-                       p, lng, lng, p, lng, i]
-        fn.restype = None
+    so.pd_decode_attention.argtypes = [p, lng, lng, p, i, lng, p, lng, p, p, lng, lng, lng, lng, lng, ctypes.c_float,
+                                       p, lng, lng, p, lng, i]
+    so.pd_decode_attention.restype = None
     so.pd_few_rows.argtypes = [p, lng, lng, p, lng, lng, p, lng, i]
     so.pd_few_rows.restype = None
     so.pd_rms_norm.argtypes = [p, lng, p, lng, p, lng, lng, ctypes.c_float, p, lng, p, lng, i]
     so.pd_rms_norm.restype = None
-    so.pd_rope_store.argtypes = [p, lng, lng, lng, p, lng, lng, p, lng, lng, lng, lng, p, p, lng, p, lng, p, lng, i]
+    so.pd_rope_store.argtypes = [p, lng, lng, lng, p, lng, lng, p, lng, lng, lng, lng, p, p, lng, p, i, lng, p, lng, i]
     so.pd_rope_store.restype = lng
     so.pd_silu_mul.argtypes = [p, lng, lng, lng, p, lng, i]
     so.pd_silu_mul.restype = None
     so.pd_prefill_attention_scratch.argtypes = [lng]
     so.pd_prefill_attention_scratch.restype = lng
-    so.pd_prefill_attention.argtypes = [p, lng, lng, p, lng, p, lng, p, p, lng, lng, lng, lng, lng, ctypes.c_float,
-                                        p, lng, lng, p, lng, i]
+    so.pd_prefill_attention.argtypes = [p, lng, lng, p, i, lng, p, lng, p, p, lng, lng, lng, lng, lng,
+                                        ctypes.c_float, p, lng, lng, p, lng, i]
     so.pd_prefill_attention.restype = lng
     so.pd_decode_layers_scratch.argtypes = [p, lng, lng, i]
     so.pd_decode_layers_scratch.restype = lng
-    so.pd_decode_layers.argtypes = [p, p, lng, p, p, p, lng, p, p, lng, lng, p, p, i]
+    so.pd_decode_layers.argtypes = [p, p, lng, p, p, p, lng, p, p, i, lng, lng, p, p, i]
     so.pd_decode_layers.restype = lng
 
 

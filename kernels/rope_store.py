@@ -1,12 +1,12 @@
 """A step's new q and k rotated, and its new K and V stored into the paged cache: one C pass on the CPU
-(cpu_rope.c) where the tensors are float32, else the rotary embedding (rotary.py) and then the store
-(kv_store.py)."""
+(cpu_rope.c) where the tensors are float32 and the cache float32, float16 or bfloat16, else the rotary embedding
+(rotary.py) and then the store (kv_store.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from kernels.cpu_native import library
+from kernels.cpu_native import KV_TYPES, library
 from kernels.kv_store import store_kv
 from kernels.outputs import RotaryOutput
 from kernels.rotary import apply_rotary
@@ -28,7 +28,8 @@ def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     failed = so.pd_rope_store(
         q.data_ptr(), q.stride(0), q.stride(1), q_heads, k.data_ptr(), k.stride(0), k.stride(1),
         v.data_ptr(), v.stride(0), v.stride(1), kv_heads, dim, positions.data_ptr(), cos_sin_cache.data_ptr(),
-        cos_sin_cache.shape[0], kv_layer.data_ptr(), num_blocks * block_size, slot_mapping.data_ptr(), tokens,
+        cos_sin_cache.shape[0], kv_layer.data_ptr(), KV_TYPES[kv_layer.dtype], num_blocks * block_size,
+        slot_mapping.data_ptr(), tokens,
         torch.get_num_threads() if tokens >= THREAD_MIN_TOKENS else 1,
     )  # fmt: skip
     if failed == 1:
@@ -41,9 +42,12 @@ def rotate_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
 
 def _fits_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                  cos_sin_cache: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
-    """Whether the C kernel takes these tensors: float32 on the CPU, heads contiguous, shapes that agree."""
-    tensors = (q, k, v, cos_sin_cache, kv_layer)
+    """Whether the C kernel takes these tensors: float32 on the CPU (the cache of a type it stores), heads
+    contiguous, shapes that agree."""
+    tensors = (q, k, v, cos_sin_cache)
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if kv_layer.device.type != "cpu" or kv_layer.dtype not in KV_TYPES:
         return False
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or kv_layer.dim() != 5 or kv_layer.shape[0] != 2:
         return False

@@ -1,6 +1,6 @@
 """The CPU attention kernels against the torch reference, in place over the paged cache on one and two threads:
-decodes (kernels/cpu_decode.c) in float32 and over a float16 or bfloat16 cache, prompt chunks
-(kernels/cpu_prefill.c) in float32."""
+decodes (kernels/cpu_decode.c) and prompt chunks (kernels/cpu_prefill.c), over a float32, float16 or bfloat16
+cache."""
 
 from __future__ import annotations
 
@@ -178,10 +178,34 @@ def test_cpu_prompt_attention_refuses_bad_metadata(change: str, message: str) ->
     assert torch.all(out == 7.0)
 
 
+@pytest.mark.usefixtures("native_kernel")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["long_prompts_gqa", "head_128_page96"])
+def test_cpu_prompt_attention_over_a_half_precision_cache(name: str, kv_dtype: torch.dtype, threads: int) -> None:
+    """--kv-cache-dtype: each tile of keys and values is widened to float32 before the arithmetic, so the kernel
+    over a float16 or bfloat16 cache matches the reference over the same values in a float32 cache."""
+    case = attention_case(*PREFILL_CASES[name], seed=6)
+    half = case._replace(kv_layer=case.kv_layer.to(kv_dtype))
+    widened = case._replace(kv_layer=half.kv_layer.float())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.full_like(case.q, 7.0)
+        assert cpu_attention.prefill_in_place(*half, out)  # not the fallback
+    finally:
+        torch.set_num_threads(before)
+    starts = case.query_start_loc.tolist()
+    prompt_rows = [r for b in range(len(starts) - 1) if starts[b + 1] - starts[b] > 1
+                   for r in range(starts[b], starts[b + 1])]
+    assert not out[prompt_rows].isnan().any()
+    torch.testing.assert_close(out[prompt_rows], paged_attention_ref(*widened)[prompt_rows], **FP32_TOL)
+
+
 def test_cpu_prompt_attention_leaves_other_dtypes_and_heads_to_the_reference() -> None:
     case = attention_case(*PREFILL_CASES["long_prompts_gqa"], seed=4)
     out = torch.zeros_like(case.q)
-    assert not cpu_attention.prefill_in_place(*case._replace(kv_layer=case.kv_layer.half()), out)
+    assert not cpu_attention.prefill_in_place(*case._replace(kv_layer=case.kv_layer.double()), out)
     odd = attention_case([40], [40], 4, 2, 32, 16, seed=4)  # head_dim 32
     assert not cpu_attention.prefill_in_place(*odd, torch.zeros_like(odd.q))
     torch.testing.assert_close(paged_attention_cpu(*odd), paged_attention_ref(*odd), **FP32_TOL)

@@ -93,6 +93,28 @@ def test_the_c_path_matches_the_modules(contexts: list[int], head_dim: int, bias
     torch.testing.assert_close(got_cache, want_cache, equal_nan=True, **FP32_TOL)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_the_c_path_over_a_half_precision_cache(kv_dtype: torch.dtype, threads: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--kv-cache-dtype: each layer's new K and V are rounded into the cache as the modules' store rounds them,
+    and attention widens what it reads, so both paths agree over the same float16 or bfloat16 cache."""
+    model = small_model(64, False, monkeypatch)
+    assert model.decode_layers is not None
+    ids, batch, cache = decode_step(model, [5, 64, 23], seed=11)
+    cache = cache.to(kv_dtype)
+    assert model.decode_layers.fits(model.embed_tokens(ids), batch.context_lens, cache)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        (got, got_cache), (want, want_cache) = both_paths(model, ids, batch, cache)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, **FP32_TOL)
+    assert got_cache.dtype == kv_dtype
+    torch.testing.assert_close(got_cache, want_cache, equal_nan=True)  # the dtype's own tolerance: one rounding
+
+
 def test_steps_it_does_not_take_run_through_the_modules(monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt's chunk (more rows than sequences), more rows than the few-rows kernel takes, and a step with
     a per-layer KV hook (the prefill worker's) are the modules' work."""
@@ -104,7 +126,7 @@ def test_steps_it_does_not_take_run_through_the_modules(monkeypatch: pytest.Monk
     chunk = torch.zeros(3, model.cfg.hidden_size)
     assert not fast.fits(chunk, torch.tensor([12]), cache)
     assert not fast.fits(torch.zeros(5, model.cfg.hidden_size), torch.arange(5), cache)
-    assert not fast.fits(model.embed_tokens(ids), batch.context_lens, cache.to(torch.bfloat16))
+    assert not fast.fits(model.embed_tokens(ids), batch.context_lens, cache.double())
     layers_seen: list[int] = []
     with torch.inference_mode():
         model(ids, batch, cache, on_layer_kv=lambda i, k, v: layers_seen.append(i))

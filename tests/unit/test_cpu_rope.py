@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kernels.cpu_native as cpu_native
+import kernels.rope_store as rope_store
 from kernels.kv_store import store_kv_ref
 from kernels.rope_store import rotate_and_store
 from kernels.rotary import apply_rotary_ref, build_cos_sin_cache
@@ -63,13 +64,37 @@ def test_a_position_or_slot_out_of_range_is_refused_and_nothing_written(where: s
     assert torch.equal(q, q_before) and torch.equal(kv_layer, cache_before)
 
 
-def test_other_dtypes_take_the_reference_path() -> None:
-    """A bfloat16 cache (--kv-cache-dtype) is rotated and stored by the torch functions."""
-    q, k, v, positions, slots, cos_sin, kv_layer = step_tensors(3, 1)
-    half_cache = kv_layer.to(torch.bfloat16)
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [5, 150])
+def test_a_half_precision_cache_is_stored_rounded(tokens: int, kv_dtype: torch.dtype) -> None:
+    """--kv-cache-dtype: the kernel rounds the new K and V into a float16 or bfloat16 cache as torch's .to()
+    rounds them (to the nearest even), and rotates q and k in float32 as before."""
+    q, k, v, positions, slots, cos_sin, kv_layer = step_tensors(tokens, 2)
+    half_cache = kv_layer.to(kv_dtype)
+    assert rope_store._fits_kernel(q, k, v, positions, cos_sin, half_cache, slots)  # not the fallback
     want_q, want_k = apply_rotary_ref(q, k, positions, cos_sin)
     want_cache = half_cache.clone()
     store_kv_ref(want_k, v, want_cache, slots)
     got_q, got_k = rotate_and_store(q, k, v, positions, cos_sin, half_cache, slots)
     torch.testing.assert_close(got_q, want_q, **FP32_TOL)
-    assert torch.equal(half_cache, want_cache)
+    torch.testing.assert_close(got_k, want_k, **FP32_TOL)
+    stored = slots[slots >= 0]
+    flat, want_flat = (c.view(2, BLOCKS * BLOCK_SIZE, KV_HEADS, DIM) for c in (half_cache, want_cache))
+    assert torch.equal(flat[1], want_flat[1])  # V is not rotated: exactly torch's rounding
+    torch.testing.assert_close(flat[0][stored], want_flat[0][stored])  # K: one rounding of float32 values within
+    untouched = torch.ones(BLOCKS * BLOCK_SIZE, dtype=torch.bool)
+    untouched[stored] = False
+    assert torch.equal(flat[:, untouched], want_flat[:, untouched])
+
+
+def test_other_dtypes_take_the_reference_path() -> None:
+    """A float64 cache is rotated and stored by the torch functions."""
+    q, k, v, positions, slots, cos_sin, kv_layer = step_tensors(3, 1)
+    wide_cache = kv_layer.double()
+    assert not rope_store._fits_kernel(q, k, v, positions, cos_sin, wide_cache, slots)
+    want_q, want_k = apply_rotary_ref(q, k, positions, cos_sin)
+    want_cache = wide_cache.clone()
+    store_kv_ref(want_k, v, want_cache, slots)
+    got_q, got_k = rotate_and_store(q, k, v, positions, cos_sin, wide_cache, slots)
+    torch.testing.assert_close(got_q, want_q, **FP32_TOL)
+    assert torch.equal(wide_cache, want_cache)
