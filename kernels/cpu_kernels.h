@@ -21,20 +21,48 @@
 float expf(float) __attribute__((simd("notinbranch")));
 #endif
 
+#if defined(__AVX512F__)
+#define SPAN_LANES 16
+#else
+#define SPAN_LANES 8
+#endif
+typedef float span_vec __attribute__((vector_size(SPAN_LANES * sizeof(float))));
+
+static inline span_vec span_load(const float *p)
+{
+    span_vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
 /* y[r, o] = sum_k x[r, k] * w[o, k] for the outputs o in [first, last): each output reads one contiguous row of
  * the weight ([out, in], nn.Linear's layout) and takes its dot product with each input row while that row is
  * still in L1. `rows` is a constant at each call (few_rows_span), so that the compiler unrolls the loop over
- * rows and keeps one vector sum per row in registers. */
+ * rows. Each row's sum runs in `chains` vectors side by side (4 for one row, 2 for more): one vector's chain of
+ * dependent adds held a row to one vector a few cycles, under what memory delivers to a core. */
 static inline __attribute__((always_inline)) void span(const float *restrict w, long in, const float *restrict x,
                                                        long x_stride, const int rows, float *restrict y,
                                                        long y_stride, long first, long last)
 {
+    enum { CHAINS_MAX = 4 };
+    const int chains = rows == 1 ? 4 : 2;
+    const long step = chains * SPAN_LANES, whole = in - in % step;
     for (long o = first; o < last; o++) {
         const float *restrict row = w + o * in;
+        span_vec acc[4][CHAINS_MAX];
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < chains; c++) acc[r][c] = (span_vec){0};
+        for (long k = 0; k < whole; k += step)
+            for (int c = 0; c < chains; c++) {
+                const span_vec wv = span_load(row + k + c * SPAN_LANES);
+                for (int r = 0; r < rows; r++) acc[r][c] += wv * span_load(x + r * x_stride + k + c * SPAN_LANES);
+            }
         for (int r = 0; r < rows; r++) {
-            const float *restrict xr = x + r * x_stride;
+            span_vec total = acc[r][0];
+            for (int c = 1; c < chains; c++) total += acc[r][c];
             float sum = 0.0f;
-            for (long k = 0; k < in; k++) sum += row[k] * xr[k];
+            for (int l = 0; l < SPAN_LANES; l++) sum += total[l];
+            for (long k = whole; k < in; k++) sum += row[k] * x[r * x_stride + k];
             y[r * y_stride + o] = sum;
         }
     }
