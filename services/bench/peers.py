@@ -61,10 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--min-duration-s", type=float, default=8.0,
                    help="each rate sends at least rate x this many requests (bench serve --min-duration-s): with "
                         "32 requests at 16 req/s the arrivals end before a server's queue shows")
-    p.add_argument("--request-rate", default="1,2,4,6,8,10,12,16",
-                   help="Poisson rates of the sweep, req/s: on to where every server saturates on 2 cores (8-12 "
-                        "req/s on a Zen 4 host), in steps of 2 around there, since a server's goodput is its best "
-                        "rate's")
+    p.add_argument("--request-rate", default="1,2,3,4,5,6,8,10,12,16",
+                   help="Poisson rates of the sweep, req/s: on to where every server saturates on 2 cores (2-6 "
+                        "req/s on a Zen 3 host, 8-12 on a Zen 4), in steps of 1 or 2 around there, since a server's "
+                        "goodput is its best rate's")
     p.add_argument("--input-len", default="256:1024")
     p.add_argument("--output-len", default="32:128")
     p.add_argument("--single-requests", type=int, default=8,
