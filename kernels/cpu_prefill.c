@@ -30,16 +30,18 @@
 
 #define KEYS 64 /* tokens in a key tile */
 #define ROWS 64 /* query rows of a task (positions x the query heads of a KV head, padded) */
-/* The inner loops keep 4 keys' (or 4 dims') sums of BLOCK_VECS vectors of rows, and those rows' queries (or
- * probabilities), in registers: 20 of AVX-512's 32 vector registers, 10 of AVX2's 16. Blocks as wide as
- * AVX-512's on AVX2 spilled them: prompt attention ran at 6-7 GFLOP/s on a Zen 3 host, a tenth of torch's SDPA
+/* The inner loops keep KEYS_AT_ONCE keys' (or 4 dims') sums of BLOCK_VECS vectors of rows, and those rows'
+ * queries (or probabilities), in registers: 20 of AVX-512's 32 vector registers, 14 of AVX2's 16. Blocks as wide
+ * as AVX-512's on AVX2 spilled them: prompt attention ran at 6-7 GFLOP/s on a Zen 3 host, a tenth of torch's SDPA
  * there (services/bench/README.md, tenth stop). */
 #if defined(__AVX512F__)
 #define LANES 16
 #define BLOCK_VECS 4
+#define KEYS_AT_ONCE 4
 #else
 #define LANES 8
 #define BLOCK_VECS 2
+#define KEYS_AT_ONCE 6
 #endif
 #define ROW_VECS (ROWS / LANES)
 
@@ -77,13 +79,13 @@ long pd_prefill_attention_scratch(long head_dim) {
     return 2 * head_dim * ROWS + KEYS * ROWS + 3 * ROWS + KEYS * head_dim;
 }
 
-/* st[t][:] = sum_d key(t)[d] * qt[d][:] for `at_once` (1 to 4) keys, key(t) = keys + t * stride, BLOCK_VECS
+/* st[t][:] = sum_d key(t)[d] * qt[d][:] for `at_once` (1 to KEYS_AT_ONCE) keys, key(t) = keys + t * stride, BLOCK_VECS
  * vectors of rows at a time. */
 static inline __attribute__((always_inline)) void key_scores(const float *restrict qt, const float *restrict keys,
                                                              long stride, float *restrict st, const int at_once,
                                                              const long dim) {
     for (int c0 = 0; c0 < ROW_VECS; c0 += BLOCK_VECS) {
-        vec acc[4][BLOCK_VECS];
+        vec acc[KEYS_AT_ONCE][BLOCK_VECS];
         for (int i = 0; i < at_once; i++)
             for (int c = 0; c < BLOCK_VECS; c++) acc[i][c] = (vec){0};
         for (long d = 0; d < dim; d++) {
@@ -166,7 +168,8 @@ static inline __attribute__((always_inline)) void run_task(const job_t *j, const
         const long base = table[t0 / bs] * block_stride + (t0 % bs) * row + g * dim;
         long stride, t = 0;
         const float *keys = tile_rows(j, j->k, base, n, dim, tile, &stride);
-        for (; t + 4 <= n; t += 4) key_scores(qt, keys + t * stride, stride, st + t * ROWS, 4, dim);
+        for (; t + KEYS_AT_ONCE <= n; t += KEYS_AT_ONCE)
+            key_scores(qt, keys + t * stride, stride, st + t * ROWS, KEYS_AT_ONCE, dim);
         for (; t < n; t++) key_scores(qt, keys + t * stride, stride, st + t * ROWS, 1, dim);
         /* The tile's last key may lie past some rows' positions: those scores are masked. Every row sees key 0,
          * so after the first tile each row's maximum is finite. */
