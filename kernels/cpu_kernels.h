@@ -38,8 +38,9 @@ static inline span_vec span_load(const float *p)
 /* y[r, o] = sum_k x[r, k] * w[o, k] for the outputs o in [first, last): each output reads one contiguous row of
  * the weight ([out, in], nn.Linear's layout) and takes its dot product with each input row while that row is
  * still in L1. `rows` is a constant at each call (few_rows_span), so that the compiler unrolls the loop over
- * rows. Each row's sum runs in `chains` vectors side by side (4 for one row, 2 for more): one vector's chain of
- * dependent adds held a row to one vector a few cycles, under what memory delivers to a core. */
+ * rows. Each row's sum runs in `chains` vectors side by side (4 for one row, 2 for more). With one vector per
+ * row, every add waited for the one before, and on AVX2 a core summed slower than memory delivered
+ * (services/bench/README.md, tenth stop). */
 static inline __attribute__((always_inline)) void span(const float *restrict w, long in, const float *restrict x,
                                                        long x_stride, const int rows, float *restrict y,
                                                        long y_stride, long first, long last)
@@ -49,7 +50,7 @@ static inline __attribute__((always_inline)) void span(const float *restrict w, 
     const long step = chains * SPAN_LANES, whole = in - in % step;
     for (long o = first; o < last; o++) {
         const float *restrict row = w + o * in;
-        span_vec acc[4][CHAINS_MAX];
+        span_vec acc[4][CHAINS_MAX]; /* [row][chain]: at most 4 rows (FEW_ROWS_MAX) */
         for (int r = 0; r < rows; r++)
             for (int c = 0; c < chains; c++) acc[r][c] = (span_vec){0};
         for (long k = 0; k < whole; k += step)

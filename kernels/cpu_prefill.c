@@ -12,8 +12,8 @@
  * context (they may hold stale values or NaN).
  *
  * The task's rows lie along the vectors (run_task): each element of a key or value is broadcast from the cache
- * against 16 rows at a time, and the softmax runs across rows. A float32 cache is read where it lies; a tile of
- * float16 or bfloat16 keys or values is first widened to float32 in the thread's scratch.
+ * against a vector of rows (16 on AVX-512, 8 on AVX2), and the softmax runs across rows. A float32 cache is read
+ * where it lies; a tile of float16 or bfloat16 keys or values is first widened to float32 in the thread's scratch.
  *
  *   kv:       [2, num_blocks, block_size, num_kv_heads, head_dim], contiguous, of kv_type (KV_F32, KV_F16 or
  *             KV_BF16, cpu_kernels.h); head_dim 64 or 128
