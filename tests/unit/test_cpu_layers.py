@@ -59,17 +59,24 @@ def decode_step(model: LlamaForCausalLM, contexts: list[int], seed: int) -> tupl
     return torch.randint(0, cfg.vocab_size, (len(contexts),), generator=gen), batch, cache
 
 
-def both_paths(model: LlamaForCausalLM, ids: torch.Tensor, batch: AttentionBatch,
-               cache: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(hidden, cache after) through the C path, then through the modules, from the same cache."""
+Outcome = tuple[torch.Tensor, torch.Tensor]  # the final hidden state, and the cache after the step
+
+
+def both_paths(model: LlamaForCausalLM, ids: torch.Tensor, batch: AttentionBatch, cache: torch.Tensor,
+               threads: int | None = None) -> tuple[Outcome, Outcome]:
+    """(hidden, cache after) through the C path, then through the modules, from the same cache, on `threads`
+    torch threads (default: as they are)."""
     fast, modules_cache = model.decode_layers, cache.clone()
-    with torch.inference_mode():
-        got = model(ids, batch, cache)
-        model.decode_layers = None
-        try:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        with torch.inference_mode():
+            got = model(ids, batch, cache)
+            model.decode_layers = None
             want = model(ids, batch, modules_cache)
-        finally:
-            model.decode_layers = fast
+    finally:
+        model.decode_layers = fast
+        torch.set_num_threads(before)
     return (got, cache), (want, modules_cache)
 
 
@@ -83,12 +90,7 @@ def test_the_c_path_matches_the_modules(contexts: list[int], head_dim: int, bias
     assert cpu_native.library() is not None
     model = small_model(head_dim, bias, monkeypatch)
     ids, batch, cache = decode_step(model, contexts, seed=len(contexts))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        (got, got_cache), (want, want_cache) = both_paths(model, ids, batch, cache)
-    finally:
-        torch.set_num_threads(before)
+    (got, got_cache), (want, want_cache) = both_paths(model, ids, batch, cache, threads)
     torch.testing.assert_close(got, want, **FP32_TOL)
     torch.testing.assert_close(got_cache, want_cache, equal_nan=True, **FP32_TOL)
 
@@ -104,12 +106,7 @@ def test_the_c_path_over_a_half_precision_cache(kv_dtype: torch.dtype, threads: 
     ids, batch, cache = decode_step(model, [5, 64, 23], seed=11)
     cache = cache.to(kv_dtype)
     assert model.decode_layers.fits(model.embed_tokens(ids), batch.context_lens, cache)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        (got, got_cache), (want, want_cache) = both_paths(model, ids, batch, cache)
-    finally:
-        torch.set_num_threads(before)
+    (got, got_cache), (want, want_cache) = both_paths(model, ids, batch, cache, threads)
     torch.testing.assert_close(got, want, **FP32_TOL)
     assert got_cache.dtype == kv_dtype
     torch.testing.assert_close(got_cache, want_cache, equal_nan=True)  # the dtype's own tolerance: one rounding
