@@ -65,8 +65,7 @@ def decode_in_place(
     so.pd_decode_attention(
         q.data_ptr(), q.stride(0), q.stride(1), kv.data_ptr(), KV_TYPES[kv.dtype], num_blocks, tables.data_ptr(),
         tables.stride(0), lens.data_ptr(), starts.data_ptr(), lens.shape[0], block_size, q.shape[1], num_kv_heads,
-        head_dim,
-        scale, out.data_ptr(), out.stride(0), out.stride(1), scratch.data_ptr(), per_thread, threads,
+        head_dim, scale, out.data_ptr(), out.stride(0), out.stride(1), scratch.data_ptr(), per_thread, threads,
     )  # fmt: skip
     return True
 
@@ -102,8 +101,7 @@ def prefill_in_place(
     failed = so.pd_prefill_attention(
         q.data_ptr(), q.stride(0), q.stride(1), kv.data_ptr(), KV_TYPES[kv.dtype], num_blocks, tables.data_ptr(),
         tables.stride(0), lens.data_ptr(), starts.data_ptr(), lens.shape[0], block_size, q.shape[1], num_kv_heads,
-        head_dim,
-        scale, out.data_ptr(), out.stride(0), out.stride(1), scratch.data_ptr(), per_thread, threads,
+        head_dim, scale, out.data_ptr(), out.stride(0), out.stride(1), scratch.data_ptr(), per_thread, threads,
     )  # fmt: skip
     if failed:
         raise ValueError(f"paged_attention: {PREFILL_REFUSALS.get(failed, f'refused ({failed})')}")

@@ -64,6 +64,7 @@ static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j
     const long kv_heads = j->num_kv_heads, group = j->num_heads / kv_heads, len = j->lens[b];
     const long g0 = j->kv_first, g1 = j->kv_last, heads = (g1 - g0) * group, h0 = g0 * group;
     const long bs = j->block_size, row = kv_heads * dim, block_stride = bs * row;
+    const long width = (g1 - g0) * dim; /* the elements of a token row this worker reads, from KV head g0 on */
     const int64_t *table = j->tables + b * j->table_row;
     const float *qb = j->q + j->starts[b] * j->q_row + h0 * j->q_head;
     float *ob = j->out + j->starts[b] * j->out_row + h0 * j->out_head;
@@ -72,8 +73,8 @@ static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j
         const long base = table[t0 / bs] * block_stride, n = len - t0 < bs ? len - t0 : bs;
         const long next = t0 + bs < len ? table[t0 / bs + 1] * block_stride : -1;
         for (long i = 0; i < n; i++) {
-            if (next >= 0) prefetch_row(j, j->k, next + i * row + g0 * dim, (g1 - g0) * dim);
-            const float *key = token_row(j, j->k, base + i * row + g0 * dim, (g1 - g0) * dim, widened);
+            if (next >= 0) prefetch_row(j, j->k, next + i * row + g0 * dim, width);
+            const float *key = token_row(j, j->k, base + i * row + g0 * dim, width, widened);
             for (long g = g0, h = 0; g < g1; g++)
                 for (long m = 0; m < group; m++, h++)
                     scores[h * len + t0 + i] = dot(qb + h * j->q_head, key + (g - g0) * dim, dim) * j->scale;
@@ -93,8 +94,8 @@ static inline __attribute__((always_inline)) void sequence_of_dim(const job_t *j
         const long base = table[t0 / bs] * block_stride, n = len - t0 < bs ? len - t0 : bs;
         const long next = t0 + bs < len ? table[t0 / bs + 1] * block_stride : -1;
         for (long i = 0; i < n; i++) {
-            if (next >= 0) prefetch_row(j, j->v, next + i * row + g0 * dim, (g1 - g0) * dim);
-            const float *value = token_row(j, j->v, base + i * row + g0 * dim, (g1 - g0) * dim, widened);
+            if (next >= 0) prefetch_row(j, j->v, next + i * row + g0 * dim, width);
+            const float *value = token_row(j, j->v, base + i * row + g0 * dim, width, widened);
             for (long g = g0, h = 0; g < g1; g++)
                 for (long m = 0; m < group; m++, h++) {
                     const float p = scores[h * len + t0 + i], *restrict vg = value + (g - g0) * dim;

@@ -99,7 +99,7 @@ long pd_decode_layers(const model_t *m, const float *x, long rows, const int64_t
     if (failed) return failed;
     const buffers_t b = lay_out(m, rows, table_row * block_size, scratch);
     const long hidden = m->hidden, dim = m->dim, half = dim / 2, inter = m->intermediate;
-    const long plane = num_blocks * block_size * b.kv_size * kv_element_size(kv_type); /* bytes */
+    const long size = kv_element_size(kv_type), plane = num_blocks * block_size * b.kv_size * size; /* bytes */
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         const int id = omp_get_thread_num(), team = omp_get_num_threads();
@@ -124,7 +124,7 @@ long pd_decode_layers(const model_t *m, const float *x, long rows, const int64_t
                 for (long h = 0; h < m->heads; h++) rotate(q + h * dim, cos, sin, half);
                 for (long h = 0; h < m->kv_heads; h++) rotate(k + h * dim, cos, sin, half);
                 if (slots[r] >= 0) {
-                    const long at = slots[r] * b.kv_size * kv_element_size(kv_type);
+                    const long at = slots[r] * b.kv_size * size;
                     narrow_kv(kv_type, k, k_plane + at, b.kv_size);
                     narrow_kv(kv_type, v, v_plane + at, b.kv_size);
                 }

@@ -120,8 +120,7 @@ class DecodeLayers:
         failed = so.pd_decode_layers(
             ctypes.byref(self._model), x.data_ptr(), rows, positions.data_ptr(), slots.data_ptr(),
             tables.data_ptr(), tables.shape[1], lens.data_ptr(), kv_cache.data_ptr(), KV_TYPES[kv_cache.dtype],
-            num_blocks, block_size,
-            out.data_ptr(), self._scratch.data_ptr(), threads,
+            num_blocks, block_size, out.data_ptr(), self._scratch.data_ptr(), threads,
         )  # fmt: skip
         if failed:
             raise ValueError(f"DecodeLayers: {_REFUSALS.get(failed, f'refused ({failed})')}")
